@@ -1,0 +1,125 @@
+"""snnTorch (1.0): ``Leaky`` and ``Synaptic``, both call styles.
+
+Semantics (NEURON_SEMANTICS.md section 1.1): strict ``>``; with the default
+``reset_delay=True`` the reset is decided from the previous stored membrane and the
+returned membrane is pre-reset; ``reset_delay=False`` adds the double-reset guard;
+``beta`` / ``alpha`` are clamped to [0, 1] each time they are used; ``Leaky``'s zero
+reset zeroes only the previous membrane, ``Synaptic``'s the whole new value.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from psu_export.spec import NeuronSpec
+
+from . import CallConvention, FrameworkConverter, Unsupported, register
+
+_RESETS = {0: "subtract", 1: "zero", 2: "none"}
+
+
+class SnnTorchConverter(FrameworkConverter):
+    name = "snntorch"
+    import_name = "snntorch"
+    version_range = ">=0.9,<=1.0"
+
+    def neuron_classes(self):
+        try:
+            import snntorch
+        except Exception:
+            return ()
+        return (snntorch.Leaky, snntorch.Synaptic)
+
+    def unsupported_classes(self):
+        try:
+            import snntorch
+        except Exception:
+            return {}
+        recurrent = "recurrent spike feedback (rec(spk_{t-1}) enters the membrane) cannot be parallelised over time"
+        out = {}
+        for cls_name, why in (
+            ("RLeaky", recurrent),
+            ("RSynaptic", recurrent),
+            ("Lapicque", "Lapicque neurons are not supported yet (use Leaky with beta = 1 - dt/(R*C))"),
+            ("Alpha", "Alpha neurons are not supported yet"),
+            ("SLSTM", "spiking LSTM cells are recurrent"),
+            ("SConv2dLSTM", "spiking LSTM cells are recurrent"),
+        ):
+            cls = getattr(snntorch, cls_name, None)
+            if cls is not None:
+                out[cls] = why
+        return out
+
+    def to_spec(self, module) -> NeuronSpec:
+        import snntorch
+
+        problems = []
+        if getattr(module, "inhibition", False):
+            problems.append("inhibition=True (only the argmax over dim 1 may fire) couples neurons within a step")
+        if getattr(module, "state_quant", False):
+            problems.append("state_quant quantises the membrane between steps")
+        if not _is_heaviside(module.spike_grad):
+            problems.append("its spike function's forward is not the step H(mem - threshold > 0)")
+        if problems:
+            raise Unsupported("; ".join(problems))
+        reset = _RESETS[int(module.reset_mechanism_val)]
+        timing = "previous_step" if module.reset_delay else "same_step_guarded"
+        spike_scale = getattr(module, "graded_spikes_factor", torch.tensor(1.0))
+        common = dict(
+            decay=module.beta.detach().clamp(0, 1),
+            threshold=module.threshold.detach(),
+            reset=reset,
+            reset_timing=timing,
+            compare="gt",
+            spike_scale=torch.as_tensor(spike_scale).detach(),
+        )
+        if isinstance(module, snntorch.Synaptic):
+            return NeuronSpec(syn_decay=module.alpha.detach().clamp(0, 1), zero_scope="total", **common)
+        return NeuronSpec(zero_scope="membrane", **common)
+
+    def call_convention(self, module) -> CallConvention:
+        import snntorch
+
+        roles = ("current", "membrane") if isinstance(module, snntorch.Synaptic) else ("membrane",)
+
+        def make_forward(call):
+            if module.init_hidden:
+                def forward(input_):
+                    outs = call(input_, module._psu_state)
+                    module._psu_state = list(outs[1:])
+                    return tuple(outs) if module.output else outs[0]
+                return forward
+
+            def forward(input_, *states, **named):
+                given = list(states) + [named[r] for r in ("syn", "mem") if r in named]
+                if given and len(given) != len(roles):
+                    raise TypeError(f"expected {len(roles)} state tensors, got {len(given)}")
+                return tuple(call(input_, given))
+            return forward
+
+        return CallConvention(state_roles=roles, forward=make_forward)
+
+    def reset_state(self, module) -> None:
+        module._psu_state = []
+        for name in ("mem", "syn"):
+            if hasattr(module, name) and isinstance(getattr(module, name), torch.Tensor):
+                setattr(module, name, torch.zeros(0))
+
+    def initial_state(self, module, role, value, step_input):
+        # snnTorch replaces a state whose shape differs from the input by zeros
+        if tuple(value.shape) != tuple(step_input.shape):
+            return None
+        return value
+
+
+def _is_heaviside(fn) -> bool:
+    probe = torch.tensor([-1.0, -1e-7, 0.0, 1e-7, 1.0, 3.0])
+    try:
+        with torch.no_grad():
+            out = fn(probe.clone())
+    except Exception:
+        return False
+    return torch.equal(out.float(), torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 1.0]))
+
+
+register(SnnTorchConverter())

@@ -1,0 +1,1 @@
+"""Small reference SNNs with their training scripts and checkpoints."""

@@ -1,0 +1,251 @@
+"""Capture: an ATen graph of the model in which every neuron call is one opaque node.
+
+Each registered neuron module's ``forward`` is swapped, for the duration of the
+capture, for a call to the ``psu_capture::neuron`` custom op (its converter's
+:class:`~psu_export.converters.CallConvention` maps the framework's arguments and
+return values).  ``torch.export`` then records the model, Python time loop unrolled,
+with every neuron call, its input and its state in and out visible.
+
+Three call styles are handled (DESIGN.md section 2):
+
+``sequence``  ``forward(x[T, B, ...])`` loops over time inside
+``static``    ``forward(x[B, ...])`` loops ``num_steps`` times over a static input
+``step``      a single-step module; the time loop is ours (:class:`StepDriver`)
+
+:func:`probe_input_kind` finds the style by running the model eagerly and counting
+neuron calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from .converters import CallConvention, FrameworkConverter, Unsupported, find_converter
+from .errors import CaptureError, NotConvertibleError, UsageError
+from .spec import NeuronSpec
+
+InputKind = Literal["sequence", "static", "step"]
+
+
+# ------------------------------------------------------------------ the opaque neuron op
+
+
+@torch.library.custom_op("psu_capture::neuron", mutates_args=())
+def _opaque_neuron(x: torch.Tensor, states: list[torch.Tensor], site: int, n_out: int) -> list[torch.Tensor]:
+    raise RuntimeError("psu_capture::neuron is a capture marker and is never run eagerly")
+
+
+@_opaque_neuron.register_fake
+def _opaque_neuron_fake(x, states, site, n_out):
+    return [torch.empty_like(x) for _ in range(n_out)]
+
+
+OPAQUE_NEURON = torch.ops.psu_capture.neuron.default
+
+
+@dataclass
+class NeuronModule:
+    """A neuron module found in the model, with its converter and spec (or why not)."""
+
+    index: int
+    name: str
+    module: torch.nn.Module
+    converter: FrameworkConverter
+    spec: NeuronSpec | None
+    reason: str | None
+    convention: CallConvention | None = None
+
+    @property
+    def source_class(self) -> str:
+        cls = type(self.module)
+        return f"{cls.__module__.split('.')[0]}.{cls.__name__}"
+
+
+def find_neuron_modules(model: torch.nn.Module) -> list[NeuronModule]:
+    """Every module of a registered framework's neuron classes, with its spec or the reason it has none."""
+    found = []
+    for name, module in model.named_modules():
+        hit = find_converter(module)
+        if hit is None:
+            continue
+        converter, reason = hit
+        spec = None
+        if reason is None:
+            try:
+                spec = converter.to_spec(module)
+            except Unsupported as exc:
+                reason = str(exc)
+        found.append(NeuronModule(len(found), name or type(module).__name__, module, converter, spec, reason))
+    return found
+
+
+def reset_neurons(neurons: list[NeuronModule]) -> None:
+    for n in neurons:
+        n.converter.reset_state(n.module)
+
+
+@contextlib.contextmanager
+def opaque_neurons(neurons: list[NeuronModule]):
+    """Swap each neuron's forward for the opaque capture op (restored on exit)."""
+    saved = []
+    try:
+        for n in neurons:
+            n.convention = n.converter.call_convention(n.module)
+            n_out = 1 + len(n.convention.state_roles)
+
+            def call(x, states, _site=n.index, _n_out=n_out):
+                return _opaque_neuron(x, list(states), _site, _n_out)
+
+            saved.append((n.module, n.module.__dict__.get("forward")))
+            n.module.forward = n.convention.forward(call)
+            n.converter.reset_state(n.module)
+        yield
+    finally:
+        for module, previous in saved:
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
+        reset_neurons(neurons)
+
+
+@contextlib.contextmanager
+def counting_calls(neurons: list[NeuronModule]):
+    """Count eager calls per neuron module (forward pre-hooks)."""
+    counts = {n.index: 0 for n in neurons}
+    handles = []
+    for n in neurons:
+        def hook(module, args, _i=n.index):
+            counts[_i] += 1
+        handles.append(n.module.register_forward_pre_hook(hook))
+    try:
+        yield counts
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ------------------------------------------------------------------ call styles
+
+
+class StepDriver(torch.nn.Module):
+    """Drives a single-step module over ``x[T, B, ...]`` and stacks every output over time."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        outputs = [self.model(x[t]) for t in range(x.shape[0])]
+        first = outputs[0]
+        if isinstance(first, (tuple, list)):
+            return tuple(torch.stack([o[k] for o in outputs]) for k in range(len(first)))
+        return torch.stack(outputs)
+
+
+@dataclass
+class InputLayout:
+    """What the model takes: its call style, the time steps it runs, and whether T follows the input."""
+
+    kind: InputKind
+    time_steps: int
+    dynamic_time: bool
+    sample_shape: tuple[int, ...]
+
+    def example(self, batch: int, time_steps: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        steps = self.time_steps if time_steps is None else time_steps
+        shape = (batch, *self.sample_shape) if self.kind == "static" else (steps, batch, *self.sample_shape)
+        return torch.rand(shape, generator=generator)
+
+
+def _run_counting(model, neurons, x) -> dict[int, int]:
+    reset_neurons(neurons)
+    with counting_calls(neurons) as counts, torch.no_grad():
+        model(x)
+    reset_neurons(neurons)
+    return dict(counts)
+
+
+def probe_input_kind(model: torch.nn.Module, neurons: list[NeuronModule], sample_shape: tuple[int, ...], time_steps: int, kind: str = "auto") -> InputLayout:
+    """Find how the model consumes time by running it eagerly and counting neuron calls."""
+    if not neurons:
+        raise NotConvertibleError({"model": "no neuron module of a supported framework was found (see `psu-export list-converters`)"})
+    probe_batch = 3
+    errors = []
+
+    def calls(x):
+        counts = set(_run_counting(model, neurons, x).values())
+        if len(counts) != 1:
+            raise NotConvertibleError({"model": f"neuron layers are called different numbers of times per forward ({sorted(counts)})"})
+        return counts.pop()
+
+    if kind in ("auto", "static", "step"):
+        try:
+            n = calls(torch.rand(probe_batch, *sample_shape))
+            if n == 1 and kind in ("auto", "step"):
+                return InputLayout("step", time_steps, True, sample_shape)
+            if kind in ("auto", "static") and n > 1 and not (kind == "auto" and n == probe_batch):
+                return InputLayout("static", n, False, sample_shape)
+        except NotConvertibleError:
+            raise
+        except Exception as exc:  # the model did not accept a single-step input
+            errors.append(f"as [B, {', '.join(map(str, sample_shape))}]: {type(exc).__name__}: {exc}")
+    if kind in ("auto", "sequence"):
+        try:
+            n1 = calls(torch.rand(time_steps, probe_batch, *sample_shape))
+            n2 = calls(torch.rand(time_steps + 1, probe_batch, *sample_shape))
+        except NotConvertibleError:
+            raise
+        except Exception as exc:
+            errors.append(f"as [T, B, {', '.join(map(str, sample_shape))}]: {type(exc).__name__}: {exc}")
+        else:
+            if n1 == time_steps and n2 == time_steps + 1:
+                return InputLayout("sequence", time_steps, True, sample_shape)
+            if n1 == n2:
+                return InputLayout("sequence", n1, False, sample_shape)
+            errors.append(f"as a sequence its neurons ran {n1} and {n2} times for T={time_steps} and T={time_steps + 1}")
+    raise UsageError(
+        "Could not find how the model consumes its input with --input-shape "
+        f"{','.join(map(str, sample_shape))} and --time-steps {time_steps} ({kind}): " + "; ".join(errors)
+        + ". Check --input-shape (one time step's sample, without batch and time) or pass --input-kind."
+    )
+
+
+# ------------------------------------------------------------------ capture
+
+
+@dataclass
+class CapturedGraph:
+    """The unrolled ATen graph of one capture, and what was captured."""
+
+    graph_module: torch.fx.GraphModule
+    neurons: list[NeuronModule]
+    layout: InputLayout
+    capture_steps: int
+    dynamic_batch: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def capture(model: torch.nn.Module, neurons: list[NeuronModule], layout: InputLayout, capture_steps: int = 4) -> CapturedGraph:
+    """Export ``model`` with opaque neurons at a small T (the loop is re-rolled later)."""
+    steps = layout.time_steps if not layout.dynamic_time else max(3, min(capture_steps, layout.time_steps))
+    target = StepDriver(model) if layout.kind == "step" else model
+    x = layout.example(batch=2, time_steps=steps)
+    batch_dim = 0 if layout.kind == "static" else 1
+    notes = []
+    with opaque_neurons(neurons):
+        try:
+            ep = torch.export.export(target, (x,), dynamic_shapes=({batch_dim: torch.export.Dim("batch")},), strict=False)
+            dynamic_batch = True
+        except Exception as exc:
+            notes.append(f"batch size fixed at export: dynamic batch failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+            try:
+                ep = torch.export.export(target, (x,), strict=False)
+            except Exception as exc2:
+                raise CaptureError(f"torch.export could not capture the model: {type(exc2).__name__}: {exc2}") from exc2
+            dynamic_batch = False
+    return CapturedGraph(ep.module(), neurons, layout, steps, dynamic_batch, notes)

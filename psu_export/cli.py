@@ -1,0 +1,192 @@
+"""The ``psu-export`` command line (DESIGN.md section 5)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from .errors import EXIT_FAILURE, EXIT_OK, EXIT_PARITY, PsuExportError
+
+console = Console(stderr=True)
+
+
+def _progress(message: str) -> None:
+    console.print(f"[dim]…[/dim] {message}")
+
+
+def handle_errors(func):
+    """Turn PsuExportError into one readable paragraph and its exit code (no traceback)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except PsuExportError as exc:
+            console.print(f"[bold red]error:[/bold red] {exc}", markup=True, highlight=False)
+            sys.exit(exc.exit_code)
+
+    return wrapper
+
+
+def model_options(func):
+    func = click.option("--trust-model", is_flag=True, help="Allow unpickling arbitrary classes from a .pt model (runs code from the file).")(func)
+    func = click.option("--input-kind", type=click.Choice(["auto", "sequence", "static", "step"]), default="auto", show_default=True,
+                        help="How the model takes time: sequence [T,B,...], static [B,...] looped inside, or single step.")(func)
+    func = click.option("--input-shape", help="One time step's sample shape, without batch and time, e.g. 1,28,28.")(func)
+    func = click.option("--time-steps", "-T", type=int, default=25, show_default=True, help="Number of time steps T.")(func)
+    func = click.option("--weights", type=click.Path(dir_okay=False), help="State dict for a module:factory MODEL.")(func)
+    return func
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="psu-export")
+def cli():
+    """Convert trained spiking neural networks into time-parallel ONNX, with parity reports.
+
+    \b
+    Example:
+      psu-export convert psu_export.models.digits:make_net --weights models/digits_snn.pt \\
+          digits.onnx --time-steps 16 --input-shape 64
+    """
+
+
+def _prepare(model, weights, time_steps, input_shape, input_kind, trust_model, data=None, onnx_path=None):
+    from .pipeline import prepare, sample_shape_from
+
+    shape = sample_shape_from(input_shape, data, onnx_path)
+    return prepare(model, weights, shape, time_steps, trust_model, input_kind, progress=_progress)
+
+
+def _finish_report(report, report_path) -> int:
+    from .tables import print_report
+
+    data = report.to_json()
+    print_report(data, console)
+    if report_path:
+        report.write(report_path)
+        console.print(f"report written to {report_path}")
+    if report.provider_failed:
+        return EXIT_FAILURE
+    return EXIT_OK if report.passed else EXIT_PARITY
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("out", type=click.Path(dir_okay=False))
+@model_options
+@click.option("--reset", "reset_mode", type=click.Choice(["exact"]), default="exact", show_default=True, help="How neuron resets are computed.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic verification inputs.")
+@click.option("--data", type=click.Path(dir_okay=False), help="FILE.npz with array 'input' (and optional 'target') for verification.")
+@click.option("--batch-first", is_flag=True, help="Reserved: batch-first I/O for servers that batch dimension 0 (not yet supported).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the parity report as JSON.")
+@click.option("--no-verify", is_flag=True, help="Skip the parity check after export.")
+@handle_errors
+def convert(model, out, weights, time_steps, input_shape, input_kind, trust_model, reset_mode, seed, data, batch_first, report_path, no_verify):
+    """Rewrite MODEL into a time-parallel ONNX file OUT and check parity.
+
+    MODEL is module:factory or path/to/file.py:factory (with --weights STATE_DICT), or a
+    pickled .pt module.
+
+    \b
+    Example:
+      psu-export convert mymodels:make_net --weights net.pt out.onnx --time-steps 25 --input-shape 1,28,28
+    """
+    from .errors import UsageError
+
+    if batch_first:
+        raise UsageError("--batch-first is not supported yet: models are exported time-first [T, B, ...].")
+    conversion = _prepare(model, weights, time_steps, input_shape, input_kind, trust_model, data)
+    _progress("exporting to ONNX")
+    emitted = conversion.export(out)
+    console.print(f"wrote {emitted.path} ({emitted.node_count} nodes, psu nodes: {', '.join(emitted.psu_nodes)})")
+    if no_verify:
+        sys.exit(EXIT_OK)
+    _progress("verifying parity")
+    report = conversion.verify(out, data=data, seed=seed, progress=_progress)
+    sys.exit(_finish_report(report, report_path))
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("onnx_file", type=click.Path(dir_okay=False))
+@model_options
+@click.option("--data", type=click.Path(dir_okay=False), help="FILE.npz with array 'input' (and optional 'target').")
+@click.option("--batch", type=int, default=4, show_default=True, help="Batch size of the synthetic inputs.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic inputs.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "all"]), default="all", show_default=True,
+              help="onnxruntime provider(s); 'all' runs CUDA when available and lists it as unavailable otherwise.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the parity report as JSON.")
+@handle_errors
+def verify(model, onnx_file, weights, time_steps, input_shape, input_kind, trust_model, data, batch, seed, provider, report_path):
+    """Check that ONNX_FILE reproduces MODEL: original vs rewrite vs onnxruntime.
+
+    \b
+    Example:
+      psu-export verify mymodels:make_net --weights net.pt out.onnx --report parity.json
+    """
+    from .errors import UsageError
+
+    if batch < 1:
+        raise UsageError(f"--batch must be at least 1 (got {batch}).")
+    conversion = _prepare(model, weights, time_steps, input_shape, input_kind, trust_model, data, onnx_file)
+    providers = ("cpu", "cuda") if provider == "all" else (provider,)
+    required = () if provider == "all" else (provider,)
+    report = conversion.verify(onnx_file, data=data, batch=batch, providers=providers, required_providers=required, seed=seed, progress=_progress)
+    sys.exit(_finish_report(report, report_path))
+
+
+@cli.command()
+@click.argument("model")
+@model_options
+@handle_errors
+def inspect(model, weights, time_steps, input_shape, input_kind, trust_model):
+    """Show MODEL's neuron layers, their exact specs and the chosen parallel algorithms.
+
+    \b
+    Example:
+      psu-export inspect mymodels:make_net --weights net.pt --input-shape 1,28,28
+    """
+    from .tables import sites_table
+
+    conversion = _prepare(model, weights, time_steps, input_shape, input_kind, trust_model)
+    out = Console()
+    out.print(f"input: {conversion.layout.kind}, T={conversion.layout.time_steps}, dynamic time: {conversion.layout.dynamic_time}, dynamic batch: {conversion.captured.dynamic_batch}")
+    out.print(sites_table([site.to_json() for site in conversion.sites]))
+    for site in conversion.sites:
+        out.print(f"{site.name}: " + json.dumps(site.spec.to_json()))
+
+
+@cli.command("list-converters")
+def list_converters():
+    """List the framework converters, their versions and the neuron classes they handle.
+
+    \b
+    Example:
+      psu-export list-converters
+    """
+    from rich.table import Table
+
+    from .converters import converters
+
+    table = Table(title="Converters")
+    for col in ("framework", "supported versions", "installed", "neuron classes", "refused (with reason)"):
+        table.add_column(col)
+    for conv in converters():
+        version = conv.installed_version()
+        classes = ", ".join(c.__name__ for c in conv.neuron_classes()) or "-"
+        refused = ", ".join(c.__name__ for c in conv.unsupported_classes()) or "-"
+        table.add_row(conv.name, conv.version_range, version or "no", classes, refused)
+    Console().print(table)
+
+
+def main():
+    cli(prog_name="psu-export")
+
+
+if __name__ == "__main__":
+    main()

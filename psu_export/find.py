@@ -1,0 +1,216 @@
+"""Find: re-roll the captured time loop and turn each neuron's chain of calls into a site.
+
+The captured graph is ``prefix + T x body + suffix``: the Python time loop unrolled.
+:func:`find_sites` locates the repeating body from the neuron calls, checks that the T
+copies are the same computation, and that the only values carried from one step to the
+next are neuron states (anything else is recurrent feedback, which is refused with the
+node where matching stopped).  The result, :class:`TimeLoop`, tells the rewrite which
+nodes run once (static), which run over all steps at once (body, iteration 0 standing for
+every step), and how the suffix gathers per-step values.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from .capture import OPAQUE_NEURON, CapturedGraph, NeuronModule
+from .errors import CaptureError, NotConvertibleError
+from .kernels import Algorithm, choose_algorithm
+from .spec import NeuronSpec
+
+
+@dataclass
+class NeuronSite:
+    """One neuron layer of the model as it will be rewritten."""
+
+    name: str
+    source_class: str
+    spec: NeuronSpec
+    algorithm: Algorithm
+    neuron: NeuronModule
+    call: fx.Node  # the iteration-0 call standing for all steps
+    init_states: list[fx.Node | None]  # per state role, the value passed in at step 0
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "source_class": self.source_class,
+            "spec": self.spec.to_json(),
+            "algorithm": self.algorithm.name,
+            "algorithm_reason": self.algorithm.reason,
+        }
+
+
+@dataclass
+class TimeLoop:
+    """The re-rolled loop: how each node of the captured graph takes part."""
+
+    steps: int
+    static: set[fx.Node] = field(default_factory=set)
+    body: list[fx.Node] = field(default_factory=list)  # iteration 0, in order
+    copy_of: dict[fx.Node, tuple[fx.Node, int]] = field(default_factory=dict)  # any body node -> (iteration-0 node, k)
+    suffix: list[fx.Node] = field(default_factory=list)
+    time_selects: dict[fx.Node, tuple[fx.Node, int]] = field(default_factory=dict)  # select(x, dim, k) -> (x, dim)
+
+
+def _calls(graph: fx.Graph) -> dict[int, list[fx.Node]]:
+    calls: dict[int, list[fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is OPAQUE_NEURON:
+            calls.setdefault(node.args[2], []).append(node)
+    return calls
+
+
+def _is_time_select(node: fx.Node, k: int) -> bool:
+    return (
+        node.op == "call_function"
+        and node.target is torch.ops.aten.select.int
+        and isinstance(node.args[0], fx.Node)
+        and node.args[0].op == "placeholder"
+        and node.args[2] == k
+    )
+
+
+def _flat_args(node: fx.Node) -> list:
+    return list(torch.utils._pytree.tree_leaves((node.args, node.kwargs)))
+
+
+class _Mismatch(Exception):
+    def __init__(self, node: fx.Node, why: str):
+        super().__init__(f"node {node.name} ({node.target}): {why}")
+        self.node = node
+
+
+def _check_states(call: fx.Node, k: int, calls: dict[int, list[fx.Node]], pos: dict, start: int, end: int) -> None:
+    """Step 0 takes its states from outside the loop; step k > 0 from its own step k-1."""
+    states = list(call.args[1])
+    if k == 0:
+        for s in states:
+            if start <= pos[s] < end:
+                raise _Mismatch(call, "the initial neuron state is computed inside the loop")
+        return
+    prev_call = calls[call.args[2]][k - 1]
+    n_states = call.args[3] - 1
+    ok = len(states) == n_states and all(
+        s.target is operator.getitem and s.args[0] is prev_call and s.args[1] == slot + 1 for slot, s in enumerate(states)
+    )
+    if not ok:
+        raise _Mismatch(call, "a neuron state is not carried over from the same neuron's previous step")
+
+
+def _match_loop(nodes: list[fx.Node], start: int, period: int, steps: int, calls: dict[int, list[fx.Node]]) -> TimeLoop:
+    """Check that nodes[start : start + steps*period] are ``steps`` copies of one body."""
+    pos = {n: i for i, n in enumerate(nodes)}
+    end = start + steps * period
+    if end > len(nodes) or any(n.op in ("placeholder", "output") for n in nodes[start:end]):
+        raise _Mismatch(nodes[min(end, len(nodes)) - 1], "the loop body does not tile the graph")
+    loop = TimeLoop(steps)
+    loop.body = nodes[start : start + period]
+    for k in range(steps):
+        for j in range(period):
+            n0, nk = nodes[start + j], nodes[start + k * period + j]
+            loop.copy_of[nk] = (n0, k)
+            if nk.op != n0.op or nk.target != n0.target:
+                raise _Mismatch(nk, f"step {k} differs from step 0 ({n0.name})")
+            if _is_time_select(n0, 0):
+                if not _is_time_select(nk, k) or nk.args[:2] != n0.args[:2]:
+                    raise _Mismatch(nk, f"step {k} does not read time step {k} of the input")
+                loop.time_selects[n0] = (n0.args[0], n0.args[1])
+                continue
+            if n0.target is OPAQUE_NEURON:
+                _check_states(nk, k, calls, pos, start, end)
+                a0, ak = [n0.args[0]], [nk.args[0]]
+            else:
+                a0, ak = _flat_args(n0), _flat_args(nk)
+            if len(a0) != len(ak):
+                raise _Mismatch(nk, "argument structure differs between steps")
+            for x0, xk in zip(a0, ak):
+                if isinstance(x0, fx.Node) != isinstance(xk, fx.Node):
+                    raise _Mismatch(nk, "argument kinds differ between steps")
+                if not isinstance(x0, fx.Node):
+                    if x0 != xk:
+                        raise _Mismatch(nk, f"constant argument {x0!r} at step 0 is {xk!r} at step {k}")
+                    continue
+                if not start <= pos[x0] < end:
+                    if x0 is not xk:
+                        raise _Mismatch(nk, "reads a value from outside the loop that changes between steps")
+                    continue
+                if k > 0 and pos.get(xk) != pos[x0] + k * period:
+                    raise _Mismatch(
+                        nk,
+                        f"uses {xk.name}, a value carried between time steps that is not a neuron state "
+                        "(recurrent feedback or an accumulator), which cannot be parallelised",
+                    )
+    return loop
+
+
+def reroll(gm: fx.GraphModule) -> TimeLoop:
+    """Find the repeating loop body in the captured graph (see module docstring)."""
+    nodes = list(gm.graph.nodes)
+    calls = _calls(gm.graph)
+    if not calls:
+        raise CaptureError("no neuron call was captured")
+    counts = {len(c) for c in calls.values()}
+    if len(counts) != 1:
+        raise NotConvertibleError({"time loop": f"neuron layers are called different numbers of times ({sorted(counts)})"})
+    steps = counts.pop()
+    pos = {n: i for i, n in enumerate(nodes)}
+    if steps == 1:
+        raise CaptureError("the capture ran a single time step; at least two are needed to find the loop")
+    periods = {pos[c[k + 1]] - pos[c[k]] for c in calls.values() for k in range(steps - 1)}
+    if len(periods) != 1:
+        raise NotConvertibleError({"time loop": "the neuron calls are not evenly spaced: the time steps do not repeat the same computation"})
+    period = periods.pop()
+    first = min(pos[c[0]] for c in calls.values())
+    # the earliest start whose copies still line up, then later ones until one matches fully
+    earliest = first
+    while earliest > 0 and nodes[earliest - 1].op == "call_function" and all(
+        earliest - 1 + k * period < len(nodes) and nodes[earliest - 1 + k * period].target == nodes[earliest - 1].target
+        for k in range(steps)
+    ):
+        earliest -= 1
+    problem = None
+    for start in range(earliest, first + 1):
+        try:
+            loop = _match_loop(nodes, start, period, steps, calls)
+        except _Mismatch as exc:
+            problem = problem or exc
+            continue
+        end = start + steps * period
+        loop.static = set(nodes[:start])
+        loop.suffix = nodes[end:]
+        return loop
+    raise NotConvertibleError({"time loop": f"matching the time steps stopped at {problem}"})
+
+
+def find_sites(captured: CapturedGraph) -> tuple[list[NeuronSite], TimeLoop]:
+    """Re-roll the loop and describe each neuron layer; unconvertible layers raise exit 3."""
+    reasons = {n.name: f"{n.source_class}: {n.reason}" for n in captured.neurons if n.reason}
+    if reasons:
+        raise NotConvertibleError(reasons)
+    loop = reroll(captured.graph_module)
+    calls = _calls(captured.graph_module.graph)
+    sites = []
+    for neuron in captured.neurons:
+        if neuron.index not in calls:
+            continue  # defined but never called
+        first = calls[neuron.index][0]
+        roles = neuron.convention.state_roles
+        given = list(first.args[1])
+        init = given + [None] * (len(roles) - len(given))
+        sites.append(
+            NeuronSite(
+                name=neuron.name,
+                source_class=neuron.source_class,
+                spec=neuron.spec,
+                algorithm=choose_algorithm(neuron.spec, captured.layout.time_steps),
+                neuron=neuron,
+                call=first,
+                init_states=init,
+            )
+        )
+    return sites, loop

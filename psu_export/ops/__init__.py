@@ -1,0 +1,6 @@
+"""Custom ``psu`` ONNX domain: torch custom ops, their exporter translations and ONNX functions."""
+
+from . import neuron  # noqa: F401  (registers the neuron ops)
+from .registry import DOMAIN, DOMAIN_VERSION, attach_functions, translation_table
+
+__all__ = ["DOMAIN", "DOMAIN_VERSION", "attach_functions", "translation_table"]

@@ -1,0 +1,302 @@
+"""Neuron-layer ops of the ``psu`` domain, for the exact reset mode.
+
+* ``psu::exact_neuron`` (ONNX ``psu.LIF_<variant>``): the exact recursion of
+  :class:`~psu_export.spec.NeuronSpec` over time, one ``Scan`` whose body is
+  :func:`exact_step`.  Only the cheap elementwise recursion is sequential; the synaptic
+  layers around it run once over all time steps.
+* ``psu::closed_form_neuron`` (ONNX ``psu.LinearLIF_<variant>``): reset-free neurons,
+  whose membrane is linear in the input: ``v = K X + decay^(t+1) v_init`` with the
+  lower-triangular decay kernel ``K[t, j] = decay^(t-j)`` (and ``K_syn`` for two-state
+  neurons, ``v = K K_syn X + ...``): one matrix product over time, no recursion.
+
+Both take the layer's name (kept as the node's ``layer`` attribute) and its input ``x`` as ``[T, B, ...]`` and return ``[spikes, membrane]``
+(plus the synaptic ``current`` for two-state neurons) stacked over time, each as the
+framework reports it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from ..spec import NeuronSpec
+from .builders import OnnxBuilder, TorchBuilder
+from .registry import CustomOp, emit_node, make_function, register
+
+_RESET_CODE = {"subtract": "sub", "zero": "zero", "none": "noreset"}
+_TIMING_CODE = {"previous_step": "prev", "same_step_guarded": "guard", "same_step": "same"}
+_SCOPE_CODE = {"membrane": "mem", "total": "all"}
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """The discrete options of a :class:`NeuronSpec`: what fixes the arithmetic of a step."""
+
+    reset: str
+    reset_timing: str
+    compare: str
+    zero_scope: str
+    two_state: bool
+
+    @classmethod
+    def of(cls, spec: NeuronSpec) -> "StepOptions":
+        return cls(spec.reset, spec.reset_timing, spec.compare, spec.zero_scope, spec.two_state)
+
+    @property
+    def variant(self) -> str:
+        parts = [_RESET_CODE[self.reset], _TIMING_CODE[self.reset_timing], self.compare]
+        if self.reset == "zero":
+            parts.append(_SCOPE_CODE[self.zero_scope])
+        if self.two_state:
+            parts.append("syn")
+        return "_".join(parts)
+
+    @property
+    def param_names(self) -> list[str]:
+        names = ["decay", "syn_decay"] if self.two_state else ["decay"]
+        return names + ["threshold", "spike_scale", "reset_value", "v_init"] + (["i_init"] if self.two_state else [])
+
+    @property
+    def n_outputs(self) -> int:
+        """spikes, membrane, and the synaptic current for two-state neurons."""
+        return 3 if self.two_state else 2
+
+    def key(self) -> str:
+        """Serialised form passed through the torch custom op and stored as node attributes."""
+        return ",".join(f"{k}={v}" for k, v in self.attributes().items())
+
+    def attributes(self) -> dict:
+        return {
+            "reset": self.reset,
+            "reset_timing": self.reset_timing,
+            "compare": self.compare,
+            "zero_scope": self.zero_scope,
+            "two_state": int(self.two_state),
+        }
+
+    @classmethod
+    def parse(cls, key: str) -> "StepOptions":
+        fields = dict(item.split("=", 1) for item in key.split(","))
+        return cls(fields["reset"], fields["reset_timing"], fields["compare"], fields["zero_scope"], fields["two_state"] == "1")
+
+    @classmethod
+    def from_node(cls, node: onnx.NodeProto) -> "StepOptions":
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        text = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items() if k != "layer"}
+        return cls(text["reset"], text["reset_timing"], text["compare"], text["zero_scope"], bool(text["two_state"]))
+
+
+def exact_step(b, o: StepOptions, p: dict, v_prev, i_prev, x):
+    """One time step of the spec's recursion (module docstring of :mod:`psu_export.spec`).
+
+    ``b`` is a :class:`TorchBuilder` or :class:`OnnxBuilder`; returns ``(v, i, spike)``.
+    """
+    theta = p["threshold"]
+    if o.two_state:
+        i = b.add(b.mul(p["syn_decay"], i_prev), x)
+        drive = i
+    else:
+        i, drive = None, x
+
+    def charge(v):
+        return b.add(b.mul(p["decay"], v), drive)
+
+    if o.reset_timing == "same_step":
+        h = charge(v_prev)
+        fired = b.step(h, theta, o.compare)
+        spike = b.mul(fired, p["spike_scale"])
+        if o.reset == "subtract":
+            v = b.sub(h, b.mul(fired, theta))
+        elif o.reset == "zero":
+            v = b.add(b.mul(fired, p["reset_value"]), b.mul(b.sub(b.const(1.0), fired), h))
+        else:
+            v = h
+        return v, i, spike
+
+    # snnTorch: the reset is decided from the stored membrane of the previous step
+    r = b.step(v_prev, theta, o.compare)
+    if o.reset == "subtract":
+        v = b.sub(charge(v_prev), b.mul(r, theta))
+    elif o.reset == "zero" and o.zero_scope == "membrane":
+        v = charge(b.mul(b.sub(b.const(1.0), r), v_prev))
+    elif o.reset == "zero":
+        u = charge(v_prev)
+        v = b.sub(u, b.mul(u, r))
+    else:
+        v = charge(v_prev)
+    spike = b.mul(b.step(v, theta, o.compare), p["spike_scale"])
+    if o.reset_timing == "same_step_guarded" and o.reset != "none":
+        delta = b.sub(b.div(spike, p["spike_scale"]), r)
+        v = b.sub(v, b.mul(delta, theta if o.reset == "subtract" else v))
+    return v, i, spike
+
+
+def _param_dict(o: StepOptions, params: list[torch.Tensor]) -> dict:
+    if len(params) != len(o.param_names):
+        raise ValueError(f"expected parameters {o.param_names}, got {len(params)} tensors")
+    return dict(zip(o.param_names, params))
+
+
+def _initial_state(p: dict, step_shape) -> tuple[torch.Tensor, torch.Tensor | None]:
+    v0 = p["v_init"].expand(step_shape)
+    i0 = p["i_init"].expand(step_shape) if "i_init" in p else None
+    return v0, i0
+
+
+# ----------------------------------------------------------------------------- exact (Scan)
+
+
+@torch.library.custom_op("psu::exact_neuron", mutates_args=())
+def exact_neuron(x: torch.Tensor, params: list[torch.Tensor], options: str, layer: str) -> list[torch.Tensor]:
+    """Exact neuron recursion over ``x`` ``[T, B, ...]``; returns ``[spikes, membrane(, current)]``."""
+    o = StepOptions.parse(options)
+    p = _param_dict(o, params)
+    v, i = _initial_state(p, x.shape[1:])
+    b = TorchBuilder()
+    spikes, membranes, currents = [], [], []
+    for t in range(x.shape[0]):
+        v, i, s = exact_step(b, o, p, v, i, x[t])
+        spikes.append(s)
+        membranes.append(v)
+        currents.append(i)
+    if not spikes:
+        return [torch.empty_like(x) for _ in range(o.n_outputs)]
+    out = [torch.stack(spikes), torch.stack(membranes)]
+    return out + [torch.stack(currents)] if o.two_state else out
+
+
+@exact_neuron.register_fake
+def _exact_neuron_fake(x, params, options, layer):
+    return [torch.empty_like(x) for _ in range(StepOptions.parse(options).n_outputs)]
+
+
+class ExactNeuronOp(CustomOp):
+    torch_op = torch.ops.psu.exact_neuron.default
+    op_type_prefixes = ("LIF",)
+
+    def translate(self, x, params, options: str, layer: str):
+        o = StepOptions.parse(options)
+        return emit_node(f"LIF_{o.variant}", [x, *params], o.n_outputs, layer=layer, **o.attributes())
+
+    def function(self, node: onnx.NodeProto, opset: int) -> onnx.FunctionProto:
+        o = StepOptions.from_node(node)
+        inputs = ["x", *o.param_names]
+        outer = OnnxBuilder("f")
+        step_shape = outer.node("Shape", ["x"], start=1)
+        v0 = outer.node("Expand", ["v_init", step_shape])
+        states = ([outer.node("Expand", ["i_init", step_shape])] if o.two_state else []) + [v0]
+
+        body = OnnxBuilder("b")
+        v_prev, i_prev = "v_prev", ("i_prev" if o.two_state else None)
+        p = {name: name for name in o.param_names}
+        v, i, spike = exact_step(body, o, p, v_prev, i_prev, "x_t")
+        state_out = ([body.node("Identity", [i], )] if o.two_state else []) + [body.node("Identity", [v])]
+        v_seq = body.node("Identity", [v])
+        state_in = ([i_prev] if o.two_state else []) + [v_prev]
+        seq_out = [spike, v_seq]
+        outputs = ["spikes", "membrane"]
+        if o.two_state:
+            seq_out.append(body.node("Identity", [i]))
+            outputs.append("current")
+        graph = helper.make_graph(
+            body.nodes,
+            "step",
+            [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in state_in + ["x_t"]],
+            [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in state_out + seq_out],
+        )
+        scan_out = [outer.fresh() for _ in states] + outputs
+        outer.nodes.append(helper.make_node("Scan", states + ["x"], scan_out, num_scan_inputs=1, body=graph))
+        return make_function(node, outer.nodes, inputs, outputs, opset)
+
+
+# ----------------------------------------------------------------------------- closed form
+
+
+def decay_kernel(decay: torch.Tensor, steps: int) -> torch.Tensor:
+    """``K[t, j] = decay^(t-j)`` for ``j <= t``, else 0 (``[T, T]``, scalar decay)."""
+    idx = torch.arange(steps)
+    diff = idx[:, None] - idx[None, :]
+    return torch.where(diff >= 0, decay.reshape(()) ** diff.clamp(min=0).to(torch.float32), torch.zeros(()))
+
+
+@torch.library.custom_op("psu::closed_form_neuron", mutates_args=())
+def closed_form_neuron(x: torch.Tensor, params: list[torch.Tensor], options: str, layer: str) -> list[torch.Tensor]:
+    """Reset-free neuron with scalar decays as one product with the decay kernel."""
+    o = StepOptions.parse(options)
+    p = _param_dict(o, params)
+    steps = x.shape[0]
+    flat = x.reshape(steps, -1)
+    powers = torch.arange(1, steps + 1, dtype=torch.float32).reshape((steps,) + (1,) * (x.dim() - 1))
+    v0, i0 = _initial_state(p, x.shape[1:])
+    current = None
+    if o.two_state:
+        current = (decay_kernel(p["syn_decay"], steps) @ flat).reshape(x.shape) + p["syn_decay"].reshape(()) ** powers * i0
+        flat = current.reshape(steps, -1)
+    membrane = (decay_kernel(p["decay"], steps) @ flat).reshape(x.shape) + p["decay"].reshape(()) ** powers * v0
+    spikes = TorchBuilder().step(membrane, p["threshold"], o.compare) * p["spike_scale"]
+    return [spikes, membrane] + ([current] if o.two_state else [])
+
+
+@closed_form_neuron.register_fake
+def _closed_form_fake(x, params, options, layer):
+    return [torch.empty_like(x) for _ in range(StepOptions.parse(options).n_outputs)]
+
+
+class ClosedFormNeuronOp(CustomOp):
+    torch_op = torch.ops.psu.closed_form_neuron.default
+    op_type_prefixes = ("LinearLIF",)
+
+    def translate(self, x, params, options: str, layer: str):
+        o = StepOptions.parse(options)
+        return emit_node(f"LinearLIF_{o.variant}", [x, *params], o.n_outputs, layer=layer, **o.attributes())
+
+    def function(self, node: onnx.NodeProto, opset: int) -> onnx.FunctionProto:
+        import numpy as np
+
+        o = StepOptions.from_node(node)
+        b = OnnxBuilder("f")
+        shape = b.node("Shape", ["x"])
+        steps = b.node("Shape", ["x"], start=0, end=1)
+        step_shape = b.node("Shape", ["x"], start=1)
+        flat_shape = b.node("Concat", [steps, b.const_array(np.array([-1], dtype=np.int64))], axis=0)
+        steps_scalar = b.node("Squeeze", [steps, b.const_array(np.array([0], dtype=np.int64))])
+        idx = b.node("Range", [b.const_array(np.array(0, dtype=np.int64)), steps_scalar, b.const_array(np.array(1, dtype=np.int64))])
+        diff = b.node("Sub", [b.node("Unsqueeze", [idx, b.const_array(np.array([1], dtype=np.int64))]),
+                              b.node("Unsqueeze", [idx, b.const_array(np.array([0], dtype=np.int64))])])
+        lower = b.node("GreaterOrEqual", [diff, b.const_array(np.array(0, dtype=np.int64))])
+        exponent = b.node("Cast", [b.node("Max", [diff, b.const_array(np.array(0, dtype=np.int64))])], to=TensorProto.FLOAT)
+        # powers 1..T, shaped [T, 1, ..., 1] to broadcast over one step's shape
+        ones = b.node("ConstantOfShape", [b.node("Shape", [step_shape])], value=helper.make_tensor("one", TensorProto.INT64, [1], [1]))
+        col_shape = b.node("Concat", [steps, ones], axis=0)
+        powers = b.node("Reshape", [b.node("Cast", [b.node("Add", [idx, b.const_array(np.array(1, dtype=np.int64))])], to=TensorProto.FLOAT), col_shape])
+        zero = b.const(0.0)
+
+        def scalar(name):
+            return b.node("Reshape", [name, b.const_array(np.array([], dtype=np.int64))])
+
+        def kernel(decay):
+            return b.node("Where", [lower, b.node("Pow", [scalar(decay), exponent]), zero])
+
+        flat = b.node("Reshape", ["x", flat_shape])
+        if o.two_state:
+            current = b.node("Reshape", [b.node("MatMul", [kernel("syn_decay"), flat]), shape])
+            i0 = b.node("Expand", ["i_init", step_shape])
+            current = b.add(current, b.mul(b.node("Pow", [scalar("syn_decay"), powers]), i0))
+            flat = b.node("Reshape", [current, flat_shape])
+        v0 = b.node("Expand", ["v_init", step_shape])
+        membrane = b.add(b.node("Reshape", [b.node("MatMul", [kernel("decay"), flat]), shape]),
+                         b.mul(b.node("Pow", [scalar("decay"), powers]), v0))
+        spikes = b.mul(b.step(membrane, "threshold", o.compare), "spike_scale")
+        outputs = {"spikes": spikes, "membrane": membrane}
+        if o.two_state:
+            outputs["current"] = current
+        for name, value in outputs.items():
+            b.nodes.append(helper.make_node("Identity", [value], [name]))
+        return make_function(node, b.nodes, ["x", *o.param_names], list(outputs), opset)
+
+
+EXACT = register(ExactNeuronOp())
+CLOSED_FORM = register(ClosedFormNeuronOp())

@@ -1,0 +1,144 @@
+"""The ``psu`` custom ONNX domain: each custom op is defined once, in one class.
+
+A :class:`CustomOp` ties together the three roles of DESIGN.md section 4:
+
+* a ``torch.library`` custom op that the rewritten PyTorch model calls (its eager
+  implementation is also the checker's reference);
+* a translation used by ``torch.onnx.export`` that emits one bare node of the ``psu``
+  domain (the exporter would otherwise inline function bodies);
+* the model-local ONNX function (standard ops only) attached after export, so a stock
+  onnxruntime, CPU or CUDA, runs the model with no extra library while a viewer still
+  shows one ``psu`` node per neuron layer.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, ClassVar
+
+import onnx
+from onnx import helper
+from onnx.defs import OpSchema
+
+DOMAIN = "psu"
+#: Version of the ``psu`` domain: bump when an op's semantics change.
+DOMAIN_VERSION = 1
+
+
+class CustomOp:
+    """Base class of a ``psu`` op.  Subclasses set ``torch_op`` and implement two methods."""
+
+    #: the torch overload the rewritten model calls, e.g. ``torch.ops.psu.exact_neuron.default``
+    torch_op: ClassVar[Callable]
+    #: op types of this op are ``<prefix>_<variant>``; one function per variant
+    op_type_prefixes: ClassVar[tuple[str, ...]]
+
+    def translate(self, *args):
+        """Called by the exporter with symbolic tensors; returns the output(s) of one psu node."""
+        raise NotImplementedError
+
+    def function(self, node: onnx.NodeProto, opset: int) -> onnx.FunctionProto:
+        """The body of ``node``'s op type, from its attributes, in standard ONNX ops of ``opset``."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[Callable, CustomOp] = {}
+
+
+def register(op: CustomOp) -> CustomOp:
+    """Add ``op`` to the domain; refuses to silently replace an op already registered."""
+    if op.torch_op in _REGISTRY:
+        raise ValueError(f"a psu op is already registered for {op.torch_op}")
+    _REGISTRY[op.torch_op] = op
+    return op
+
+
+def registered_ops() -> dict[Callable, CustomOp]:
+    return dict(_REGISTRY)
+
+
+def translation_table() -> dict[Callable, Callable]:
+    """``custom_translation_table`` for ``torch.onnx.export`` (plain functions, as it requires)."""
+
+    def plain(method):
+        @functools.wraps(method)
+        def translate(*args, **kwargs):
+            return method(*args, **kwargs)
+
+        return translate
+
+    return {target: plain(op.translate) for target, op in _REGISTRY.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _onnxscript_op(op_type: str, n_inputs: int, n_outputs: int, attributes: tuple[tuple[str, str], ...]):
+    """An onnxscript handle that emits a bare ``psu.<op_type>`` node (no body is inlined)."""
+    from onnxscript import values
+
+    attr_types = {"str": OpSchema.AttrType.STRING, "int": OpSchema.AttrType.INT, "float": OpSchema.AttrType.FLOAT}
+    schema = OpSchema(
+        op_type,
+        DOMAIN,
+        DOMAIN_VERSION,
+        inputs=[OpSchema.FormalParameter(f"in{i}", "T") for i in range(n_inputs)],
+        outputs=[OpSchema.FormalParameter(f"out{i}", "T") for i in range(n_outputs)],
+        type_constraints=[("T", ["tensor(float)"], "float32 tensors")],
+        attributes=[OpSchema.Attribute(name, attr_types[kind], "") for name, kind in attributes],
+    )
+    return values.Op(values.Opset(DOMAIN, DOMAIN_VERSION), op_type, schema)
+
+
+def emit_node(op_type: str, inputs: list, n_outputs: int, **attributes):
+    """Emit one ``psu`` node from inside a translation function."""
+    kinds = tuple((k, "str" if isinstance(v, str) else "float" if isinstance(v, float) else "int") for k, v in sorted(attributes.items()))
+    handle = _onnxscript_op(op_type, len(inputs), n_outputs, kinds)
+    return handle(*inputs, **attributes)
+
+
+def make_function(node: onnx.NodeProto, body: list[onnx.NodeProto], inputs: list[str], outputs: list[str], opset: int) -> onnx.FunctionProto:
+    """A model-local function for ``node``'s op type with the given body."""
+    return helper.make_function(
+        DOMAIN,
+        node.op_type,
+        inputs,
+        outputs,
+        body,
+        [helper.make_opsetid("", opset)],
+        attributes=[a.name for a in node.attribute],
+    )
+
+
+def _walk_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _walk_nodes(attr.g)
+
+
+def attach_functions(model: onnx.ModelProto) -> list[str]:
+    """Add the body of every ``psu`` op used in ``model`` as a model-local function.
+
+    Returns the op types that were attached.  Idempotent.
+    """
+    from . import neuron  # noqa: F401  (registers the ops)
+
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    have = {(f.domain, f.name) for f in model.functions}
+    by_op_type: dict[str, CustomOp] = {}
+    for op in _REGISTRY.values():
+        for op_type_prefix in op.op_type_prefixes:
+            by_op_type[op_type_prefix] = op
+    attached = []
+    for node in _walk_nodes(model.graph):
+        if node.domain != DOMAIN or (DOMAIN, node.op_type) in have:
+            continue
+        prefix = node.op_type.split("_", 1)[0]
+        if prefix not in by_op_type:
+            raise KeyError(f"no psu op defines {node.op_type}")
+        model.functions.append(by_op_type[prefix].function(node, opset))
+        have.add((DOMAIN, node.op_type))
+        attached.append(node.op_type)
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    return attached

@@ -1,0 +1,196 @@
+"""Rewrite: the captured model as a time-parallel PyTorch module.
+
+:class:`ParallelModel` walks the captured graph once:
+
+* static nodes (before the loop, or inside it but independent of time) run once;
+* body nodes of iteration 0 stand for every step: each runs once on a value carrying
+  all steps (``[T, ...]``, :class:`Timed`), per-step layers through ``torch.vmap`` over
+  time, neuron calls through the parallel kernel of their site;
+* the other iterations' copies are skipped, and the suffix reads stacked sequences or
+  the last step directly from the time-parallel values.
+
+It has the original's inputs and outputs (``[T, B, ...]`` in and out for single-step
+modules), and exports to ONNX with one ``psu`` node per neuron layer.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from .capture import OPAQUE_NEURON, CapturedGraph
+from .errors import NotConvertibleError
+from .find import NeuronSite, TimeLoop
+from .ops.neuron import StepOptions, closed_form_neuron, exact_neuron
+
+
+class Timed:
+    """A value of every time step at once: ``value[t]`` is step t's tensor."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: torch.Tensor):
+        self.value = value
+
+
+_WHOLE = "whole"  # a suffix argument that lists every step's value in order
+
+
+class ParallelModel(torch.nn.Module):
+    """The time-parallel rewrite of a captured SNN (see module docstring)."""
+
+    def __init__(self, captured: CapturedGraph, sites: list[NeuronSite], loop: TimeLoop):
+        super().__init__()
+        self.graph_module = captured.graph_module
+        self.layout = captured.layout
+        self.loop = loop
+        self.sites = sites
+        self._site_of = {site.call: i for i, site in enumerate(sites)}
+        self._options = [StepOptions.of(site.spec) for site in sites]
+        for i, site in enumerate(sites):
+            for name in self._options[i].param_names:
+                self.register_buffer(f"site{i}_{name}", getattr(site.spec, name).clone())
+        self._suffix_refs = {node: self._plan_suffix_args(node) for node in loop.suffix}
+        #: per site, the kernel outputs of the last eager call (for per-layer parity)
+        self.site_outputs: dict[str, list[torch.Tensor]] = {}
+
+    # -- planning ---------------------------------------------------------------------
+    def _plan_suffix_args(self, node: fx.Node):
+        """Map each suffix argument that refers to loop values to how it is read."""
+        loop = self.loop
+
+        def plan(arg):
+            if isinstance(arg, (list, tuple)) and arg and all(isinstance(a, fx.Node) and a in loop.copy_of for a in arg):
+                reps = {loop.copy_of[a][0] for a in arg}
+                ks = [loop.copy_of[a][1] for a in arg]
+                if len(reps) == 1 and ks == list(range(loop.steps)):
+                    return (_WHOLE, reps.pop())
+            if isinstance(arg, fx.Node) and arg in loop.copy_of:
+                rep, k = loop.copy_of[arg]
+                if k == loop.steps - 1:
+                    return ("last", rep)
+                if not self.layout.dynamic_time:
+                    return ("at", rep, k)
+                raise NotConvertibleError({node.name: f"the output uses time step {k} of {rep.name} only; with a variable number of steps only the last step or the whole sequence can be read"})
+            return None
+
+        planned = [plan(a) for a in node.args]
+        if any(p and p[0] == _WHOLE for p in planned) and node.target not in (torch.ops.aten.stack.default, torch.ops.aten.cat.default):
+            raise NotConvertibleError({node.name: f"{node.target} over all time steps is not supported (only stack / cat)"})
+        return planned
+
+    # -- execution --------------------------------------------------------------------
+    def forward(self, x):
+        env: dict[fx.Node, object] = {}
+        loop = self.loop
+        for node in self.graph_module.graph.nodes:
+            if node.op == "placeholder":
+                env[node] = x
+            elif node.op == "get_attr":
+                env[node] = _fetch_attr(self.graph_module, node.target)
+            elif node.op == "call_module" and node.target == "_guards_fn":
+                continue  # torch.export's shape guards pin the capture's T; the rewrite takes any T
+            elif node.op == "output":
+                return tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, node.args[0])
+            elif node in loop.static:
+                env[node] = _call(node, env)
+            elif node in loop.copy_of:
+                if loop.copy_of[node][1] == 0:
+                    env[node] = self._run_body_node(node, env)
+            else:
+                env[node] = self._run_suffix_node(node, env)
+        raise RuntimeError("captured graph has no output")
+
+    def _run_body_node(self, node: fx.Node, env):
+        if node in self.loop.time_selects:
+            source, dim = self.loop.time_selects[node]
+            value = env[source].movedim(dim, 0)
+            if not self.layout.dynamic_time:
+                value = value[: self.loop.steps]
+            return Timed(value)
+        if node.target is OPAQUE_NEURON:
+            return self._run_site(self._site_of[node], node, env)
+        if node.target is operator.getitem and isinstance(env[node.args[0]], list):
+            return env[node.args[0]][node.args[1]]
+        if node.target is torch.ops.aten.sym_size.int and isinstance(env[node.args[0]], Timed):
+            return env[node.args[0]].value.shape[node.args[1] + 1]
+        args, kwargs = tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, (node.args, node.kwargs))
+        leaves, spec = tree_flatten((args, kwargs))
+        timed = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Timed)]
+        if not timed:
+            return node.target(*args, **kwargs)  # identical at every step: computed once
+
+        def per_step(*values):
+            filled = list(leaves)
+            for i, v in zip(timed, values):
+                filled[i] = v
+            a, kw = tree_unflatten(filled, spec)
+            return node.target(*a, **kw)
+
+        out = torch.vmap(per_step)(*[leaves[i].value for i in timed])
+        if isinstance(out, (tuple, list)):
+            return [Timed(o) for o in out]
+        return Timed(out)
+
+    def _run_site(self, index: int, node: fx.Node, env) -> list[Timed]:
+        site = self.sites[index]
+        options = self._options[index]
+        cur = env[node.args[0]]
+        if isinstance(cur, Timed):
+            cur = cur.value
+        else:  # a static input current, identical at every step
+            cur = cur.unsqueeze(0).expand(self.loop.steps, *cur.shape)
+        params = {name: getattr(self, f"site{index}_{name}") for name in options.param_names}
+        roles = site.neuron.convention.state_roles
+        for role, init in zip(roles, site.init_states):
+            if init is None:
+                continue
+            value = site.neuron.converter.initial_state(site.neuron.module, role, env[init], cur[0])
+            if value is not None:
+                params["v_init" if role == "membrane" else "i_init"] = value
+        op = closed_form_neuron if site.algorithm.name == "closed_form" else exact_neuron
+        outputs = op(cur, [params[n] for n in options.param_names], options.key(), site.name)
+        self.site_outputs[site.name] = outputs
+        by_role = {"spikes": outputs[0], "membrane": outputs[1]}
+        if options.two_state:
+            by_role["current"] = outputs[2]
+        return [Timed(by_role["spikes"])] + [Timed(by_role[r]) for r in roles]
+
+    def _run_suffix_node(self, node: fx.Node, env):
+        planned = self._suffix_refs[node]
+        args = []
+        for arg, plan in zip(node.args, planned):
+            if plan is None:
+                args.append(tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, arg))
+                continue
+            value = env[plan[1]].value
+            if plan[0] == _WHOLE:
+                dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+                if node.target is torch.ops.aten.stack.default:
+                    return value.movedim(0, dim if dim >= 0 else dim + value.dim())
+                # cat along dim of per-step tensors == stack then merge time into dim
+                moved = value.movedim(0, dim if dim >= 0 else dim + value.dim())
+                d = dim if dim >= 0 else dim + value.dim() - 1
+                return moved.flatten(d, d + 1)
+            args.append(value[-1] if plan[0] == "last" else value[plan[2]])
+        kwargs = tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, node.kwargs)
+        return node.target(*args, **kwargs)
+
+
+def _call(node: fx.Node, env):
+    args, kwargs = tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, (node.args, node.kwargs))
+    return node.target(*args, **kwargs)
+
+
+def _fetch_attr(module: torch.nn.Module, target: str):
+    value = module
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def rewrite(captured: CapturedGraph, sites: list[NeuronSite], loop: TimeLoop) -> ParallelModel:
+    return ParallelModel(captured, sites, loop)

@@ -1,0 +1,312 @@
+"""Verify: three-way parity between the original, the rewrite and onnxruntime.
+
+On the same inputs this compares
+
+* the original model, run sequentially by its own framework (the reference);
+* the rewritten time-parallel PyTorch model (isolates rewrite error);
+* the exported ONNX file under each onnxruntime provider (isolates export error),
+
+per neuron layer (spike agreement; the ONNX model is run with each ``psu`` node's spike
+output exposed) and per model output (max abs error, spike agreement for binary
+outputs, argmax agreement of the time-summed output).  A spike that differs where the
+reference membrane lies within float rounding of the threshold is counted as a
+``float tie`` and reported separately; every other difference fails the check.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+import torch
+
+from .capture import InputLayout, NeuronModule, StepDriver, counting_calls, reset_neurons
+from .errors import CaptureError, UsageError
+from .ops import DOMAIN
+
+SCHEMA_VERSION = 1
+#: relative tolerance for non-spike outputs (membranes, logits)
+OUTPUT_RTOL = 1e-4
+#: |v - threshold| below this (relative) makes a differing spike a float tie
+TIE_RTOL = 1e-5
+
+
+# ------------------------------------------------------------------ running the three models
+
+
+def _as_tuple(out) -> tuple[torch.Tensor, ...]:
+    if isinstance(out, torch.Tensor):
+        return (out,)
+    return tuple(t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+
+
+def run_original(model: torch.nn.Module, neurons: list[NeuronModule], layout: InputLayout, x: torch.Tensor):
+    """The framework's own sequential run; returns (outputs, {layer: spikes [T, B, ...]})."""
+    spikes: dict[str, list[torch.Tensor]] = {n.name: [] for n in neurons}
+    handles = []
+    for n in neurons:
+        def hook(module, args, out, _name=n.name):
+            spikes[_name].append((out[0] if isinstance(out, (tuple, list)) else out).detach().clone())
+        handles.append(n.module.register_forward_hook(hook))
+    reset_neurons(neurons)
+    try:
+        with torch.no_grad():
+            out = StepDriver(model)(x) if layout.kind == "step" else model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        reset_neurons(neurons)
+    return _as_tuple(out), {k: torch.stack(v) for k, v in spikes.items() if v}
+
+
+def run_parallel(parallel, x: torch.Tensor):
+    with torch.no_grad():
+        out = parallel(x)
+    return _as_tuple(out), {name: outs[0] for name, outs in parallel.site_outputs.items()}
+
+
+def onnx_with_layer_outputs(path) -> tuple[bytes, dict[str, str], int]:
+    """The ONNX model with each psu node's spike output appended as a graph output.
+
+    Returns the serialised model, ``{layer: output name}`` and the number of the model's
+    own outputs (which come first).
+    """
+    model = onnx.load(str(path))
+    n_outputs = len(model.graph.output)
+    layer_outputs = {}
+    for node in model.graph.node:
+        if node.domain == DOMAIN:
+            layer = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "layer"), None)
+            if layer is not None:
+                name = layer.decode() if isinstance(layer, bytes) else layer
+                layer_outputs[name] = node.output[0]
+    existing = {o.name for o in model.graph.output}
+    for out in layer_outputs.values():
+        if out not in existing:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
+    return model.SerializeToString(), layer_outputs, n_outputs
+
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def run_onnx(model_bytes: bytes, layer_outputs: dict[str, str], n_outputs: int, x: np.ndarray, provider: str):
+    """Run under one provider; returns (model outputs, {layer: spikes})."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if PROVIDERS[provider] not in available:
+        raise ProviderUnavailable(f"{PROVIDERS[provider]} is not available in this onnxruntime (available: {', '.join(available)})")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model_bytes, options, providers=[PROVIDERS[provider]])
+    if PROVIDERS[provider] not in session.get_providers():
+        raise ProviderUnavailable(f"onnxruntime could not start {PROVIDERS[provider]}")
+    names = [o.name for o in session.get_outputs()]
+    values = session.run(None, {session.get_inputs()[0].name: x})
+    by_name = dict(zip(names, values))
+    outputs = tuple(torch.from_numpy(np.asarray(v)) for v in values[:n_outputs])
+    layers = {layer: torch.from_numpy(np.asarray(by_name[out])) for layer, out in layer_outputs.items()}
+    return outputs, layers
+
+
+class ProviderUnavailable(Exception):
+    pass
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def spike_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.shape != b.shape:
+        return 0.0
+    return float((a == b).float().mean()) if a.numel() else 1.0
+
+
+def _is_binary(t: torch.Tensor) -> bool:
+    return t.numel() > 0 and bool(torch.all((t == 0) | (t == t.abs().max())))
+
+
+def _argmax_classes(t: torch.Tensor, time_first: bool) -> torch.Tensor | None:
+    if t.dim() < 2:
+        return None
+    if t.dim() >= 3 and time_first:
+        t = t.sum(0)
+    return t.reshape(t.shape[0], -1).argmax(-1) if t.dim() > 2 else t.argmax(-1)
+
+
+@dataclass
+class Comparison:
+    """One model output or neuron layer compared against the reference."""
+
+    name: str
+    spike_agreement: float | None = None
+    max_abs_error: float = 0.0
+    argmax_agreement: float | None = None
+    mismatches: int = 0
+    float_ties: int = 0
+    passed: bool = True
+
+
+def compare_tensors(name: str, ref: torch.Tensor, got: torch.Tensor, time_first: bool, threshold_gap: torch.Tensor | None = None) -> Comparison:
+    ref, got = ref.float(), got.float()
+    if ref.shape != got.shape:
+        return Comparison(name, 0.0, float("inf"), 0.0, ref.numel(), 0, False)
+    err = float((ref - got).abs().max()) if ref.numel() else 0.0
+    c = Comparison(name, max_abs_error=err)
+    ref_classes, got_classes = _argmax_classes(ref, time_first), _argmax_classes(got, time_first)
+    if ref_classes is not None:
+        c.argmax_agreement = float((ref_classes == got_classes).float().mean())
+    if _is_binary(ref):
+        differ = ref != got
+        c.spike_agreement = spike_agreement(ref, got)
+        c.mismatches = int(differ.sum())
+        if threshold_gap is not None and threshold_gap.shape == ref.shape:
+            c.float_ties = int((differ & (threshold_gap <= TIE_RTOL)).sum())
+        c.passed = c.mismatches == c.float_ties
+    else:
+        scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
+        c.passed = err <= OUTPUT_RTOL * scale
+    return c
+
+
+@dataclass
+class ProviderResult:
+    provider: str
+    available: bool = True
+    error: str | None = None
+    outputs: list[Comparison] = field(default_factory=list)
+    layers: list[Comparison] = field(default_factory=list)
+    export_layers: list[Comparison] = field(default_factory=list)  # rewritten torch vs ONNX
+
+    @property
+    def passed(self) -> bool:
+        return self.available and self.error is None and all(c.passed for c in self.outputs + self.layers + self.export_layers)
+
+    def summary(self) -> dict:
+        def worst(values):
+            values = [v for v in values if v is not None]
+            return min(values) if values else None
+
+        return {
+            "available": self.available,
+            "error": self.error,
+            "passed": self.passed,
+            "spike_agreement": worst([c.spike_agreement for c in self.layers] + [c.spike_agreement for c in self.outputs]),
+            "export_spike_agreement": worst([c.spike_agreement for c in self.export_layers]),
+            "argmax_agreement": worst([c.argmax_agreement for c in self.outputs]),
+            "max_abs_error": max([c.max_abs_error for c in self.outputs], default=0.0),
+            "float_ties": sum(c.float_ties for c in self.outputs + self.layers),
+            "outputs": [asdict(c) for c in self.outputs],
+            "layers": [asdict(c) for c in self.layers],
+            "export_layers": [asdict(c) for c in self.export_layers],
+        }
+
+
+@dataclass
+class ParityReport:
+    """The result of one verification (DESIGN.md section 5 JSON via :meth:`to_json`)."""
+
+    mode: str
+    time_steps: int
+    batch: int
+    inputs: str
+    rewrite: ProviderResult
+    providers: list[ProviderResult]
+    neuron_sites: list[dict]
+    extra_checks: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        ran = [p for p in self.providers if p.available or p.error]
+        return bool(ran) and all(p.passed for p in ran) and self.rewrite.passed and all(e["passed"] for e in self.extra_checks)
+
+    @property
+    def provider_failed(self) -> bool:
+        return any(p.error for p in self.providers)
+
+    def to_json(self) -> dict:
+        ran = [p.summary() for p in self.providers if p.available]
+
+        def worst(key):
+            values = [s[key] for s in ran if s[key] is not None]
+            return min(values) if values else None
+
+        layer_agreement = {}
+        for p in self.providers:
+            for c in p.layers:
+                layer_agreement[c.name] = min(layer_agreement.get(c.name, 1.0), c.spike_agreement if c.spike_agreement is not None else 1.0)
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "passed": self.passed,
+            "mode": self.mode,
+            "time_steps": self.time_steps,
+            "batch": self.batch,
+            "inputs": self.inputs,
+            "spike_agreement": worst("spike_agreement"),
+            "export_spike_agreement": worst("export_spike_agreement"),
+            "argmax_agreement": worst("argmax_agreement"),
+            "max_abs_error": max((s["max_abs_error"] for s in ran), default=None),
+            "float_ties": sum(s["float_ties"] for s in ran),
+            "rewrite": self.rewrite.summary(),
+            "providers": {p.provider: p.summary() for p in self.providers},
+            "neuron_sites": [dict(site, spike_agreement=layer_agreement.get(site["name"])) for site in self.neuron_sites],
+            "extra_time_steps": self.extra_checks,
+            "notes": self.notes,
+        }
+
+    def write(self, path) -> None:
+        from .files import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_json(), indent=2))
+
+
+# ------------------------------------------------------------------ inputs
+
+
+def load_data(path, layout: InputLayout) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``--data FILE.npz``: array ``input`` shaped like the model's input, optional ``target``."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "input" not in data:
+                raise UsageError(f"{path} has no array named 'input' (found: {', '.join(data.files) or 'none'}).")
+            x = np.asarray(data["input"])
+            target = np.asarray(data["target"]) if "target" in data else None
+    except UsageError:
+        raise
+    except Exception as exc:
+        raise UsageError(f"Could not read --data {path}: {type(exc).__name__}: {exc}") from exc
+    if not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.integer) and x.dtype != np.bool_:
+        raise UsageError(f"--data {path}: 'input' has dtype {x.dtype}; a numeric array is needed.")
+    x = x.astype(np.float32)
+    if not np.all(np.isfinite(x)):
+        raise UsageError(f"--data {path}: 'input' contains NaN or Inf values.")
+    expected = (layout.sample_shape if layout.kind == "static" else layout.sample_shape)
+    lead = 1 if layout.kind == "static" else 2
+    if x.ndim != lead + len(expected) or tuple(x.shape[lead:]) != tuple(expected):
+        want = "[B, " if layout.kind == "static" else "[T, B, "
+        raise UsageError(
+            f"--data {path}: 'input' has shape {list(x.shape)}, but the model takes "
+            f"{want}{', '.join(map(str, expected))}] ({layout.kind} input)."
+        )
+    if x.shape[lead - 1] == 0 or (lead == 2 and x.shape[0] == 0):
+        raise UsageError(f"--data {path}: 'input' is empty.")
+    return torch.from_numpy(x), (torch.from_numpy(target) if target is not None else None)
+
+
+def synthetic_inputs(model, neurons, layout: InputLayout, batch: int, time_steps: int, seed: int = 0) -> torch.Tensor:
+    """Seeded uniform inputs, scaled up until every neuron layer fires (or the largest scale)."""
+    gen = torch.Generator().manual_seed(seed)
+    base = layout.example(batch, time_steps, generator=gen)
+    chosen = base
+    for scale in (1.0, 2.0, 4.0, 8.0, 16.0):
+        x = base * scale
+        _, spikes = run_original(model, neurons, layout, x)
+        rates = [float((s != 0).float().mean()) for s in spikes.values()]
+        chosen = x
+        if rates and min(rates) > 0.01:
+            break
+    return chosen
