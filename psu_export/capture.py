@@ -83,6 +83,13 @@ def find_neuron_modules(model: torch.nn.Module) -> list[NeuronModule]:
     return found
 
 
+def refuse_unconvertible(neurons: list[NeuronModule]) -> None:
+    """Exit 3 listing every neuron layer that cannot be converted faithfully, with why."""
+    reasons = {n.name: f"{n.source_class}: {n.reason}" for n in neurons if n.reason}
+    if reasons:
+        raise NotConvertibleError(reasons)
+
+
 def reset_neurons(neurons: list[NeuronModule]) -> None:
     for n in neurons:
         n.converter.reset_state(n.module)

@@ -184,6 +184,16 @@ def list_converters():
     Console().print(table)
 
 
+def _register_optional_commands() -> None:
+    from .deploy import deploy, serve_command
+
+    cli.add_command(deploy)
+    cli.add_command(serve_command)
+
+
+_register_optional_commands()
+
+
 def main():
     cli(prog_name="psu-export")
 

@@ -84,6 +84,13 @@ def export_onnx(model: ParallelModel, example: torch.Tensor, out_path: str | os.
     except Exception as exc:
         raise CaptureError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:500]}") from exc
     proto = program.model_proto
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    pinned = [str(axes[a]) for a in axes if a < len(dims) and not dims[a].dim_param]
+    if pinned:
+        raise CaptureError(
+            f"ONNX export fixed the {' and '.join(pinned)} axis to the example's size; the model would only run "
+            "at that size. This is a psu-export limitation for one of the model's operators; please report it."
+        )
     attach_functions(proto)
     for key, value in metadata_props.items():
         entry = proto.metadata_props.add()

@@ -135,16 +135,16 @@ def _match_loop(nodes: list[fx.Node], start: int, period: int, steps: int, calls
                     if x0 != xk:
                         raise _Mismatch(nk, f"constant argument {x0!r} at step 0 is {xk!r} at step {k}")
                     continue
-                if not start <= pos[x0] < end:
-                    if x0 is not xk:
-                        raise _Mismatch(nk, "reads a value from outside the loop that changes between steps")
+                inside = start <= pos[x0] < end
+                if (not inside and x0 is xk) or (inside and (k == 0 or pos.get(xk) == pos[x0] + k * period)):
                     continue
-                if k > 0 and pos.get(xk) != pos[x0] + k * period:
+                if start <= pos.get(xk, -1) < start + k * period:
                     raise _Mismatch(
                         nk,
-                        f"uses {xk.name}, a value carried between time steps that is not a neuron state "
-                        "(recurrent feedback or an accumulator), which cannot be parallelised",
+                        f"uses {xk.name} from an earlier step: a value carried between time steps that is not a "
+                        "neuron state (recurrent feedback or an accumulator), which cannot be parallelised",
                     )
+                raise _Mismatch(nk, f"reads {xk.name} at step {k} where step 0 reads {x0.name}: the steps do not repeat one computation")
     return loop
 
 
@@ -188,10 +188,7 @@ def reroll(gm: fx.GraphModule) -> TimeLoop:
 
 
 def find_sites(captured: CapturedGraph) -> tuple[list[NeuronSite], TimeLoop]:
-    """Re-roll the loop and describe each neuron layer; unconvertible layers raise exit 3."""
-    reasons = {n.name: f"{n.source_class}: {n.reason}" for n in captured.neurons if n.reason}
-    if reasons:
-        raise NotConvertibleError(reasons)
+    """Re-roll the loop and describe each neuron layer."""
     loop = reroll(captured.graph_module)
     calls = _calls(captured.graph_module.graph)
     sites = []

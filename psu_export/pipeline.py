@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import torch
 
-from .capture import CapturedGraph, InputLayout, NeuronModule, capture, find_neuron_modules, probe_input_kind
+from .capture import CapturedGraph, InputLayout, NeuronModule, capture, find_neuron_modules, probe_input_kind, refuse_unconvertible
 from .emit import EmittedModel, export_onnx, metadata
 from .errors import UsageError
 from .find import NeuronSite, TimeLoop, find_sites
@@ -211,14 +211,18 @@ def sample_shape_from(input_shape: str | None, data, onnx_path=None) -> tuple[in
     raise UsageError("--input-shape is required (one time step's sample shape without batch and time, e.g. 1,28,28).")
 
 
-def prepare(model: str, weights: str | None = None, input_shape: tuple[int, ...] = (), time_steps: int = 25, trust_model: bool = False, input_kind: str = "auto", progress=None) -> Conversion:
-    """Load, capture, find and rewrite: everything before export."""
+def prepare(model: "str | torch.nn.Module", weights: str | None = None, input_shape: tuple[int, ...] = (), time_steps: int = 25, trust_model: bool = False, input_kind: str = "auto", progress=None) -> Conversion:
+    """Load, capture, find and rewrite: everything before export.
+
+    ``model`` is a MODEL string of the CLI contract or, for library use, a module.
+    """
     if time_steps < 1:
         raise UsageError(f"--time-steps must be at least 1 (got {time_steps}).")
     say = progress or (lambda message: None)
     say("loading the model")
-    loaded = load_model(model, weights, trust_model)
+    loaded = LoadedModel(model.eval(), f"module:{type(model).__name__}") if isinstance(model, torch.nn.Module) else load_model(model, weights, trust_model)
     neurons = find_neuron_modules(loaded.module)
+    refuse_unconvertible(neurons)
     say(f"found {len(neurons)} neuron layers; probing how the model consumes time")
     layout = probe_input_kind(loaded.module, neurons, tuple(input_shape), time_steps, input_kind)
     say(f"input: {layout.kind}, T={layout.time_steps}{'' if layout.dynamic_time else ' (fixed by the model)'}; capturing")

@@ -38,6 +38,28 @@ class Timed:
 
 _WHOLE = "whole"  # a suffix argument that lists every step's value in order
 
+_aten = torch.ops.aten
+#: ops that treat dim 0 as the batch, with the rank of their batched input: time is folded
+#: into the batch (``[T*B, ...]``) instead of vmapped, which keeps T and B symbolic in export
+_BATCH_FOLDABLE = {
+    _aten.conv1d.default: 3,
+    _aten.conv2d.default: 4,
+    _aten.conv3d.default: 5,
+    _aten.max_pool1d.default: 3,
+    _aten.max_pool2d.default: 4,
+    _aten.max_pool3d.default: 5,
+    _aten.max_pool2d_with_indices.default: 4,
+    _aten.avg_pool1d.default: 3,
+    _aten.avg_pool2d.default: 4,
+    _aten.avg_pool3d.default: 5,
+    _aten.adaptive_avg_pool1d.default: 3,
+    _aten.adaptive_avg_pool2d.default: 4,
+    _aten.adaptive_avg_pool3d.default: 5,
+    _aten.adaptive_max_pool2d.default: 4,
+    _aten.batch_norm.default: None,
+    _aten._native_batch_norm_legit_no_training.default: None,
+}
+
 
 class ParallelModel(torch.nn.Module):
     """The time-parallel rewrite of a captured SNN (see module docstring)."""
@@ -122,6 +144,11 @@ class ParallelModel(torch.nn.Module):
         timed = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Timed)]
         if not timed:
             return node.target(*args, **kwargs)  # identical at every step: computed once
+        if timed == [0] and node.target in _BATCH_FOLDABLE:
+            rank = _BATCH_FOLDABLE[node.target]
+            value = leaves[0].value
+            if (rank is None and value.dim() >= 3) or value.dim() - 1 == rank:
+                return _folded(node.target, value, args[1:], kwargs)
 
         def per_step(*values):
             filled = list(leaves)
@@ -180,6 +207,15 @@ class ParallelModel(torch.nn.Module):
         return node.target(*args, **kwargs)
 
 
+def _folded(target, value: torch.Tensor, rest, kwargs):
+    """Run a batch-dim-0 op once on ``[T*B, ...]`` and split time back out."""
+    steps, batch = value.shape[0], value.shape[1]
+    out = target(value.flatten(0, 1), *rest, **kwargs)
+    if isinstance(out, (tuple, list)):
+        return [Timed(o.unflatten(0, (steps, batch))) if o.dim() > 0 and o.shape[0] == steps * batch else o for o in out]
+    return Timed(out.unflatten(0, (steps, batch)))
+
+
 def _call(node: fx.Node, env):
     args, kwargs = tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, (node.args, node.kwargs))
     return node.target(*args, **kwargs)
@@ -193,4 +229,6 @@ def _fetch_attr(module: torch.nn.Module, target: str):
 
 
 def rewrite(captured: CapturedGraph, sites: list[NeuronSite], loop: TimeLoop) -> ParallelModel:
-    return ParallelModel(captured, sites, loop)
+    model = ParallelModel(captured, sites, loop)
+    model.training = False  # inference only (the captured GraphModule refuses .train())
+    return model

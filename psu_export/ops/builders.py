@@ -84,3 +84,176 @@ class OnnxBuilder:
     def step(self, a, b, compare: str):
         hit = self.node("Greater" if compare == "gt" else "GreaterOrEqual", [a, b])
         return self.node("Cast", [hit], to=TensorProto.FLOAT)
+
+
+# ----------------------------------------------------------------------------- sequence programs
+#
+# The ops below extend both interpreters from elementwise programs to programs over a
+# whole layer ``x[T, B, ...]`` flattened to ``[T, N]`` (time first, every other axis
+# folded into N): time shifts, per-neuron parameters, a learned T x T product, the
+# log-depth linear recurrence, and int64 arithmetic for the counter-based hash RNG
+# (only Add/Mul/Div/Mod/Cast: the CUDA provider has no Bitwise*/BitShift kernels).
+
+
+def doubling_level(b, v, pw, shift):
+    """One level of the log-depth scan of ``v_t = d * v_{t-1} + y_t``: ``v += d^s * v[t - s]``.
+
+    After the levels ``s = 1, 2, 4, ... < T`` (``pw = d^s``, squared each level) ``v``
+    holds the recurrence's solution.  Written once for both interpreters, so torch and
+    onnxruntime do the same float operations in the same order.
+    """
+    v = b.add(v, b.mul(pw, b.shift_time(v, shift)))
+    return v, b.mul(pw, pw)
+
+
+def _torch_sequence_ops(cls):
+    def flatten_time(self, x):
+        return x.reshape(x.shape[0], -1)
+
+    def unflatten_like(self, flat, x):
+        return flat.reshape(x.shape)
+
+    def per_neuron(self, param, x):
+        # a scalar broadcasts; elementwise results are identical to the expanded form
+        if param.numel() == 1:
+            return param.reshape(())
+        return param.expand(x.shape[1:]).reshape(-1)
+
+    def shift_time(self, a, shift: int):
+        return torch.nn.functional.pad(a[: max(a.shape[0] - shift, 0)], (0, 0, min(shift, a.shape[0]), 0))
+
+    def first_step_add(self, a, c):
+        return torch.cat([a[:1] + c, a[1:]])
+
+    def linear_scan(self, y, decay):
+        """``v_t = decay * v_{t-1} + y_t`` (``v_{-1} = 0``) by :func:`doubling_level`."""
+        v, pw, shift = y, decay, 1
+        while shift < y.shape[0]:
+            v, pw = doubling_level(self, v, pw, shift)
+            shift *= 2
+        return v
+
+    def learned_product(self, weight, bias, flat):
+        """``(W[:T, :T] @ X) + b[:T]`` for a causal ``W`` of a fixed maximum T."""
+        steps = flat.shape[0]
+        return self.add(weight[:steps, :steps] @ flat, bias[:steps].unsqueeze(1))
+
+    def const_int(self, value: int):
+        return torch.tensor(int(value), dtype=torch.int64)
+
+    def mod(self, a, b):
+        return torch.remainder(a, b)
+
+    def floordiv(self, a, b):
+        return torch.div(a, b, rounding_mode="floor")
+
+    def to_float(self, a):
+        return a.to(torch.float32)
+
+    def element_index(self, flat):
+        return torch.arange(flat.numel(), dtype=torch.int64).reshape(flat.shape)
+
+    for name, fn in list(locals().items()):
+        if callable(fn) and name != "cls":
+            setattr(cls, name, fn)
+    return cls
+
+
+_torch_sequence_ops(TorchBuilder)
+
+
+def _i64(values) -> np.ndarray:
+    return np.array(values, dtype=np.int64)
+
+
+def _onnx_sequence_ops(cls):
+    def _shape(self, x, start=None, end=None):
+        attrs = {}
+        if start is not None:
+            attrs["start"] = start
+        if end is not None:
+            attrs["end"] = end
+        return self.node("Shape", [x], **attrs)
+
+    def _steps(self, a):
+        """T of a ``[T, ...]`` tensor as an int64 ``[1]``."""
+        return self._shape(a, 0, 1)
+
+    def flatten_time(self, x):
+        return self.node("Reshape", [x, self.node("Concat", [self._steps(x), self.const_array(_i64([-1]))], axis=0)])
+
+    def unflatten_like(self, flat, x):
+        return self.node("Reshape", [flat, self._shape(x)])
+
+    def per_neuron(self, param, x):
+        expanded = self.node("Expand", [param, self._shape(x, 1)])
+        return self.node("Reshape", [expanded, self.const_array(_i64([-1]))])
+
+    def shift_time(self, a, shift):
+        """``shift`` is an int64 ``[1]`` name or a Python int (``1 <= shift <= T``)."""
+        if isinstance(shift, int):
+            shift = self.const_array(_i64([shift]))
+        keep = self.node("Sub", [self._steps(a), shift])
+        head = self.node("Slice", [a, self.const_array(_i64([0])), keep, self.const_array(_i64([0]))])
+        pads = self.node("Concat", [shift, self.const_array(_i64([0, 0, 0]))], axis=0)
+        return self.node("Pad", [head, pads, self.const(0.0)], mode="constant")
+
+    def first_step_add(self, a, c):
+        first = self.node("Slice", [a, self.const_array(_i64([0])), self.const_array(_i64([1])), self.const_array(_i64([0]))])
+        rest = self.node("Slice", [a, self.const_array(_i64([1])), self.const_array(_i64([np.iinfo(np.int64).max])), self.const_array(_i64([0]))])
+        return self.node("Concat", [self.add(first, c), rest], axis=0)
+
+    def linear_scan(self, y, decay):
+        """One ONNX ``Loop`` over the levels ``s = 1, 2, 4, ... < T`` of :func:`doubling_level`."""
+        steps = self._steps(y)
+        one = self.const_array(_i64([1]))
+        go = self.node("Squeeze", [self.node("Less", [one, steps]), self.const_array(_i64([0]))])
+        body = OnnxBuilder(self.fresh() + "_")
+        v, pw = doubling_level(body, "v_in", "pw_in", "s_in")
+        s_out = body.node("Mul", ["s_in", body.const_array(_i64([2]))])
+        cond = body.node("Squeeze", [body.node("Less", [s_out, steps]), body.const_array(_i64([0]))])
+        outs = [body.node("Identity", [n]) for n in (cond, v, pw, s_out)]
+        graph = helper.make_graph(
+            body.nodes,
+            "doubling_level",
+            [helper.make_tensor_value_info("iter", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+             helper.make_tensor_value_info("v_in", TensorProto.FLOAT, None), helper.make_tensor_value_info("pw_in", TensorProto.FLOAT, None),
+             helper.make_tensor_value_info("s_in", TensorProto.INT64, [1])],
+            [helper.make_tensor_value_info(outs[0], TensorProto.BOOL, []), helper.make_tensor_value_info(outs[1], TensorProto.FLOAT, None),
+             helper.make_tensor_value_info(outs[2], TensorProto.FLOAT, None), helper.make_tensor_value_info(outs[3], TensorProto.INT64, [1])],
+        )
+        result = self.node("Loop", ["", go, y, decay, one], n_out=3, body=graph)
+        return result[0]
+
+    def learned_product(self, weight, bias, flat):
+        steps = self._steps(flat)
+        zero2, axes2 = self.const_array(_i64([0, 0])), self.const_array(_i64([0, 1]))
+        square = self.node("Slice", [weight, zero2, self.node("Concat", [steps, steps], axis=0), axes2])
+        column = self.node("Unsqueeze", [self.node("Slice", [bias, self.const_array(_i64([0])), steps, self.const_array(_i64([0]))]), self.const_array(_i64([1]))])
+        return self.add(self.node("MatMul", [square, flat]), column)
+
+    def const_int(self, value: int):
+        return self.node("Constant", [], value=helper.make_tensor(self.fresh(), TensorProto.INT64, [], [int(value)]))
+
+    def mod(self, a, b):
+        return self.node("Mod", [a, b], fmod=0)
+
+    def floordiv(self, a, b):
+        # operands are non-negative: integer Div (truncation) is floor division
+        return self.node("Div", [a, b])
+
+    def to_float(self, a):
+        return self.node("Cast", [a], to=TensorProto.FLOAT)
+
+    def element_index(self, flat):
+        size = self.node("Size", [flat])
+        index = self.node("Range", [self.const_int(0), size, self.const_int(1)])
+        return self.node("Reshape", [index, self._shape(flat)])
+
+    for name, fn in list(locals().items()):
+        if callable(fn) and name != "cls":
+            setattr(cls, name, fn)
+    return cls
+
+
+_onnx_sequence_ops(OnnxBuilder)

@@ -1,0 +1,497 @@
+"""Benchmarks: the converted model against what users run today, and against the ANN bound.
+
+For one model, in ONE run, with the variants interleaved (so that load on the machine hits
+them alike) and medians of repeated runs:
+
+``eager``   the original model in PyTorch eager mode (its own sequential time loop);
+``naive``   ``torch.onnx.export(original, dynamo=True)``: the time loop unrolled over a
+            fixed T (one export per T), under onnxruntime;
+``psu[-mode]`` the psu-export conversion (exact mode, plus the other reset modes of
+            :data:`psu_export.pipeline.MODES`), under onnxruntime;
+``bound``   the same network with every neuron replaced by an elementwise activation
+            (Heaviside at the threshold) and time folded into the batch: the cost of the
+            synaptic layers alone, which no exact SNN export can beat.
+
+Times are reported in milliseconds and as ratios (``naive / psu``: speed-up over the
+naive export; ``psu / bound``: distance from the bound).  Export time, file size and
+node count are reported per T for the naive export and for ours (ours must not grow).
+
+Library use: :func:`run_benchmark`; command line: ``psu-export bench`` (:func:`bench`);
+the reference suite: ``benchmarks/run_suite.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import click
+import numpy as np
+import onnx
+import torch
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporters' chatter (warnings and progress prints)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            import logging
+
+            level = logging.root.manager.disable
+            logging.disable(logging.WARNING)
+            try:
+                yield
+            finally:
+                logging.disable(level)
+
+
+def machine_description() -> dict:
+    import onnxruntime as ort
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = None
+    if torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(0)
+    return {
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": ort.__version__,
+        "onnxruntime_providers": ort.get_available_providers(),
+        "platform": platform.platform(),
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def provider_available(provider: str) -> bool:
+    import onnxruntime as ort
+
+    return PROVIDERS[provider] in ort.get_available_providers()
+
+
+def make_session(model, provider: str = "cpu", threads: int = 0):
+    """An onnxruntime session with all graph optimisations (``model``: path or bytes)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if threads:
+        so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
+    return ort.InferenceSession(model if isinstance(model, (bytes, str)) else str(model), so, providers=providers)
+
+
+def node_count(path) -> int:
+    return len(onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def file_size(path) -> int:
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+# ----------------------------------------------------------------------------- the bound
+
+
+class _Activation(torch.nn.Module):
+    """A neuron replaced by Heaviside(x - threshold): stateless, elementwise."""
+
+    def __init__(self, threshold: float, returns_states: bool):
+        super().__init__()
+        self.threshold = float(threshold)
+        self.returns_states = returns_states
+
+    def forward(self, x, *states):
+        spikes = (x > self.threshold).to(x.dtype)
+        if states:
+            return (spikes, *[x for _ in states])
+        return spikes
+
+    # the state initialisers snnTorch-style models call
+    def init_leaky(self):
+        return torch.zeros(())
+
+    def init_synaptic(self):
+        return torch.zeros(()), torch.zeros(())
+
+    def reset_mem(self):
+        return self
+
+
+class BoundModel(torch.nn.Module):
+    """The model with neurons as activations and time folded into the batch: ``[T, B, ...]`` in."""
+
+    def __init__(self, module: torch.nn.Module, kind: str):
+        super().__init__()
+        self.net = module
+        self.kind = kind
+
+    def forward(self, x):
+        steps, batch = x.shape[0], x.shape[1]
+        folded = x.reshape(steps * batch, *x.shape[2:])
+        if self.kind == "sequence":
+            out = self.net(folded.unsqueeze(0))  # one "step" carrying every step's batch
+        else:
+            out = self.net(folded)
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        return tuple(o.reshape(steps, batch, *o.shape[(2 if self.kind == "sequence" else 1):]) for o in outs)
+
+
+def bound_model(module: torch.nn.Module, neurons, kind: str) -> BoundModel:
+    net = copy.deepcopy(module)
+    for n in neurons:
+        parent_name, _, attr = n.name.rpartition(".")
+        parent = net.get_submodule(parent_name) if parent_name else net
+        threshold = float(n.spec.threshold.reshape(-1)[0]) if n.spec is not None else 1.0
+        setattr(parent, attr, _Activation(threshold, kind == "sequence"))
+    return BoundModel(net.eval(), kind)
+
+
+# ----------------------------------------------------------------------------- exports
+
+
+def _export_dynamo(module, example, path, dynamic_shapes):
+    with _quiet(), torch.no_grad():
+        program = torch.onnx.export(module, (example,), dynamo=True, dynamic_shapes=dynamic_shapes, optimize=True, verbose=False)
+    program.save(str(path))
+
+
+def export_naive(module, neurons, layout, time_steps: int, path) -> float:
+    """``torch.onnx.export(dynamo=True)`` of the original over a fixed T; returns seconds."""
+    from .capture import StepDriver, reset_neurons
+
+    reset_neurons(neurons)
+    target = StepDriver(module) if layout.kind == "step" else module
+    x = layout.example(2, time_steps)
+    t0 = time.perf_counter()
+    try:
+        _export_dynamo(target, x, path, ({1: torch.export.Dim("batch")},))
+    except Exception:  # some models specialise the batch: export it static
+        _export_dynamo(target, x, path, None)
+    finally:
+        reset_neurons(neurons)
+    return time.perf_counter() - t0
+
+
+def export_bound(module, neurons, layout, path) -> float:
+    model = bound_model(module, neurons, layout.kind)
+    x = layout.example(2, 4)
+    t0 = time.perf_counter()
+    _export_dynamo(model, x, path, ({0: torch.export.Dim("T"), 1: torch.export.Dim("batch")},))
+    return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+@dataclass
+class Cell:
+    """Median times (ms) of the variants for one (T, batch)."""
+
+    time_steps: int
+    batch: int
+    times_ms: dict = field(default_factory=dict)
+    runs: int = 0
+
+    def ratio(self, a: str, b: str):
+        if a in self.times_ms and b in self.times_ms and self.times_ms[b]:
+            return self.times_ms[a] / self.times_ms[b]
+        return None
+
+
+def _interleaved(runners: dict, min_runs: int, max_runs: int, budget_s: float) -> tuple[dict, int]:
+    """Run every variant once per round, rounds until ``budget_s`` (at least ``min_runs``)."""
+    samples = {k: [] for k in runners}
+    for fn in runners.values():  # warm-up
+        fn()
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < max_runs and (rounds < min_runs or time.perf_counter() - start < budget_s):
+        for name, fn in runners.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return {k: statistics.median(v) * 1e3 for k, v in samples.items()}, rounds
+
+
+def run_benchmark(
+    model: str,
+    input_shape: tuple[int, ...],
+    weights: str | None = None,
+    time_steps=(16, 64, 256),
+    batches=(1, 32),
+    provider: str = "cpu",
+    modes=None,
+    threads: int = 0,
+    work_dir=None,
+    min_runs: int = 5,
+    max_runs: int = 50,
+    cell_budget_s: float = 2.0,
+    eager: bool = True,
+    progress=None,
+) -> dict:
+    """Benchmark one model (see module docstring); returns a JSON-able dict."""
+    from . import pipeline
+    from .capture import StepDriver, reset_neurons
+
+    say = progress or (lambda m: None)
+    if provider not in PROVIDERS:
+        raise click.UsageError(f"unknown provider {provider!r} (cpu or cuda)")
+    result = {"model": model, "input_shape": list(input_shape), "provider": provider, "machine": machine_description(), "threads": threads or "default"}
+    if not provider_available(provider):
+        result["skipped"] = f"onnxruntime provider {PROVIDERS[provider]} is not available here (install onnxruntime-gpu and run on a CUDA machine)"
+        return result
+    if threads:
+        torch.set_num_threads(threads)
+    modes = [m for m in (modes or pipeline.MODES) if m in pipeline.MODES]
+    tmp = tempfile.TemporaryDirectory() if work_dir is None else None
+    work = Path(work_dir or tmp.name)
+    work.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if provider == "cuda" and torch.cuda.is_available() else "cpu"
+    exports, cells, sites = [], [], {}
+    try:
+        for steps in time_steps:
+            say(f"T={steps}: converting with psu-export")
+            psu_paths = {}
+            for mode in modes:
+                t0 = time.perf_counter()
+                with _quiet():
+                    conv = pipeline.prepare(model, weights=weights, input_shape=tuple(input_shape), time_steps=steps)
+                    if mode != "exact":
+                        conv = _with_mode(conv, mode)
+                    path = work / f"psu_{mode}_T{steps}.onnx"
+                    conv.export(path)
+                seconds = time.perf_counter() - t0
+                name = "psu" if mode == "exact" else f"psu-{mode}"
+                psu_paths[name] = path
+                exports.append({"variant": name, "time_steps": steps, "export_s": round(seconds, 3), "file_bytes": file_size(path), "nodes": node_count(path)})
+                sites[f"{name}@T={steps}"] = [{"name": s.name, "algorithm": s.algorithm.name, "reason": s.algorithm.reason} for s in conv.sites]
+            module, neurons, layout = conv.loaded.module, conv.neurons, conv.layout
+            say(f"T={steps}: naive torch.onnx.export (unrolled)")
+            naive_path = work / f"naive_T{steps}.onnx"
+            seconds = export_naive(module, neurons, layout, steps, naive_path)
+            exports.append({"variant": "naive", "time_steps": steps, "export_s": round(seconds, 3), "file_bytes": file_size(naive_path), "nodes": node_count(naive_path)})
+            bound_path = work / "bound.onnx"
+            if not bound_path.exists():
+                export_bound(module, neurons, layout, bound_path)
+            sessions = {"naive": make_session(naive_path, provider, threads), **{k: make_session(p, provider, threads) for k, p in psu_paths.items()}, "bound": make_session(bound_path, provider, threads)}
+            eager_model = module.to(device)
+            for batch in batches:
+                x = layout.example(batch, steps, torch.Generator().manual_seed(steps * 1000 + batch))
+                feed = x.numpy()
+                runners = {}
+                if eager:
+                    xd = x.to(device)
+
+                    def run_eager(xd=xd):
+                        reset_neurons(neurons)
+                        with torch.no_grad():
+                            (StepDriver(eager_model) if layout.kind == "step" else eager_model)(xd)
+                        if device == "cuda":
+                            torch.cuda.synchronize()
+
+                    runners["eager"] = run_eager
+                for name, sess in sessions.items():
+                    inp = sess.get_inputs()[0].name
+                    runners[name] = lambda sess=sess, inp=inp: sess.run(None, {inp: feed})
+                # parity of ours against the naive export, on the spikes (first output)
+                ref, got = runners["naive"](), runners["psu"]()
+                agree = float(np.mean(ref[0] == got[0]))
+                say(f"T={steps} B={batch}: timing {', '.join(runners)}")
+                times, rounds = _interleaved(runners, min_runs, max_runs, cell_budget_s)
+                cell = Cell(steps, batch, {k: round(v, 4) for k, v in times.items()}, rounds)
+                entry = asdict(cell)
+                entry["spike_agreement_psu_vs_naive"] = agree
+                entry["speedup_vs_naive"] = _r(cell.ratio("naive", "psu"))
+                entry["speedup_vs_eager"] = _r(cell.ratio("eager", "psu"))
+                entry["psu_over_bound"] = _r(cell.ratio("psu", "bound"))
+                cells.append(entry)
+            reset_neurons(neurons)
+            module.to("cpu")
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    result.update({"modes": modes, "exports": exports, "cells": cells, "algorithms": sites})
+    return result
+
+
+def _r(value):
+    return None if value is None else round(value, 3)
+
+
+def _with_mode(conv, mode):
+    """A conversion in another reset mode, where the pipeline offers one."""
+    for attr in ("with_mode", "set_mode"):
+        if hasattr(conv, attr):
+            return getattr(conv, attr)(mode)
+    conv.mode = mode
+    return conv
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def markdown(results: list[dict]) -> str:
+    lines = []
+    machine = next((r["machine"] for r in results if "machine" in r), None)
+    if machine:
+        lines.append(f"Machine: {machine['cpu']}, {machine['cpu_cores']} cores; GPU: {machine['gpu'] or 'none'}; "
+                     f"torch {machine['torch']}, onnxruntime {machine['onnxruntime']}; load average at start {machine.get('load_average_at_start')}")
+        lines.append("")
+    for r in results:
+        title = f"### {r['model']} (input {tuple(r['input_shape'])}, provider {r['provider']})"
+        lines.append(title)
+        if r.get("skipped"):
+            lines += ["", f"skipped: {r['skipped']}", ""]
+            continue
+        variants = [v for v in ("eager", "naive", "psu", "psu-psu", "psu-stochastic", "bound") if any(v in c["times_ms"] for c in r["cells"])]
+        lines.append("")
+        lines.append("| T | batch | " + " | ".join(f"{v} ms" for v in variants) + " | speed-up vs naive | speed-up vs eager | psu / bound | runs |")
+        lines.append("|---:|---:|" + "---:|" * len(variants) + "---:|---:|---:|---:|")
+        for c in r["cells"]:
+            t = c["times_ms"]
+            row = [str(c["time_steps"]), str(c["batch"])] + [f"{t[v]:.3f}" if v in t else "-" for v in variants]
+            row += [_fmt(c["speedup_vs_naive"], "x"), _fmt(c["speedup_vs_eager"], "x"), _fmt(c["psu_over_bound"], "x"), str(c["runs"])]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+        lines.append("| variant | T | export s | file kB | nodes |")
+        lines.append("|---|---:|---:|---:|---:|")
+        for e in r["exports"]:
+            lines.append(f"| {e['variant']} | {e['time_steps']} | {e['export_s']:.2f} | {e['file_bytes'] / 1024:.0f} | {e['nodes']} |")
+        lines.append("")
+        algos = {}
+        for key, ss in r["algorithms"].items():
+            for s in ss:
+                algos.setdefault((s["name"], s["algorithm"], s["reason"]), []).append(key.split("@", 1)[1])
+        for (name, algo, reason), where in algos.items():
+            lines.append(f"- `{name}`: {algo} ({', '.join(where)}): {reason}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _fmt(value, suffix=""):
+    return "-" if value is None else f"{value:.2f}{suffix}"
+
+
+def plot(results: list[dict], path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    done = [r for r in results if not r.get("skipped")]
+    if not done:
+        return False
+    batches = sorted({c["batch"] for r in done for c in r["cells"]})
+    fig, axes = plt.subplots(len(done), len(batches), figsize=(5 * len(batches), 3.6 * len(done)), squeeze=False)
+    for i, r in enumerate(done):
+        for j, batch in enumerate(batches):
+            ax = axes[i][j]
+            cells = [c for c in r["cells"] if c["batch"] == batch]
+            for variant in ("eager", "naive", "psu", "psu-psu", "psu-stochastic", "bound"):
+                pts = [(c["time_steps"], c["times_ms"][variant]) for c in cells if variant in c["times_ms"]]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=variant)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("T (time steps)")
+            ax.set_ylabel("ms per batch (median)")
+            ax.set_title(f"{r['model'].split(':')[0].rsplit('.', 1)[-1]}  batch {batch}  ({r['provider']})")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_results(results: list[dict], out_dir, stem: str = "results") -> dict[str, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / f"{stem}.json", "markdown": out / f"{stem}.md", "plot": out / f"{stem}.png"}
+    paths["json"].write_text(json.dumps(results, indent=2) + "\n")
+    paths["markdown"].write_text(markdown(results) + "\n")
+    if not plot(results, paths["plot"]):
+        paths.pop("plot")
+    return paths
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected comma-separated integers") from None
+    if not values or any(v <= 0 for v in values):
+        raise click.BadParameter(f"{text!r}: expected positive integers")
+    return values
+
+
+@click.command("bench")
+@click.argument("model")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="State dict for a module:factory MODEL.")
+@click.option("--input-shape", required=True, help="One time step's sample shape, e.g. 1,28,28.")
+@click.option("--time-steps", "time_steps", default="16,64,256", show_default=True, help="Comma-separated T values to sweep.")
+@click.option("--batch", "batches", default="1,32", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="onnxruntime provider (cuda is skipped cleanly when unavailable).")
+@click.option("--threads", type=int, default=0, help="intra-op threads for onnxruntime and torch (0: their default).")
+@click.option("--quick", is_flag=True, help="Smoke run: T=16, batch 1, few repetitions.")
+@click.option("--no-eager", is_flag=True, help="Skip the PyTorch eager baseline (slow for large T).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Write results.json/.md/.png here.")
+def bench(model, weights, input_shape, time_steps, batches, provider, threads, quick, no_eager, out_dir):
+    """Benchmark MODEL's conversion against PyTorch eager, the naive unrolled ONNX export and the ANN bound.
+
+    \b
+    Example:
+      psu-export bench psu_export.models.ref_mlp:make_net --input-shape 784 --time-steps 16,64 --batch 1,32
+    """
+    steps, bs = _ints(time_steps), _ints(batches)
+    kwargs = {}
+    if quick:
+        steps, bs = steps[:1] if time_steps != "16,64,256" else (16,), bs[:1]
+        kwargs = {"min_runs": 3, "max_runs": 10, "cell_budget_s": 0.5}
+    result = run_benchmark(model, _ints(input_shape), weights, steps, bs, provider, threads=threads, eager=not no_eager,
+                           progress=lambda m: click.echo(m, err=True), **kwargs)
+    text = markdown([result])
+    click.echo(text)
+    if out_dir:
+        paths = write_results([result], out_dir, "bench")
+        click.echo(f"wrote {', '.join(str(p) for p in paths.values())}", err=True)
+    if result.get("skipped"):
+        sys.exit(0)

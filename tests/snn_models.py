@@ -1,0 +1,159 @@
+"""snnTorch test models, written the way users write them (factories take options)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import snntorch as snn
+
+IN, HID, OUT = 12, 24, 5
+
+
+def _scaled(module: nn.Module, gain: float = 2.5) -> nn.Module:
+    """Deterministic weights large enough that every layer fires and resets."""
+    torch.manual_seed(1234)
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            fan_in = m.weight[0].numel()
+            nn.init.uniform_(m.weight, -gain / fan_in**0.5, gain / fan_in**0.5)
+            nn.init.uniform_(m.bias, -0.2, 0.4)
+    return module
+
+
+class LoopNet(nn.Module):
+    """Python loop over x[T, B, IN] threading the membranes (tutorial style)."""
+
+    def __init__(self, neuron1: nn.Module, neuron2: nn.Module):
+        super().__init__()
+        self.fc1 = nn.Linear(IN, HID)
+        self.lif1 = neuron1
+        self.fc2 = nn.Linear(HID, OUT)
+        self.lif2 = neuron2
+
+    def _states(self, lif):
+        return list(lif.init_synaptic()) if isinstance(lif, snn.Synaptic) else [lif.init_leaky()]
+
+    def forward(self, x):
+        s1, s2 = self._states(self.lif1), self._states(self.lif2)
+        spikes, mems = [], []
+        for step in range(x.shape[0]):
+            out1 = self.lif1(self.fc1(x[step]), *s1)
+            spk1, s1 = out1[0], list(out1[1:])
+            out2 = self.lif2(self.fc2(spk1), *s2)
+            spk2, s2 = out2[0], list(out2[1:])
+            spikes.append(spk2)
+            mems.append(s2[-1])
+        return torch.stack(spikes, dim=0), torch.stack(mems, dim=0)
+
+
+def leaky_loop(**options) -> nn.Module:
+    return _scaled(LoopNet(snn.Leaky(**{"beta": 0.8, **options}), snn.Leaky(beta=0.7)))
+
+
+def synaptic_loop(**options) -> nn.Module:
+    return _scaled(LoopNet(snn.Synaptic(**{"alpha": 0.6, "beta": 0.8, **options}), snn.Leaky(beta=0.9)))
+
+
+def per_channel_beta() -> nn.Module:
+    beta = torch.linspace(-0.2, 1.3, HID)  # outside [0, 1] on purpose: snnTorch clamps when used
+    threshold = torch.linspace(0.5, 1.5, HID)
+    return _scaled(LoopNet(snn.Leaky(beta=beta, threshold=threshold), snn.Leaky(beta=0.7)))
+
+
+class StaticLoop(nn.Module):
+    """A static input [B, IN] fed for num_steps steps (snnTorch tutorial 5 style)."""
+
+    num_steps = 9
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(IN, HID)
+        self.lif1 = snn.Leaky(beta=0.95)
+        self.fc2 = nn.Linear(HID, OUT)
+        self.lif2 = snn.Leaky(beta=0.95)
+
+    def forward(self, x):
+        mem1 = self.lif1.init_leaky()
+        mem2 = self.lif2.init_leaky()
+        spk2_rec, mem2_rec = [], []
+        for _ in range(self.num_steps):
+            cur1 = self.fc1(x)
+            spk1, mem1 = self.lif1(cur1, mem1)
+            cur2 = self.fc2(spk1)
+            spk2, mem2 = self.lif2(cur2, mem2)
+            spk2_rec.append(spk2)
+            mem2_rec.append(mem2)
+        return torch.stack(spk2_rec), torch.stack(mem2_rec)
+
+
+def static_loop() -> nn.Module:
+    return _scaled(StaticLoop())
+
+
+def conv_sequential(**options) -> nn.Module:
+    """nn.Sequential with init_hidden neurons; the time loop lives outside (tutorial 7 style)."""
+    grad = snn.surrogate.fast_sigmoid(slope=25)
+    net = nn.Sequential(
+        nn.Conv2d(1, 6, 3),
+        nn.MaxPool2d(2),
+        snn.Leaky(beta=0.6, spike_grad=grad, init_hidden=True, **options),
+        nn.Conv2d(6, 8, 3),
+        nn.MaxPool2d(2),
+        snn.Leaky(beta=0.6, spike_grad=grad, init_hidden=True),
+        nn.Flatten(),
+        nn.Linear(8 * 2 * 2, OUT),
+        snn.Leaky(beta=0.6, spike_grad=grad, init_hidden=True, output=True),
+    )
+    return _scaled(net, gain=3.0)
+
+
+def synaptic_sequential() -> nn.Module:
+    return _scaled(nn.Sequential(nn.Linear(IN, HID), snn.Synaptic(alpha=0.5, beta=0.9, init_hidden=True), nn.Linear(HID, OUT), snn.Leaky(beta=0.5, init_hidden=True)))
+
+
+def with_inhibition() -> nn.Module:
+    return _scaled(LoopNet(snn.Leaky(beta=0.8, inhibition=True), snn.Leaky(beta=0.7)))
+
+
+def with_state_quant() -> nn.Module:
+    return _scaled(LoopNet(snn.Leaky(beta=0.8, state_quant=__import__("snntorch.functional.quant", fromlist=["state_quant"]).state_quant(num_bits=4)), snn.Leaky(beta=0.7)))
+
+
+def with_rleaky() -> nn.Module:
+    class R(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(IN, HID)
+            self.rlif = snn.RLeaky(beta=0.8, linear_features=HID)
+
+        def forward(self, x):
+            spk, mem = self.rlif.init_rleaky()
+            out = []
+            for t in range(x.shape[0]):
+                spk, mem = self.rlif(self.fc(x[t]), spk, mem)
+                out.append(spk)
+            return torch.stack(out)
+
+    return R()
+
+
+class Accumulator(nn.Module):
+    """Sums output spikes inside the loop: a carried value that is not a neuron state."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(IN, OUT)
+        self.lif = snn.Leaky(beta=0.8)
+
+    def forward(self, x):
+        mem = self.lif.init_leaky()
+        total = torch.zeros(x.shape[1], OUT)
+        for t in range(x.shape[0]):
+            spk, mem = self.lif(self.fc(x[t]), mem)
+            total = total + spk
+        return total
+
+
+def accumulator() -> nn.Module:
+    return _scaled(Accumulator())

@@ -1,0 +1,126 @@
+"""snnTorch: every neuron option converts exactly, checked against snnTorch's own run."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+pytest.importorskip("snntorch")
+
+import snn_models as M  # noqa: E402
+from conftest import reference_outputs, run_onnx  # noqa: E402
+
+from psu_export.errors import NotConvertibleError  # noqa: E402
+from psu_export.pipeline import prepare  # noqa: E402
+
+
+def _check(model, shape, time_steps, tmp_path, other_steps=(5, 23), batch=3):
+    conversion = prepare(model, input_shape=shape, time_steps=time_steps)
+    path = tmp_path / "m.onnx"
+    conversion.export(path)
+    kind = conversion.layout.kind
+    fired = []
+    for steps in (time_steps, *other_steps) if conversion.layout.dynamic_time else (time_steps,):
+        gen = torch.Generator().manual_seed(steps)
+        x = conversion.layout.example(batch, steps, generator=gen) * 1.5
+        ref = reference_outputs(model, x, kind)
+        got = run_onnx(path, x)
+        assert len(got) == len(ref)
+        for r, g in zip(ref, got):
+            r = r.numpy()
+            assert g.shape == r.shape
+            if np.isin(r, [0.0, 1.0]).all() or np.isin(r, np.unique(r)[:2]).all() and len(np.unique(r)) <= 2:
+                np.testing.assert_array_equal(g, r)  # spikes: bit for bit
+                fired.append(r.mean())
+            else:
+                np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)  # membranes: float precision
+    # the check is meaningful only if the network actually spiked (and not always)
+    assert any(0.0 < f < 1.0 for f in fired), fired
+    return conversion, path
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"reset_mechanism": "zero"},
+        {"reset_mechanism": "none"},
+        {"reset_delay": False},
+        {"reset_delay": False, "reset_mechanism": "zero"},
+        {"threshold": 0.4},
+        {"graded_spikes_factor": 2.5},
+        {"beta": 1.4},  # clamped to 1 by snnTorch
+        {"learn_beta": True, "learn_threshold": True},
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults",
+)
+def test_leaky_options_loop(options, tmp_path):
+    _check(M.leaky_loop(**options), (M.IN,), 12, tmp_path)
+
+
+@pytest.mark.parametrize("options", [{}, {"reset_mechanism": "zero"}, {"reset_delay": False}, {"reset_mechanism": "none"}], ids=str)
+def test_synaptic_options_loop(options, tmp_path):
+    _check(M.synaptic_loop(**options), (M.IN,), 10, tmp_path)
+
+
+def test_per_channel_beta_and_threshold(tmp_path):
+    _check(M.per_channel_beta(), (M.IN,), 10, tmp_path)
+
+
+def test_static_input_loop(tmp_path):
+    conversion, _ = _check(M.static_loop(), (M.IN,), M.StaticLoop.num_steps, tmp_path)
+    assert conversion.layout.kind == "static" and not conversion.layout.dynamic_time
+
+
+@pytest.mark.parametrize("options", [{}, {"reset_mechanism": "zero"}], ids=str)
+def test_init_hidden_sequential_conv(options, tmp_path):
+    conversion, _ = _check(M.conv_sequential(**options), (1, 14, 14), 8, tmp_path)
+    assert conversion.layout.kind == "step"
+
+
+def test_init_hidden_synaptic(tmp_path):
+    _check(M.synaptic_sequential(), (M.IN,), 8, tmp_path)
+
+
+def test_node_count_does_not_grow_with_time(tmp_path):
+    """One file runs at any T; its graph is the same size whatever T it was converted at."""
+    counts = []
+    for steps in (8, 32):
+        conversion = prepare(M.leaky_loop(), input_shape=(M.IN,), time_steps=steps)
+        path = tmp_path / f"t{steps}.onnx"
+        conversion.export(path)
+        model = onnx.load(str(path))
+        counts.append(len(model.graph.node))
+        psu = [n for n in model.graph.node if n.domain == "psu"]
+        assert len(psu) == 2, "one psu node per neuron layer"
+        assert {f.name for f in model.functions} >= {n.op_type for n in psu}, "each psu node has a function body"
+        meta = {p.key: p.value for p in model.metadata_props}
+        assert meta["psu_export.mode"] == "exact" and "lif1" in meta["psu_export.neuron_sites"]
+    assert counts[0] == counts[1]
+
+
+def test_report_passes_and_names_each_layer(tmp_path):
+    conversion, path = _check(M.leaky_loop(), (M.IN,), 10, tmp_path)
+    report = conversion.verify(path).to_json()
+    assert report["passed"] and report["spike_agreement"] == 1.0 and report["export_spike_agreement"] == 1.0
+    assert [s["name"] for s in report["neuron_sites"]] == ["lif1", "lif2"]
+    assert all(s["spike_agreement"] == 1.0 for s in report["neuron_sites"])
+    assert report["providers"]["cpu"]["passed"]
+
+
+@pytest.mark.parametrize(
+    "factory, expected",
+    [
+        (M.with_inhibition, "inhibition"),
+        (M.with_state_quant, "state_quant"),
+        (M.with_rleaky, "recurrent"),
+        (M.accumulator, "carried between time steps"),
+    ],
+)
+def test_unconvertible_options_are_refused_with_a_reason(factory, expected):
+    with pytest.raises(NotConvertibleError) as err:
+        prepare(factory(), input_shape=(M.IN,), time_steps=6)
+    assert err.value.exit_code == 3
+    assert expected in str(err.value)
