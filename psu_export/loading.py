@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import pickle
+import pickletools
+import zipfile
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,20 +65,54 @@ def _import_factory(spec: str):
     return factory
 
 
-def _safe_globals_for(path: Path) -> list:
-    """Classes the pickle refers to that are on the allowlist; raise for the first one that is not."""
-    from torch.serialization import get_unsafe_globals_in_checkpoint
+def pickle_globals(path: Path) -> list[str]:
+    """The ``module.name`` globals a pickle (or a torch zip checkpoint) refers to, read
+    statically from its opcodes: nothing in the file is executed."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            blobs = [archive.read(n) for n in archive.namelist() if n.endswith(".pkl")]
+    else:
+        blobs = [path.read_bytes()]
+    names: list[str] = []
+    for blob in blobs:
+        strings: list[str] = []
+        try:
+            for opcode, arg, _ in pickletools.genops(blob):
+                if opcode.name in ("GLOBAL", "INST"):
+                    names.append(arg.replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+        except Exception as exc:
+            raise UsageError(f"{path} is not a readable pickle or torch checkpoint ({type(exc).__name__}: {exc}).") from exc
+    return list(dict.fromkeys(names))
 
+
+def _torch_default_allowlist() -> set[str]:
+    """What ``torch.load(weights_only=True)`` admits by itself (tensors, storages, dtypes, ...)."""
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    return set(_get_allowed_globals())
+
+
+def _load_restricted(path: Path):
+    """``torch.load(weights_only=True)`` admitting only allowlisted classes; the first class
+    off the allowlist is refused by name (DESIGN.md: never unpickle untrusted code)."""
     allowed = []
-    for name in get_unsafe_globals_in_checkpoint(str(path)):
-        module_name, _, attr = name.rpartition(".")
-        if not (module_name + ".").startswith(SAFE_MODULE_PREFIXES):
+    torch_safe = _torch_default_allowlist()
+    for name in pickle_globals(path):
+        name = name.replace("__builtin__.", "builtins.")
+        if name in torch_safe:
+            continue
+        if not (name.rpartition(".")[0] + ".").startswith(SAFE_MODULE_PREFIXES):
             raise UsageError(
                 f"{path} needs the class or function {name!r} to be unpickled, which is not on the allowlist "
                 "(torch.nn, snntorch, spikingjelly, norse, psu_export). Unpickling it could run arbitrary code. "
                 "If you trust the file, pass --trust-model; safer, save a state dict "
                 "(torch.save(model.state_dict(), ...)) and load it with MODEL=module:factory --weights FILE."
             )
+        module_name, _, attr = name.rpartition(".")
         try:
             obj = importlib.import_module(module_name)
             for part in attr.split("."):
@@ -84,7 +120,8 @@ def _safe_globals_for(path: Path) -> list:
         except Exception as exc:
             raise UsageError(f"{path} refers to {name!r}, which cannot be imported here ({exc}); is the framework installed?") from exc
         allowed.append(obj)
-    return allowed
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_state_dict(path: str | Path) -> dict:
@@ -114,8 +151,7 @@ def load_model(spec: str, weights: str | None = None, trust_model: bool = False)
             if trust_model:
                 module = torch.load(path, map_location="cpu", weights_only=False)
             else:
-                with torch.serialization.safe_globals(_safe_globals_for(path)):
-                    module = torch.load(path, map_location="cpu", weights_only=True)
+                module = _load_restricted(path)
         except UsageError:
             raise
         except Exception as exc:

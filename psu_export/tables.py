@@ -60,8 +60,11 @@ def report_tables(report: dict) -> list[Table]:
 def print_report(report: dict, console: Console) -> None:
     for table in report_tables(report):
         console.print(table)
+    for name, summary in report["providers"].items():
+        if summary["error"]:
+            console.print(f"[red]onnxruntime {name} failed:[/red] {summary['error']}", soft_wrap=True)
     for note in report.get("notes", []):
-        console.print(f"note: {note}")
+        console.print(f"note: {note}", soft_wrap=True)
     verdict = "[bold green]passed[/bold green]" if report["passed"] else "[bold red]FAILED[/bold red]"
     console.print(
         f"Parity {verdict}: spike agreement {_pct(report['spike_agreement'])}, "

@@ -1,0 +1,122 @@
+"""Property tests of the exact mode: random neuron options against snnTorch's own run.
+
+For random snnTorch ``Leaky`` / ``Synaptic`` configurations (decays including 0 and 1
+and outside [0, 1], per-channel parameters, thresholds, every reset and timing, graded
+spikes, integer-valued inputs that produce exact ties at the threshold) and random T and
+shapes, the torch kernel and the ONNX function (under onnxruntime) must reproduce
+snnTorch's spikes and membranes.  The kernels do the same float operations in the same
+order as snnTorch, so the comparison is bitwise; an exact tie at the threshold is decided
+identically on both sides and needs no tolerance.
+
+Profiles: ``HYPOTHESIS_PROFILE=ci`` (default, 150 examples per test) or ``nightly`` (3000).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+snn = pytest.importorskip("snntorch")
+
+from psu_export.converters.snntorch import SnnTorchConverter  # noqa: E402
+from psu_export.ops import attach_functions, translation_table  # noqa: F401,E402
+from psu_export.ops.neuron import StepOptions, exact_neuron  # noqa: E402
+
+settings.register_profile("ci", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("nightly", max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+CONVERTER = SnnTorchConverter()
+
+
+@st.composite
+def neuron_cases(draw):
+    features = draw(st.integers(1, 12))
+    batch = draw(st.integers(1, 3))
+    steps = draw(st.integers(1, 300))
+
+    def param(low, high, specials):
+        if draw(st.booleans()):
+            values = draw(st.lists(st.sampled_from(specials) | st.floats(low, high).map(lambda v: float(np.float32(v))), min_size=features, max_size=features))
+            return torch.tensor(values, dtype=torch.float32)
+        return draw(st.sampled_from(specials) | st.floats(low, high).map(lambda v: float(np.float32(v))))
+
+    options = {
+        "beta": param(-0.2, 1.2, [0.0, 1.0, 0.5, 0.9]),
+        "threshold": param(0.05, 2.0, [1.0, 0.5]),
+        "reset_mechanism": draw(st.sampled_from(["subtract", "zero", "none"])),
+        "reset_delay": draw(st.booleans()),
+    }
+    synaptic = draw(st.booleans())
+    if synaptic:
+        options["alpha"] = param(-0.1, 1.1, [0.0, 1.0, 0.6])
+    else:
+        options["graded_spikes_factor"] = draw(st.sampled_from([1.0, 2.5, 0.5]))
+    integer_inputs = draw(st.booleans())  # exact ties at the threshold
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    if integer_inputs:
+        x = torch.randint(-1, 3, (steps, batch, features), generator=gen).float()
+    else:
+        x = torch.randn((steps, batch, features), generator=gen) * draw(st.sampled_from([0.3, 1.0, 3.0]))
+    return synaptic, options, x
+
+
+def snntorch_run(synaptic: bool, options: dict, x: torch.Tensor):
+    neuron = snn.Synaptic(**options) if synaptic else snn.Leaky(**options)
+    states = list(neuron.init_synaptic()) if synaptic else [neuron.init_leaky()]
+    spikes, mems = [], []
+    with torch.no_grad():
+        for t in range(x.shape[0]):
+            out = neuron(x[t], *states)
+            spikes.append(out[0])
+            states = list(out[1:])
+            mems.append(out[-1])
+    return neuron, torch.stack(spikes), torch.stack(mems)
+
+
+@functools.lru_cache(maxsize=None)
+def onnx_session(options_key: str, param_ranks: tuple[int, ...]):
+    """A one-node model: the psu op of this variant with its parameters as graph inputs."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    o = StepOptions.parse(options_key)
+    names = ["x", *o.param_names]
+    node = helper.make_node(f"LIF_{o.variant}", names, ["spikes", "membrane"] + (["current"] if o.two_state else []), domain="psu", layer="l", **o.attributes())
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", "B", "N"])]
+        + [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N"] * r) for n, r in zip(o.param_names, param_ranks)],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["T", "B", "N"]) for n in node.output],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    attach_functions(model)
+    onnx.checker.check_model(model)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@given(neuron_cases())
+def test_exact_kernel_and_onnx_match_snntorch(case):
+    synaptic, options, x = case
+    neuron, ref_spikes, ref_mems = snntorch_run(synaptic, options, x)
+    spec = CONVERTER.to_spec(neuron)
+    o = StepOptions.of(spec)
+    params = [getattr(spec, n) for n in o.param_names]
+    outputs = exact_neuron(x, params, o.key(), "l")
+    assert torch.equal(outputs[0], ref_spikes)
+    assert torch.equal(outputs[1], ref_mems)
+
+    session = onnx_session(o.key(), tuple(p.dim() for p in params))
+    feeds = {"x": x.numpy(), **{n: p.numpy() for n, p in zip(o.param_names, params)}}
+    got = session.run(None, feeds)
+    np.testing.assert_array_equal(got[0], ref_spikes.numpy())
+    np.testing.assert_array_equal(got[1], ref_mems.numpy())
