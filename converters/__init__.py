@@ -35,10 +35,17 @@ class CallConvention:
     states in ``state_roles`` order (roles: ``"membrane"``, ``"current"``).
     ``forward(call)`` builds the replacement for ``module.forward`` given ``call``, the
     function that performs the opaque call.
+
+    ``sequence``: the module consumes the whole sequence ``[T, B, ...]`` in one call
+    (SpikingJelly ``step_mode='m'``, Norse ``LIF``); the op then takes the sequence and
+    returns every output stacked over time (states included: ``[T, B, ...]``).
     """
 
     state_roles: tuple[str, ...]
     forward: Callable[[Callable], Callable]
+    sequence: bool = False
+    #: sequence modules with learned T x T matrices (IPSU, RPSU): the longest T they accept
+    max_time_steps: int | None = None
 
 
 class FrameworkConverter:
@@ -66,8 +73,24 @@ class FrameworkConverter:
     def call_convention(self, module: torch.nn.Module) -> CallConvention:
         raise NotImplementedError
 
+    def site_kernel(self, module: torch.nn.Module):
+        """Modules with their own parallel dynamics (the PSU family): ``(Algorithm, ResetOptions,
+        {param: tensor})`` run by the ``psu::reset_neuron`` op; ``None`` (the default): the
+        kernels follow the module's :class:`NeuronSpec`."""
+        return None
+
     def reset_state(self, module: torch.nn.Module) -> None:
         """Forget state left over from earlier calls (so it is not baked in as a constant)."""
+
+    def consumes_sequence(self, module: torch.nn.Module) -> bool:
+        """True when ``module`` takes the whole ``[T, B, ...]`` sequence in one call (multi-step)."""
+        return False
+
+    def threads_state(self, model: torch.nn.Module) -> bool:
+        """True when the top-level ``model`` is driven one step at a time as
+        ``out, state = model(x_t, state)`` (e.g. Norse ``SequentialState``): the step
+        driver then passes the returned state back in and stacks only ``out``."""
+        return False
 
     def initial_state(self, module: torch.nn.Module, role: str, value: torch.Tensor, step_input: torch.Tensor) -> torch.Tensor | None:
         """The initial state the framework really uses when ``value`` is passed in for ``role``.
@@ -91,7 +114,7 @@ class FrameworkConverter:
         return True
 
 
-_CONVERTER_MODULES = ("snntorch",)
+_CONVERTER_MODULES = ("snntorch", "spikingjelly", "norse", "psu", "nir")
 REGISTRY: dict[str, FrameworkConverter] = {}
 
 
@@ -108,9 +131,16 @@ def _load_all() -> None:
         importlib.import_module(f"{__name__}.{mod}")
 
 
+_LOADED = False
+
+
 def converters() -> list[FrameworkConverter]:
-    if not REGISTRY:
+    # load every listed module once, even when one was imported directly before (which
+    # fills REGISTRY with that converter alone)
+    global _LOADED
+    if not _LOADED:
         _load_all()
+        _LOADED = True
     return list(REGISTRY.values())
 
 

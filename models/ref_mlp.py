@@ -17,14 +17,14 @@ INPUTS, HIDDEN, OUTPUTS = 784, 1000, 10
 
 
 class RefMLP(nn.Module):
-    def __init__(self, inputs: int = INPUTS, hidden: int = HIDDEN, outputs: int = OUTPUTS, beta: float = 0.95):
+    def __init__(self, inputs: int = INPUTS, hidden: int = HIDDEN, outputs: int = OUTPUTS, beta: float = 0.95, reset_mechanism: str = "subtract"):
         super().__init__()
         import snntorch as snn
 
         self.fc1 = nn.Linear(inputs, hidden)
-        self.lif1 = snn.Leaky(beta=beta)
+        self.lif1 = snn.Leaky(beta=beta, reset_mechanism=reset_mechanism)
         self.fc2 = nn.Linear(hidden, outputs)
-        self.lif2 = snn.Leaky(beta=beta)
+        self.lif2 = snn.Leaky(beta=beta, reset_mechanism=reset_mechanism)
 
     def forward(self, x):
         mem1 = self.lif1.init_leaky()
@@ -55,6 +55,11 @@ def make_net(hidden: int = HIDDEN) -> RefMLP:
     return _seeded(RefMLP(hidden=hidden))
 
 
-def make_small_net() -> RefMLP:
+def make_small_net(reset_mechanism: str = "subtract") -> RefMLP:
     """A narrow variant (64 -> 128 -> 10) for quick runs and long-sequence tests (input shape 64)."""
-    return _seeded(RefMLP(inputs=64, hidden=128, outputs=10))
+    return _seeded(RefMLP(inputs=64, hidden=128, outputs=10, reset_mechanism=reset_mechanism))
+
+
+def make_small_reset_free_net() -> RefMLP:
+    """The narrow variant without reset (``reset_mechanism="none"``): a linear membrane, closed form."""
+    return make_small_net(reset_mechanism="none")

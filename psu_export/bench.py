@@ -37,9 +37,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import click
-import numpy as np
-import onnx
-import torch
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -66,6 +63,7 @@ def _quiet():
 
 def machine_description() -> dict:
     import onnxruntime as ort
+    import torch
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -112,6 +110,8 @@ def make_session(model, provider: str = "cpu", threads: int = 0):
 
 
 def node_count(path) -> int:
+    import onnx
+
     return len(onnx.load(str(path), load_external_data=False).graph.node)
 
 
@@ -124,51 +124,58 @@ def file_size(path) -> int:
 # ----------------------------------------------------------------------------- the bound
 
 
-class _Activation(torch.nn.Module):
-    """A neuron replaced by Heaviside(x - threshold): stateless, elementwise."""
+def _bound_classes():
+    import torch
 
-    def __init__(self, threshold: float, returns_states: bool):
-        super().__init__()
-        self.threshold = float(threshold)
-        self.returns_states = returns_states
+    class _Activation(torch.nn.Module):
+        """A neuron replaced by Heaviside(x - threshold): stateless, elementwise."""
 
-    def forward(self, x, *states):
-        spikes = (x > self.threshold).to(x.dtype)
-        if states:
-            return (spikes, *[x for _ in states])
-        return spikes
+        def __init__(self, threshold: float, returns_states: bool):
+            super().__init__()
+            self.threshold = float(threshold)
+            self.returns_states = returns_states
 
-    # the state initialisers snnTorch-style models call
-    def init_leaky(self):
-        return torch.zeros(())
+        def forward(self, x, *states):
+            spikes = (x > self.threshold).to(x.dtype)
+            if states:
+                return (spikes, *[x for _ in states])
+            return spikes
 
-    def init_synaptic(self):
-        return torch.zeros(()), torch.zeros(())
+        # the state initialisers snnTorch-style models call
+        def init_leaky(self):
+            return torch.zeros(())
 
-    def reset_mem(self):
-        return self
+        def init_synaptic(self):
+            return torch.zeros(()), torch.zeros(())
 
-
-class BoundModel(torch.nn.Module):
-    """The model with neurons as activations and time folded into the batch: ``[T, B, ...]`` in."""
-
-    def __init__(self, module: torch.nn.Module, kind: str):
-        super().__init__()
-        self.net = module
-        self.kind = kind
-
-    def forward(self, x):
-        steps, batch = x.shape[0], x.shape[1]
-        folded = x.reshape(steps * batch, *x.shape[2:])
-        if self.kind == "sequence":
-            out = self.net(folded.unsqueeze(0))  # one "step" carrying every step's batch
-        else:
-            out = self.net(folded)
-        outs = out if isinstance(out, (tuple, list)) else (out,)
-        return tuple(o.reshape(steps, batch, *o.shape[(2 if self.kind == "sequence" else 1):]) for o in outs)
+        def reset_mem(self):
+            return self
 
 
-def bound_model(module: torch.nn.Module, neurons, kind: str) -> BoundModel:
+    class BoundModel(torch.nn.Module):
+        """The model with neurons as activations and time folded into the batch: ``[T, B, ...]`` in."""
+
+        def __init__(self, module: torch.nn.Module, kind: str):
+            super().__init__()
+            self.net = module
+            self.kind = kind
+
+        def forward(self, x):
+            steps, batch = x.shape[0], x.shape[1]
+            folded = x.reshape(steps * batch, *x.shape[2:])
+            if self.kind == "sequence":
+                out = self.net(folded.unsqueeze(0))  # one "step" carrying every step's batch
+            else:
+                out = self.net(folded)
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            return tuple(o.reshape(steps, batch, *o.shape[(2 if self.kind == "sequence" else 1):]) for o in outs)
+
+    return _Activation, BoundModel
+
+
+def bound_model(module, neurons, kind: str):
+    """The bound: ``module`` with each neuron an activation, time folded into the batch."""
+    _Activation, BoundModel = _bound_classes()
     net = copy.deepcopy(module)
     for n in neurons:
         parent_name, _, attr = n.name.rpartition(".")
@@ -182,6 +189,8 @@ def bound_model(module: torch.nn.Module, neurons, kind: str) -> BoundModel:
 
 
 def _export_dynamo(module, example, path, dynamic_shapes):
+    import torch
+
     with _quiet(), torch.no_grad():
         program = torch.onnx.export(module, (example,), dynamo=True, dynamic_shapes=dynamic_shapes, optimize=True, verbose=False)
     program.save(str(path))
@@ -189,6 +198,8 @@ def _export_dynamo(module, example, path, dynamic_shapes):
 
 def export_naive(module, neurons, layout, time_steps: int, path) -> float:
     """``torch.onnx.export(dynamo=True)`` of the original over a fixed T; returns seconds."""
+    import torch
+
     from .capture import StepDriver, reset_neurons
 
     reset_neurons(neurons)
@@ -205,6 +216,8 @@ def export_naive(module, neurons, layout, time_steps: int, path) -> float:
 
 
 def export_bound(module, neurons, layout, path) -> float:
+    import torch
+
     model = bound_model(module, neurons, layout.kind)
     x = layout.example(2, 4)
     t0 = time.perf_counter()
@@ -261,8 +274,12 @@ def run_benchmark(
     cell_budget_s: float = 2.0,
     eager: bool = True,
     progress=None,
+    cache_dir=None,
 ) -> dict:
     """Benchmark one model (see module docstring); returns a JSON-able dict."""
+    import numpy as np
+    import torch
+
     from . import pipeline
     from .capture import StepDriver, reset_neurons
 
@@ -299,10 +316,17 @@ def run_benchmark(
                 exports.append({"variant": name, "time_steps": steps, "export_s": round(seconds, 3), "file_bytes": file_size(path), "nodes": node_count(path)})
                 sites[f"{name}@T={steps}"] = [{"name": s.name, "algorithm": s.algorithm.name, "reason": s.algorithm.reason} for s in conv.sites]
             module, neurons, layout = conv.loaded.module, conv.neurons, conv.layout
-            say(f"T={steps}: naive torch.onnx.export (unrolled)")
-            naive_path = work / f"naive_T{steps}.onnx"
-            seconds = export_naive(module, neurons, layout, steps, naive_path)
-            exports.append({"variant": "naive", "time_steps": steps, "export_s": round(seconds, 3), "file_bytes": file_size(naive_path), "nodes": node_count(naive_path)})
+            naive_path, cached = _cached_path(cache_dir, model, weights, input_shape, steps), True
+            if naive_path is None or not naive_path.exists():
+                say(f"T={steps}: naive torch.onnx.export (unrolled)")
+                naive_path = naive_path or work / f"naive_T{steps}.onnx"
+                seconds, cached = export_naive(module, neurons, layout, steps, naive_path), False
+                naive_path.with_suffix(".json").write_text(json.dumps({"export_s": seconds}))
+            else:
+                say(f"T={steps}: naive export from the cache {naive_path}")
+                seconds = json.loads(naive_path.with_suffix(".json").read_text())["export_s"]
+            exports.append({"variant": "naive", "time_steps": steps, "export_s": round(seconds, 3), "file_bytes": file_size(naive_path),
+                            "nodes": node_count(naive_path), "cached": cached})
             bound_path = work / "bound.onnx"
             if not bound_path.exists():
                 export_bound(module, neurons, layout, bound_path)
@@ -338,6 +362,8 @@ def run_benchmark(
                 entry["speedup_vs_eager"] = _r(cell.ratio("eager", "psu"))
                 entry["psu_over_bound"] = _r(cell.ratio("psu", "bound"))
                 cells.append(entry)
+                say(f"T={steps} B={batch}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in cell.times_ms.items())
+                    + f"; x{entry['speedup_vs_naive']} vs naive, {entry['psu_over_bound']} x bound")
             reset_neurons(neurons)
             module.to("cpu")
     finally:
@@ -345,6 +371,31 @@ def run_benchmark(
             tmp.cleanup()
     result.update({"modes": modes, "exports": exports, "cells": cells, "algorithms": sites})
     return result
+
+
+def _cached_path(cache_dir, model, weights, input_shape, steps):
+    """Where the naive export of (model, weights, shape, T) is cached (None: no cache).
+
+    The unrolled export takes minutes at T=256; its export time is measured once and kept
+    beside the file.
+    """
+    if cache_dir is None:
+        return None
+    import hashlib
+
+    import torch
+
+    import importlib
+
+    source = None
+    try:
+        source = Path(importlib.import_module(model.split(":")[0]).__file__).read_text()
+    except Exception:
+        pass
+    key = json.dumps([model, source, weights and Path(weights).stat().st_mtime, list(input_shape), steps, torch.__version__])
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    return Path(cache_dir) / f"naive_{model.rsplit('.', 1)[-1].replace(':', '_')}_T{steps}_{digest}.onnx"
 
 
 def _r(value):
@@ -389,7 +440,8 @@ def markdown(results: list[dict]) -> str:
         lines.append("| variant | T | export s | file kB | nodes |")
         lines.append("|---|---:|---:|---:|---:|")
         for e in r["exports"]:
-            lines.append(f"| {e['variant']} | {e['time_steps']} | {e['export_s']:.2f} | {e['file_bytes'] / 1024:.0f} | {e['nodes']} |")
+            note = " (cached)" if e.get("cached") else ""
+            lines.append(f"| {e['variant']} | {e['time_steps']} | {e['export_s']:.2f}{note} | {e['file_bytes'] / 1024:.0f} | {e['nodes']} |")
         lines.append("")
         algos = {}
         for key, ss in r["algorithms"].items():

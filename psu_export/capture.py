@@ -140,14 +140,28 @@ def counting_calls(neurons: list[NeuronModule]):
 
 
 class StepDriver(torch.nn.Module):
-    """Drives a single-step module over ``x[T, B, ...]`` and stacks every output over time."""
+    """Drives a single-step module over ``x[T, B, ...]`` and stacks every output over time.
+
+    A model whose converter says it :meth:`~psu_export.converters.FrameworkConverter.threads_state`
+    (``out, state = model(x_t, state)``, e.g. Norse ``SequentialState``) gets its returned
+    state passed back in at the next step (``None`` at the first); only ``out`` is stacked.
+    """
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
+        from .converters import converters
+
+        self.threads_state = any(conv.threads_state(model) for conv in converters())
 
     def forward(self, x):
-        outputs = [self.model(x[t]) for t in range(x.shape[0])]
+        if self.threads_state:
+            outputs, state = [], None
+            for t in range(x.shape[0]):
+                out, state = self.model(x[t], state)
+                outputs.append(out)
+        else:
+            outputs = [self.model(x[t]) for t in range(x.shape[0])]
         first = outputs[0]
         if isinstance(first, (tuple, list)):
             return tuple(torch.stack([o[k] for o in outputs]) for k in range(len(first)))
@@ -183,6 +197,9 @@ def probe_input_kind(model: torch.nn.Module, neurons: list[NeuronModule], sample
         raise NotConvertibleError({"model": "no neuron module of a supported framework was found (see `psu-export list-converters`)"})
     probe_batch = 3
     errors = []
+    whole = [n for n in neurons if n.converter.consumes_sequence(n.module)]
+    if whole:
+        return _probe_multi_step(model, neurons, whole, sample_shape, time_steps, kind)
 
     def calls(x):
         counts = set(_run_counting(model, neurons, x).values())
@@ -222,6 +239,36 @@ def probe_input_kind(model: torch.nn.Module, neurons: list[NeuronModule], sample
     )
 
 
+def _probe_multi_step(model, neurons, whole, sample_shape, time_steps, kind) -> InputLayout:
+    """Multi-step neurons (one call per sequence): the model takes ``[T, B, ...]``, any T."""
+    if len(whole) != len(neurons):
+        single = [n.name for n in neurons if n not in whole]
+        raise NotConvertibleError({name: "single-step neuron in a model whose other neurons take the whole sequence (multi-step); use one step mode" for name in single})
+    if kind not in ("auto", "sequence"):
+        raise UsageError(f"--input-kind {kind}: the model's neurons take the whole sequence [T, B, ...] (multi-step); use --input-kind sequence.")
+    try:
+        counts = set(_run_counting(model, neurons, torch.rand(time_steps, 3, *sample_shape)).values())
+    except Exception as exc:
+        raise UsageError(
+            f"The model's neurons take the whole sequence, but it did not run on an input of shape "
+            f"[T={time_steps}, B=3, {', '.join(map(str, sample_shape))}] ({type(exc).__name__}: {exc}). "
+            "Check --input-shape (one time step's sample, without batch and time)."
+        ) from exc
+    if counts != {1}:
+        raise NotConvertibleError({"model": f"multi-step neuron layers must run once per forward; they ran {sorted(counts)} times"})
+    # IPSU / RPSU learn T x T matrices: T is fixed to --time-steps (at most their max_steps)
+    limits = [n.converter.call_convention(n.module).max_time_steps for n in neurons]
+    limits = [m for m in limits if m is not None]
+    if limits and time_steps > min(limits):
+        raise UsageError(f"--time-steps {time_steps} is longer than the {min(limits)} steps the model's learned T x T time matrices cover (IPSU / RPSU max_steps).")
+    return InputLayout("sequence", time_steps, not limits, sample_shape)
+
+
+def is_multi_step(neurons: list[NeuronModule]) -> bool:
+    """True when every neuron consumes the whole sequence in one call (no time loop to re-roll)."""
+    return bool(neurons) and all(n.converter.consumes_sequence(n.module) for n in neurons)
+
+
 # ------------------------------------------------------------------ capture
 
 
@@ -246,12 +293,17 @@ def capture(model: torch.nn.Module, neurons: list[NeuronModule], layout: InputLa
     notes = []
     with opaque_neurons(neurons):
         try:
-            ep = torch.export.export(target, (x,), dynamic_shapes=({batch_dim: torch.export.Dim("batch")},), strict=False)
+            axes = {batch_dim: torch.export.Dim("batch")}
+            if is_multi_step(neurons):  # T is a symbolic size of the graph itself (no loop to re-roll);
+                # DYNAMIC lets export refine the ranges (reshapes of T*B give guards a named Dim refuses)
+                axes = {0: torch.export.Dim.DYNAMIC, batch_dim: torch.export.Dim.DYNAMIC}
+            ep = torch.export.export(target, (x,), dynamic_shapes=(axes,), strict=False)
             dynamic_batch = True
         except Exception as exc:
             notes.append(f"batch size fixed at export: dynamic batch failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
             try:
-                ep = torch.export.export(target, (x,), strict=False)
+                time_only = ({0: torch.export.Dim.DYNAMIC},) if is_multi_step(neurons) else None
+                ep = torch.export.export(target, (x,), dynamic_shapes=time_only, strict=False)
             except Exception as exc2:
                 raise CaptureError(f"torch.export could not capture the model: {type(exc2).__name__}: {exc2}") from exc2
             dynamic_batch = False

@@ -27,7 +27,7 @@ def handle_errors(func):
         try:
             return func(*args, **kwargs)
         except PsuExportError as exc:
-            console.print(f"[bold red]error:[/bold red] {exc}", markup=True, highlight=False)
+            console.print(f"[bold red]error:[/bold red] {exc}", markup=True, highlight=False, soft_wrap=True)
             sys.exit(exc.exit_code)
 
     return wrapper
@@ -40,7 +40,17 @@ def model_options(func):
     func = click.option("--input-shape", help="One time step's sample shape, without batch and time, e.g. 1,28,28.")(func)
     func = click.option("--time-steps", "-T", type=int, default=25, show_default=True, help="Number of time steps T.")(func)
     func = click.option("--weights", type=click.Path(dir_okay=False), help="State dict for a module:factory MODEL.")(func)
+    func = click.option("--nir-reset", type=click.Choice(["zero", "subtract"]), default="zero", show_default=True, expose_value=False,
+                        callback=_remember, help="For a .nir MODEL: the reset after a spike (NIR cannot express subtract reset; zero is NIR's).")(func)
+    func = click.option("--dt", type=float, default=None, expose_value=False, callback=_remember,
+                        help="For a .nir MODEL: the forward-Euler time step (default 1e-4, what snnTorch and SpikingJelly export with).")(func)
     return func
+
+
+def _remember(ctx, param, value):
+    """Keep a .nir option in the command's context (read by _prepare), not as a parameter."""
+    ctx.meta[f"psu_export.{param.name}"] = value
+    return value
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -55,11 +65,18 @@ def cli():
     """
 
 
-def _prepare(model, weights, time_steps, input_shape, input_kind, trust_model, data=None, onnx_path=None):
+def _prepare(model, weights, time_steps, input_shape, input_kind, trust_model, data=None, onnx_path=None, mode="exact", seed=0):
     from .pipeline import prepare, sample_shape_from
 
+    if not input_shape and not data and model.endswith(".nir"):
+        from .nir_import import input_shape_of
+
+        shape = input_shape_of(model)
+        input_shape = ",".join(map(str, shape)) if shape else None
     shape = sample_shape_from(input_shape, data, onnx_path)
-    return prepare(model, weights, shape, time_steps, trust_model, input_kind, progress=_progress)
+    meta = click.get_current_context().meta
+    return prepare(model, weights, shape, time_steps, trust_model, input_kind, progress=_progress, mode=mode, seed=seed,
+                   nir_dt=meta.get("psu_export.dt"), nir_reset=meta.get("psu_export.nir_reset") or "zero")
 
 
 def _finish_report(report, report_path) -> int:
@@ -79,8 +96,10 @@ def _finish_report(report, report_path) -> int:
 @click.argument("model")
 @click.argument("out", type=click.Path(dir_okay=False))
 @model_options
-@click.option("--reset", "reset_mode", type=click.Choice(["exact"]), default="exact", show_default=True, help="How neuron resets are computed.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic verification inputs.")
+@click.option("--reset", "reset_mode", type=click.Choice(["exact", "psu", "stochastic"]), default="exact", show_default=True,
+              help="How neuron resets are computed: exact; psu = the paper's probabilistic reset (the spike-probability estimate "
+                   "replaces the spikes in the reset term, approximate); stochastic = Bernoulli samples of it (seeded, reproducible).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the stochastic reset's RNG and of the synthetic verification inputs.")
 @click.option("--data", type=click.Path(dir_okay=False), help="FILE.npz with array 'input' (and optional 'target') for verification.")
 @click.option("--batch-first", is_flag=True, help="Reserved: batch-first I/O for servers that batch dimension 0 (not yet supported).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the parity report as JSON.")
@@ -100,7 +119,13 @@ def convert(model, out, weights, time_steps, input_shape, input_kind, trust_mode
 
     if batch_first:
         raise UsageError("--batch-first is not supported yet: models are exported time-first [T, B, ...].")
-    conversion = _prepare(model, weights, time_steps, input_shape, input_kind, trust_model, data)
+    if not Path(out).resolve().parent.is_dir():
+        raise UsageError(f"The output directory {Path(out).resolve().parent} does not exist; create it or choose another output path.")
+    conversion = _prepare(model, weights, time_steps, input_shape, input_kind, trust_model, data, mode=reset_mode, seed=seed)
+    if data:
+        from .verify import load_data
+
+        load_data(data, conversion.layout)  # refuse bad data before writing anything
     _progress("exporting to ONNX")
     emitted = conversion.export(out)
     console.print(f"wrote {emitted.path} ({emitted.node_count} nodes, psu nodes: {', '.join(emitted.psu_nodes)})")
@@ -133,7 +158,11 @@ def verify(model, onnx_file, weights, time_steps, input_shape, input_kind, trust
 
     if batch < 1:
         raise UsageError(f"--batch must be at least 1 (got {batch}).")
-    conversion = _prepare(model, weights, time_steps, input_shape, input_kind, trust_model, data, onnx_file)
+    from .pipeline import file_reset_mode
+
+    mode, reset_seed, estimate = file_reset_mode(onnx_file)  # the file's --reset mode, seed and calibration
+    conversion = _prepare(model, weights, time_steps, input_shape, input_kind, trust_model, data, onnx_file, mode=mode, seed=reset_seed)
+    conversion.set_reset_estimate(estimate)
     providers = ("cpu", "cuda") if provider == "all" else (provider,)
     required = () if provider == "all" else (provider,)
     report = conversion.verify(onnx_file, data=data, batch=batch, providers=providers, required_providers=required, seed=seed, progress=_progress)
@@ -192,6 +221,24 @@ def _register_optional_commands() -> None:
 
 
 _register_optional_commands()
+
+from .bench import bench as _bench_command  # noqa: E402
+
+cli.add_command(_bench_command)
+
+
+
+def _register_calibrate() -> None:
+    """``psu-export calibrate`` (psu_export/calibrate.py, which imports this module's helpers)."""
+    module = sys.modules.get(f"{__package__}.calibrate")
+    if module is not None and not hasattr(module, "calibrate"):
+        return  # calibrate.py is being imported first and registers itself when defined
+    from .calibrate import calibrate as command
+
+    cli.add_command(command)
+
+
+_register_calibrate()
 
 
 def main():

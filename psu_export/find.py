@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from .capture import OPAQUE_NEURON, CapturedGraph, NeuronModule
+from .capture import OPAQUE_NEURON, CapturedGraph, NeuronModule, is_multi_step
 from .errors import CaptureError, NotConvertibleError
 from .kernels import Algorithm, choose_algorithm
 from .spec import NeuronSpec
@@ -55,6 +55,9 @@ class TimeLoop:
     copy_of: dict[fx.Node, tuple[fx.Node, int]] = field(default_factory=dict)  # any body node -> (iteration-0 node, k)
     suffix: list[fx.Node] = field(default_factory=list)
     time_selects: dict[fx.Node, tuple[fx.Node, int]] = field(default_factory=dict)  # select(x, dim, k) -> (x, dim)
+    #: no loop at all: every neuron takes the whole sequence (multi-step modules), so the
+    #: captured graph already runs all steps at once; every node is ``static``
+    sequence: bool = False
 
 
 def _calls(graph: fx.Graph) -> dict[int, list[fx.Node]]:
@@ -187,9 +190,29 @@ def reroll(gm: fx.GraphModule) -> TimeLoop:
     raise NotConvertibleError({"time loop": f"matching the time steps stopped at {problem}"})
 
 
-def find_sites(captured: CapturedGraph) -> tuple[list[NeuronSite], TimeLoop]:
-    """Re-roll the loop and describe each neuron layer."""
-    loop = reroll(captured.graph_module)
+def sequence_graph(captured: CapturedGraph) -> TimeLoop:
+    """The graph of a model of multi-step neurons: nothing to re-roll, each neuron called once."""
+    gm = captured.graph_module
+    calls = _calls(gm.graph)
+    if not calls:
+        raise CaptureError("no neuron call was captured")
+    repeated = {n.name: f"called {len(calls[n.index])} times per forward; a multi-step neuron must see the whole sequence once"
+                for n in captured.neurons if len(calls.get(n.index, [])) > 1}
+    if repeated:
+        raise NotConvertibleError(repeated)
+    loop = TimeLoop(captured.capture_steps, sequence=True)
+    loop.static = {n for n in gm.graph.nodes if n.op not in ("placeholder", "output")}
+    return loop
+
+
+def _algorithm(neuron: NeuronModule, time_steps: int, mode: str) -> Algorithm:
+    own = neuron.converter.site_kernel(neuron.module)  # modules with their own dynamics (PSU family)
+    return own[0] if own is not None else choose_algorithm(neuron.spec, time_steps, mode)
+
+
+def find_sites(captured: CapturedGraph, mode: str = "exact") -> tuple[list[NeuronSite], TimeLoop]:
+    """Re-roll the loop and describe each neuron layer (algorithms for reset ``mode``)."""
+    loop = sequence_graph(captured) if is_multi_step(captured.neurons) else reroll(captured.graph_module)
     calls = _calls(captured.graph_module.graph)
     sites = []
     for neuron in captured.neurons:
@@ -204,7 +227,7 @@ def find_sites(captured: CapturedGraph) -> tuple[list[NeuronSite], TimeLoop]:
                 name=neuron.name,
                 source_class=neuron.source_class,
                 spec=neuron.spec,
-                algorithm=choose_algorithm(neuron.spec, captured.layout.time_steps),
+                algorithm=_algorithm(neuron, captured.layout.time_steps, mode),
                 neuron=neuron,
                 call=first,
                 init_states=init,

@@ -141,9 +141,17 @@ def load_state_dict(path: str | Path) -> dict:
     return state
 
 
-def load_model(spec: str, weights: str | None = None, trust_model: bool = False) -> LoadedModel:
-    """Load MODEL as described in the CLI contract; the module is put in eval mode."""
+def load_model(spec: str, weights: str | None = None, trust_model: bool = False, nir_dt: float | None = None, nir_reset: str = "zero") -> LoadedModel:
+    """Load MODEL as described in the CLI contract; the module is put in eval mode.
+
+    ``nir_dt`` / ``nir_reset``: the discretisation of a ``.nir`` graph (``--dt``, ``--nir-reset``).
+    """
     path = Path(spec)
+    if spec.endswith(".nir") and ":" not in spec:
+        from .nir_import import DEFAULT_DT, load_nir
+
+        module = load_nir(path, nir_dt, nir_reset)
+        return LoadedModel(module, f"nir:{path.name} dt={DEFAULT_DT if nir_dt is None else nir_dt:g} reset={nir_reset}")
     if spec.endswith((".pt", ".pth")) and ":" not in spec:
         if not path.is_file():
             raise UsageError(f"The model file {spec} does not exist.")

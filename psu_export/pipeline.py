@@ -38,7 +38,9 @@ from .verify import (
     synthetic_inputs,
 )
 
-MODES = ("exact",)
+#: ``--reset`` modes (DESIGN.md section 3): exact; psu = the paper's probabilistic reset;
+#: stochastic = Bernoulli samples of it from the seeded hash RNG
+MODES = ("exact", "psu", "stochastic")
 
 
 @dataclass
@@ -53,10 +55,39 @@ class Conversion:
     loop: TimeLoop
     parallel: ParallelModel
     mode: str = "exact"
+    seed: int = 0
 
-    def export(self, out_path, batch: int = 2) -> EmittedModel:
+    def export(self, out_path, batch: int = 2, extra_metadata: dict[str, str] | None = None) -> EmittedModel:
         example = self.layout.example(batch)
-        return export_onnx(self.parallel, example, out_path, metadata(self.parallel, self.loaded.source, self.mode), self.captured.dynamic_batch)
+        meta = dict(metadata(self.parallel, self.loaded.source, self.mode), **(extra_metadata or {}))
+        if self.mode != "exact":
+            meta["psu_export.reset_seed"] = str(self.seed)
+            meta["psu_export.reset_estimate"] = json.dumps(self.reset_estimate())
+        return export_onnx(self.parallel, example, out_path, meta, self.captured.dynamic_batch)
+
+    # -- approximate reset modes ---------------------------------------------------------
+    def estimate_sites(self) -> list[int]:
+        """Indices of the sites whose reset is estimated (``--reset psu|stochastic``)."""
+        return [i for i, s in enumerate(self.sites) if s.algorithm.name in ("probabilistic_reset", "stochastic_reset")]
+
+    def reset_estimate(self) -> dict[str, dict[str, float]]:
+        """Per estimated layer, the probability's scale and offset ``a``, ``b`` of ``sigmoid(a u + b)``."""
+        out = {}
+        for i in self.estimate_sites():
+            out[self.sites[i].name] = {
+                "prob_scale": float(getattr(self.parallel, f"site{i}_prob_scale")),
+                "prob_offset": float(getattr(self.parallel, f"site{i}_prob_offset")),
+            }
+        return out
+
+    def set_reset_estimate(self, estimate: dict[str, dict[str, float]]) -> None:
+        """Load ``a``, ``b`` per layer (from calibration or from a file's metadata)."""
+        by_name = {self.sites[i].name: i for i in self.estimate_sites()}
+        for name, values in estimate.items():
+            if name not in by_name:
+                raise UsageError(f"calibration names layer {name!r}, which has no estimated reset in this conversion")
+            for key in ("prob_scale", "prob_offset"):
+                getattr(self.parallel, f"site{by_name[name]}_{key}").fill_(float(values[key]))
 
     def inputs(self, data=None, batch: int = 4, time_steps: int | None = None, seed: int = 0):
         """(input, target, description): ``--data`` or seeded synthetic inputs that make neurons fire."""
@@ -85,7 +116,7 @@ class Conversion:
             notes=list(self.captured.notes),
         )
         if extra_time_steps and self.layout.dynamic_time and data is None:
-            for steps in sorted({max(1, self.layout.time_steps // 2), self.layout.time_steps * 2 + 1} - {self.layout.time_steps}):
+            for steps in other_time_steps(self.layout.time_steps):
                 if progress:
                     progress(f"checking T={steps}")
                 x2, _, _ = self.inputs(None, batch, time_steps=steps, seed=seed + steps)
@@ -98,6 +129,9 @@ class Conversion:
                 })
         if target is not None:
             report.notes.append(_accuracy_note(self, x, target))
+            report.accuracy = accuracies(self, x, target)
+            if self.mode != "exact" and "converted" in report.accuracy:
+                report.notes.append(f"converted model accuracy (--reset {self.mode}, informative): {report.accuracy['converted']:.4f}")
         return report
 
     def _compare(self, onnx_path, x, providers, required=()):
@@ -105,14 +139,16 @@ class Conversion:
         ref_out, ref_layers = run_original(self.loaded.module, self.neurons, self.layout, x)
         par_out, par_layers = run_parallel(self.parallel, x)
         gaps = self._threshold_gaps()
-        rewrite_result = ProviderResult("torch-parallel")
+        export_gaps = self._export_gaps(gaps)
+        approximate = self.mode != "exact"
+        rewrite_result = ProviderResult("torch-parallel", approximate=approximate)
         rewrite_result.outputs = [compare_tensors(f"output{i}", r, p, time_first) for i, (r, p) in enumerate(zip(ref_out, par_out))]
         rewrite_result.layers = [compare_tensors(name, ref_layers[name], par_layers[name], time_first, gaps.get(name)) for name in par_layers if name in ref_layers]
         _excuse_propagated_ties(rewrite_result)
         model_bytes, layer_outputs, n_outputs = onnx_with_layer_outputs(onnx_path)
         results = []
         for provider in providers:
-            result = ProviderResult(provider)
+            result = ProviderResult(provider, approximate=approximate)
             try:
                 onnx_out, onnx_layers = run_onnx(model_bytes, layer_outputs, n_outputs, x.numpy(), provider)
             except ProviderUnavailable as exc:
@@ -129,7 +165,9 @@ class Conversion:
                 result.error = f"the ONNX model has {len(onnx_out)} outputs, the original {len(ref_out)}"
             result.outputs = [compare_tensors(f"output{i}", r, o, time_first) for i, (r, o) in enumerate(zip(ref_out, onnx_out))]
             result.layers = [compare_tensors(name, ref_layers[name], onnx_layers[name], time_first, gaps.get(name)) for name in onnx_layers if name in ref_layers]
-            result.export_layers = [compare_tensors(name, par_layers[name], onnx_layers[name], time_first) for name in onnx_layers if name in par_layers]
+            result.export_layers = [compare_tensors(name, par_layers[name], onnx_layers[name], time_first, export_gaps.get(name)) for name in onnx_layers if name in par_layers]
+            if approximate:
+                result.export_outputs = [compare_tensors(f"output{i}", p, o, time_first) for i, (p, o) in enumerate(zip(par_out, onnx_out))]
             _excuse_propagated_ties(result)
             results.append(result)
         return rewrite_result, results
@@ -139,22 +177,66 @@ class Conversion:
         gaps = {}
         for site in self.sites:
             spec = site.spec
-            if spec.reset_timing == "previous_step" or spec.reset == "none":
-                membrane = self.parallel.site_outputs[site.name][1]
+            if spec.reset_timing == "previous_step" or spec.reset == "none" or site.algorithm.name == "psu_module":
+                membrane = self.parallel.site_outputs[site.name][1]  # the value the spike was decided on
                 theta = spec.threshold
                 gaps[site.name] = (membrane - theta).abs() / torch.clamp(theta.abs(), min=1.0)
+            elif spec.reset_timing == "same_step" and site.algorithm.name == "scan" and site.name in getattr(self.parallel, "site_inputs", {}):
+                from .ops.neuron import StepOptions, charged_values
+
+                x, params = self.parallel.site_inputs[site.name]
+                charged = charged_values(StepOptions.of(spec), params, x, self.parallel.site_outputs[site.name])
+                gaps[site.name] = (charged - spec.threshold).abs() / torch.clamp(spec.threshold.abs(), min=1.0)
         return gaps
 
 
+    def _export_gaps(self, gaps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Layers whose ONNX form may differ from torch in the last bit: IPSU / RPSU's learned
+        T x T products (MatMul is summed in a library-specific order); ties there are excused."""
+        out = {}
+        for i, site in enumerate(self.sites):
+            options = self.parallel._options[i]
+            if site.algorithm.name == "psu_module" and "learned" in (options.integration, options.estimate) and site.name in gaps:
+                out[site.name] = gaps[site.name]
+        return out
+
+
+def other_time_steps(steps: int) -> list[int]:
+    """Sequence lengths besides the conversion T that verify also checks (shorter and longer)."""
+    return sorted({max(1, steps // 2), min(2 * steps + 1, steps + 64)} - {steps})
+
+
 def _excuse_propagated_ties(result: ProviderResult) -> None:
-    """Output differences caused only by float ties in the layers are ties too."""
-    layer_mismatch = sum(c.mismatches for c in result.layers)
-    layer_ties = sum(c.float_ties for c in result.layers)
-    if layer_ties and layer_mismatch == layer_ties:
-        for c in result.outputs:
-            if not c.passed:
-                c.float_ties = c.mismatches
+    """Attribute differences downstream of a float tie to that tie.
+
+    A spike flipped by a float tie (a membrane within rounding of the threshold) changes
+    the input of every later layer and output.  Layers are in execution order; once a
+    layer has ties, the differences of the layers and outputs after it are counted as
+    ``after_tie`` (reported, not failing).  Differences before any tie still fail.
+    """
+    for comparisons, outputs in ((result.layers, result.outputs), (result.export_layers, [])):
+        tie_upstream = False
+        for c in comparisons + outputs:
+            if tie_upstream and not c.passed:
+                c.after_tie = c.mismatches - c.float_ties if c.spike_agreement is not None else 0
                 c.passed = True
+            tie_upstream = tie_upstream or c.float_ties > 0
+
+
+def accuracies(conversion: Conversion, x, target) -> dict[str, float]:
+    """Accuracy of the original and (approximate modes) of the rewritten model on ``target``."""
+    from .verify import _argmax_classes
+
+    time_first = conversion.layout.kind != "static"
+    out = {}
+    runs = [("original", lambda: run_original(conversion.loaded.module, conversion.neurons, conversion.layout, x)[0])]
+    if conversion.mode != "exact":
+        runs.append(("converted", lambda: run_parallel(conversion.parallel, x)[0]))
+    for name, run in runs:
+        classes = _argmax_classes(run()[0], time_first)
+        if classes is not None and classes.shape[0] == target.shape[0]:
+            out[name] = float((classes == target.long()).float().mean())
+    return out
 
 
 def _accuracy_note(conversion: Conversion, x, target) -> str:
@@ -211,23 +293,43 @@ def sample_shape_from(input_shape: str | None, data, onnx_path=None) -> tuple[in
     raise UsageError("--input-shape is required (one time step's sample shape without batch and time, e.g. 1,28,28).")
 
 
-def prepare(model: "str | torch.nn.Module", weights: str | None = None, input_shape: tuple[int, ...] = (), time_steps: int = 25, trust_model: bool = False, input_kind: str = "auto", progress=None) -> Conversion:
+def prepare(model: "str | torch.nn.Module", weights: str | None = None, input_shape: tuple[int, ...] = (), time_steps: int = 25, trust_model: bool = False, input_kind: str = "auto", progress=None, mode: str = "exact", seed: int = 0, nir_dt: float | None = None, nir_reset: str = "zero") -> Conversion:
     """Load, capture, find and rewrite: everything before export.
 
-    ``model`` is a MODEL string of the CLI contract or, for library use, a module.
+    ``model`` is a MODEL string of the CLI contract or, for library use, a module;
+    ``mode`` the ``--reset`` mode (:data:`MODES`), ``seed`` the stochastic reset's seed.
     """
+    if mode not in MODES:
+        raise UsageError(f"--reset {mode!r} is not one of {', '.join(MODES)}.")
     if time_steps < 1:
         raise UsageError(f"--time-steps must be at least 1 (got {time_steps}).")
     say = progress or (lambda message: None)
     say("loading the model")
-    loaded = LoadedModel(model.eval(), f"module:{type(model).__name__}") if isinstance(model, torch.nn.Module) else load_model(model, weights, trust_model)
+    loaded = LoadedModel(model.eval(), f"module:{type(model).__name__}") if isinstance(model, torch.nn.Module) else load_model(model, weights, trust_model, nir_dt, nir_reset)
     neurons = find_neuron_modules(loaded.module)
     refuse_unconvertible(neurons)
-    say(f"found {len(neurons)} neuron layers; probing how the model consumes time")
-    layout = probe_input_kind(loaded.module, neurons, tuple(input_shape), time_steps, input_kind)
-    say(f"input: {layout.kind}, T={layout.time_steps}{'' if layout.dynamic_time else ' (fixed by the model)'}; capturing")
-    captured = capture(loaded.module, neurons, layout)
+    if not neurons:  # no neuron module: a hand-written loop? (psu_export/patterns.py)
+        from .patterns import prepare_handwritten
+
+        say("no neuron module of a supported framework; looking for hand-written neuron loops")
+        loaded, neurons, layout, captured = prepare_handwritten(loaded, tuple(input_shape), time_steps, input_kind, say)
+    else:
+        say(f"found {len(neurons)} neuron layers; probing how the model consumes time")
+        layout = probe_input_kind(loaded.module, neurons, tuple(input_shape), time_steps, input_kind)
+        say(f"input: {layout.kind}, T={layout.time_steps}{'' if layout.dynamic_time else ' (fixed by the model)'}; capturing")
+        captured = capture(loaded.module, neurons, layout)
+        captured.notes.extend(getattr(loaded.module, "conversion_notes", []))  # e.g. a .nir graph's discretisation
     say("re-rolling the time loop")
-    sites, loop = find_sites(captured)
-    parallel = rewrite(captured, sites, loop)
-    return Conversion(loaded, neurons, layout, captured, sites, loop, parallel)
+    sites, loop = find_sites(captured, mode)
+    parallel = rewrite(captured, sites, loop, mode, seed)
+    return Conversion(loaded, neurons, layout, captured, sites, loop, parallel, mode, seed)
+
+
+def file_reset_mode(onnx_path) -> tuple[str, int, dict]:
+    """``(mode, seed, reset estimate)`` recorded in a converted ONNX file (exact when absent)."""
+    try:
+        meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    except Exception:
+        return "exact", 0, {}
+    mode = meta.get("psu_export.mode", "exact")
+    return mode, int(meta.get("psu_export.reset_seed", 0)), json.loads(meta.get("psu_export.reset_estimate", "{}"))

@@ -25,6 +25,7 @@ from .capture import OPAQUE_NEURON, CapturedGraph
 from .errors import NotConvertibleError
 from .find import NeuronSite, TimeLoop
 from .ops.neuron import StepOptions, closed_form_neuron, exact_neuron
+from .ops.reset import reset_neuron
 
 
 class Timed:
@@ -64,20 +65,39 @@ _BATCH_FOLDABLE = {
 class ParallelModel(torch.nn.Module):
     """The time-parallel rewrite of a captured SNN (see module docstring)."""
 
-    def __init__(self, captured: CapturedGraph, sites: list[NeuronSite], loop: TimeLoop):
+    def __init__(self, captured: CapturedGraph, sites: list[NeuronSite], loop: TimeLoop, mode: str = "exact", seed: int = 0):
         super().__init__()
         self.graph_module = captured.graph_module
         self.layout = captured.layout
         self.loop = loop
         self.sites = sites
+        #: ``--reset`` mode and the seed of the stochastic reset's hash RNG
+        self.mode, self.seed = mode, seed
         self._site_of = {site.call: i for i, site in enumerate(sites)}
-        self._options = [StepOptions.of(site.spec) for site in sites]
+        #: per site, StepOptions (exact kernels) or ResetOptions (psu::reset_neuron)
+        self._options = []
         for i, site in enumerate(sites):
-            for name in self._options[i].param_names:
-                self.register_buffer(f"site{i}_{name}", getattr(site.spec, name).clone())
+            options, params = self._site_kernel(site)
+            self._options.append(options)
+            for name in options.param_names:
+                self.register_buffer(f"site{i}_{name}", params[name].clone())
         self._suffix_refs = {node: self._plan_suffix_args(node) for node in loop.suffix}
         #: per site, the kernel outputs of the last eager call (for per-layer parity)
         self.site_outputs: dict[str, list[torch.Tensor]] = {}
+        #: per site, the kernel input and parameters of the last eager call (for telling float ties)
+        self.site_inputs: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+
+    def _site_kernel(self, site: NeuronSite):
+        """The options and parameters of the op that computes ``site``."""
+        from .kernels import reset_kernel
+
+        own = site.neuron.converter.site_kernel(site.neuron.module)
+        if own is not None:  # the PSU family: its own dynamics (psu_module)
+            return own[1], own[2]
+        if site.algorithm.name in ("probabilistic_reset", "stochastic_reset"):
+            return reset_kernel(site.spec, site.algorithm.name, self.seed, site.name)
+        options = StepOptions.of(site.spec)
+        return options, {name: getattr(site.spec, name) for name in options.param_names}
 
     # -- planning ---------------------------------------------------------------------
     def _plan_suffix_args(self, node: fx.Node):
@@ -116,7 +136,9 @@ class ParallelModel(torch.nn.Module):
             elif node.op == "call_module" and node.target == "_guards_fn":
                 continue  # torch.export's shape guards pin the capture's T; the rewrite takes any T
             elif node.op == "output":
-                return tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, node.args[0])
+                return tree_map(lambda a: self._read_after_loop(a, env) if isinstance(a, fx.Node) else a, node.args[0])
+            elif loop.sequence and node in self._site_of:
+                env[node] = self._run_sequence_site(node, env)
             elif node in loop.static:
                 env[node] = _call(node, env)
             elif node in loop.copy_of:
@@ -125,6 +147,20 @@ class ParallelModel(torch.nn.Module):
             else:
                 env[node] = self._run_suffix_node(node, env)
         raise RuntimeError("captured graph has no output")
+
+    def _read_after_loop(self, node: fx.Node, env):
+        """A node's value as seen after the loop: a loop value is read at its own step."""
+        if node not in self.loop.copy_of:
+            return env[node]
+        rep, k = self.loop.copy_of[node]
+        value = env[rep]
+        if not isinstance(value, Timed):
+            return value  # the same at every step
+        if k == self.loop.steps - 1:
+            return value.value[-1]
+        if self.layout.dynamic_time:
+            raise NotConvertibleError({node.name: f"the output uses time step {k} of {rep.name} only; with a variable number of steps only the last step or the whole sequence can be read"})
+        return value.value[k]
 
     def _run_body_node(self, node: fx.Node, env):
         if node in self.loop.time_selects:
@@ -162,6 +198,12 @@ class ParallelModel(torch.nn.Module):
             return [Timed(o) for o in out]
         return Timed(out)
 
+    def _run_sequence_site(self, node: fx.Node, env) -> list[torch.Tensor]:
+        """A multi-step neuron call: its input already holds every step, ``[T, B, ...]``."""
+        seen = dict(env)
+        seen[node.args[0]] = Timed(env[node.args[0]])
+        return [t.value for t in self._run_site(self._site_of[node], node, seen)]
+
     def _run_site(self, index: int, node: fx.Node, env) -> list[Timed]:
         site = self.sites[index]
         options = self._options[index]
@@ -178,9 +220,10 @@ class ParallelModel(torch.nn.Module):
             value = site.neuron.converter.initial_state(site.neuron.module, role, env[init], cur[0])
             if value is not None:
                 params["v_init" if role == "membrane" else "i_init"] = value
-        op = closed_form_neuron if site.algorithm.name == "closed_form" else exact_neuron
+        op = {"closed_form": closed_form_neuron, "scan": exact_neuron}.get(site.algorithm.name, reset_neuron)
         outputs = op(cur, [params[n] for n in options.param_names], options.key(), site.name)
         self.site_outputs[site.name] = outputs
+        self.site_inputs[site.name] = (cur, [params[n] for n in options.param_names])
         by_role = {"spikes": outputs[0], "membrane": outputs[1]}
         if options.two_state:
             by_role["current"] = outputs[2]
@@ -228,7 +271,7 @@ def _fetch_attr(module: torch.nn.Module, target: str):
     return value
 
 
-def rewrite(captured: CapturedGraph, sites: list[NeuronSite], loop: TimeLoop) -> ParallelModel:
-    model = ParallelModel(captured, sites, loop)
+def rewrite(captured: CapturedGraph, sites: list[NeuronSite], loop: TimeLoop, mode: str = "exact", seed: int = 0) -> ParallelModel:
+    model = ParallelModel(captured, sites, loop, mode, seed)
     model.training = False  # inference only (the captured GraphModule refuses .train())
     return model

@@ -27,6 +27,27 @@ synaptic current ``i``.  One step with layer input ``x_t`` (H is ``>`` for
     reset_timing="same_step"   (SpikingJelly, Norse, BrainCog)
         h_t = C(v_{t-1}, d_t);  s_t = g * H(h_t - θ)
         subtract: v_t = h_t - s_t * θ;  zero: v_t = s_t * v_reset + (1 - s_t) * h_t;  none: v_t = h_t
+        subtract with reset_form="blend" (Norse ``reset_subtract``):
+                  v_t = (1 - s_t) * h_t + s_t * (h_t - θ)
+
+Charge forms (``charge``): the same leaky integration written in each framework's own
+float operation order, so the exact kernels reproduce it bit for bit (``decay`` then
+holds the mathematically equivalent per-step decay, for the approximate modes)::
+
+    "leaky"                   C = decay * v + d                       (snnTorch)
+    "if"                      C = v + d                               (SpikingJelly IFNode)
+    "sj_decay_input"          C = v + (d - (v - v_rest)) / tau        (SpikingJelly LIFNode)
+    "sj_no_decay_input"       C = v - (v - v_rest) / tau + d
+    "sj_decay_input_mul"      C = v + (d - (v - v_rest)) * inv_tau    (ParametricLIFNode,
+    "sj_no_decay_input_mul"   C = v - (v - v_rest) * inv_tau + d       inv_tau = sigmoid(w))
+    "norse_box"               C = v + mem_gain * ((d + v_rest) - v)   (Norse LIFBoxCell)
+    "norse_lif"  (two-state)  i' = i_{t-1} + x_t                      (Norse LIFCell / LIF)
+                              C = v + mem_gain * ((v_rest - v) + i')
+                              i_t = i' + syn_gain * i'                 (syn_gain = -dt/tau_syn)
+
+For "norse_lif" the drive is the jumped current i' and the stored current is i_t (the
+``syn_decay`` recursion above is not used).  ``mem_gain`` is ``dt * tau_mem_inv`` and
+``syn_gain`` is ``-dt * tau_syn_inv``, each computed as the framework computes it.
 
 Parameters (``decay``, ``syn_decay``, ``threshold``, ``spike_scale``, ``reset_value``,
 ``v_init``, ``i_init``) are float tensors that broadcast against one step's input
@@ -46,9 +67,28 @@ Compare = Literal["gt", "ge"]
 Reset = Literal["subtract", "zero", "none"]
 ResetTiming = Literal["previous_step", "same_step_guarded", "same_step"]
 ZeroScope = Literal["membrane", "total"]
+Charge = Literal[
+    "leaky", "if", "sj_decay_input", "sj_no_decay_input", "sj_decay_input_mul", "sj_no_decay_input_mul", "norse_lif", "norse_box"
+]
+ResetForm = Literal["standard", "blend"]
+
+#: per charge form, the extra parameters its arithmetic reads (besides threshold etc.)
+CHARGE_PARAMS: dict[str, tuple[str, ...]] = {
+    "leaky": ("decay",),
+    "if": (),
+    "sj_decay_input": ("tau", "v_rest"),
+    "sj_no_decay_input": ("tau", "v_rest"),
+    "sj_decay_input_mul": ("inv_tau", "v_rest"),
+    "sj_no_decay_input_mul": ("inv_tau", "v_rest"),
+    "norse_lif": ("mem_gain", "syn_gain", "v_rest"),
+    "norse_box": ("mem_gain", "v_rest"),
+}
 
 #: Parameter tensors of a spec, in the order the kernels receive them.
-PARAM_NAMES = ("decay", "syn_decay", "threshold", "spike_scale", "reset_value", "v_init", "i_init")
+PARAM_NAMES = (
+    "decay", "syn_decay", "threshold", "spike_scale", "reset_value", "v_init", "i_init",
+    "tau", "inv_tau", "v_rest", "mem_gain", "syn_gain",
+)
 
 
 def _as_tensor(value) -> torch.Tensor:
@@ -70,6 +110,13 @@ class NeuronSpec:
     zero_scope: ZeroScope = "membrane"
     v_init: torch.Tensor = field(default_factory=lambda: torch.tensor(0.0))
     i_init: torch.Tensor = field(default_factory=lambda: torch.tensor(0.0))
+    charge: Charge = "leaky"
+    reset_form: ResetForm = "standard"
+    tau: torch.Tensor | None = None
+    inv_tau: torch.Tensor | None = None
+    v_rest: torch.Tensor | None = None
+    mem_gain: torch.Tensor | None = None
+    syn_gain: torch.Tensor | None = None
 
     def __post_init__(self):
         for name in PARAM_NAMES:
@@ -84,6 +131,17 @@ class NeuronSpec:
             raise ValueError(f"unknown comparison {self.compare!r}")
         if self.zero_scope not in ("membrane", "total"):
             raise ValueError(f"unknown zero scope {self.zero_scope!r}")
+        if self.charge not in CHARGE_PARAMS:
+            raise ValueError(f"unknown charge form {self.charge!r}")
+        if self.reset_form not in ("standard", "blend"):
+            raise ValueError(f"unknown reset form {self.reset_form!r}")
+        missing = [n for n in CHARGE_PARAMS[self.charge] if getattr(self, n) is None]
+        if missing:
+            raise ValueError(f"charge form {self.charge!r} needs {missing}")
+        if self.charge == "norse_lif" and self.syn_decay is None:
+            raise ValueError("charge form 'norse_lif' is two-state: set syn_decay (the equivalent current decay)")
+        if self.charge != "leaky" and self.reset_timing != "same_step":
+            raise ValueError(f"charge form {self.charge!r} is only defined with reset_timing='same_step'")
 
     @property
     def two_state(self) -> bool:
@@ -97,6 +155,10 @@ class NeuronSpec:
             parts.append(self.zero_scope)
         if self.two_state:
             parts.append("syn")
+        if self.charge != "leaky":
+            parts.append(self.charge)
+        if self.reset_form != "standard":
+            parts.append(self.reset_form)
         return "_".join(parts)
 
     def params(self) -> list[torch.Tensor]:
@@ -116,6 +178,10 @@ class NeuronSpec:
         }
         if self.reset == "zero":
             out["zero_scope"] = self.zero_scope
+        if self.charge != "leaky":
+            out["charge"] = self.charge
+        if self.reset_form != "standard":
+            out["reset_form"] = self.reset_form
         for name in self.param_names():
             out[name] = getattr(self, name).tolist()
         return out

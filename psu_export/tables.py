@@ -69,5 +69,5 @@ def print_report(report: dict, console: Console) -> None:
     console.print(
         f"Parity {verdict}: spike agreement {_pct(report['spike_agreement'])}, "
         f"export spike agreement {_pct(report['export_spike_agreement'])}, max abs error {_err(report['max_abs_error'])}, "
-        f"float ties {report['float_ties']}"
+        f"float ties {report['float_ties']} (differences after them: {report.get('after_tie', 0)})"
     )

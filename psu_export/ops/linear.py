@@ -118,3 +118,164 @@ def chunked_closed_form(x: torch.Tensor, decay: torch.Tensor, v0: torch.Tensor, 
         out[m] = local[m] + powers[:, None] * carry
         carry = out[m, -1]
     return out.reshape(n_blocks * c, *x.shape[1:])[:steps]
+
+
+# ----------------------------------------------------------------------------- runtime choice on T
+
+
+def _branch(fn: onnx.FunctionProto, prefix: str, name: str) -> onnx.GraphProto:
+    """``fn``'s body as an ``If`` branch: internal names prefixed (subgraphs may not shadow)."""
+    produced = {o for n in fn.node for o in n.output if o}
+    rename = lambda v: prefix + v if v in produced else v  # noqa: E731
+    nodes = []
+    for n in fn.node:
+        new = onnx.NodeProto()
+        new.CopyFrom(n)
+        del new.input[:]
+        new.input.extend(rename(i) for i in n.input)
+        del new.output[:]
+        new.output.extend(rename(o) for o in n.output)
+        nodes.append(new)
+    outputs = [helper.make_tensor_value_info(rename(o), TensorProto.FLOAT, None) for o in fn.output]
+    return helper.make_graph(nodes, name, [], outputs)
+
+
+def choose_on_steps(node: onnx.NodeProto, short: onnx.FunctionProto, long: onnx.FunctionProto, max_short_steps: int, opset: int) -> onnx.FunctionProto:
+    """One function that runs ``short`` when the runtime ``T <= max_short_steps``, else ``long``.
+
+    Both bodies take the same inputs and return the same outputs.  The node count stays
+    independent of T; a closed form guarded this way never builds a T x T matrix for a
+    long sequence (``long`` is the O(T) exact scan).
+    """
+    b = OnnxBuilder("g")
+    steps = b.node("Shape", ["x"], start=0, end=1)
+    small = b.node("LessOrEqual", [b.node("Squeeze", [steps, _i64(b, [0])]), b.const_array(np.array(max_short_steps, dtype=np.int64))])
+    outputs = list(short.output)
+    b.nodes.append(helper.make_node("If", [small], outputs, then_branch=_branch(short, "s_", "short"), else_branch=_branch(long, "l_", "long")))
+    return make_function(node, b.nodes, list(short.input), outputs, opset)
+
+
+# ----------------------------------------------------------------------------- hoisting out of the scan
+
+#: elementwise ops whose per-step application equals one application over the stacked steps
+_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "Equal", "Cast",
+                "Where", "Identity", "Sigmoid", "Neg", "Not", "And", "Or", "Constant"}
+
+
+def hoist_out_of_scan(fn: onnx.FunctionProto) -> onnx.FunctionProto:
+    """Move the per-step work that does not feed the recurrence out of the ``Scan``.
+
+    In the exact neuron body, the spike of step t (e.g. ``g * H(v_t - theta)``) is computed
+    from the new membrane but nothing at step t+1 reads it.  Such elementwise chains are
+    computed once over the stacked ``[T, ...]`` membrane after the scan instead of T times
+    on ``[B, ...]`` inside it: the same float operations on the same values (bit-identical
+    results), but 3 fewer nodes per step, and onnxruntime's per-node overhead is what the
+    scan costs on small layers.  Returns ``fn`` unchanged when nothing can be hoisted.
+    """
+    scans = [n for n in fn.node if n.op_type == "Scan"]
+    if len(scans) != 1:
+        return fn
+    scan = scans[0]
+    attrs = {a.name: a for a in scan.attribute}
+    if set(attrs) - {"body", "num_scan_inputs"}:
+        return fn  # axes / directions: keep the simple case only
+    body = attrs["body"].g
+    n_scan_in = attrs["num_scan_inputs"].i
+    n_state = len(scan.input) - n_scan_in
+    state_out = [o.name for o in body.output[:n_state]]
+    seq_out = [o.name for o in body.output[n_state:]]
+    body_inputs = {i.name for i in body.input}
+    producer = {o: n for n in body.node for o in n.output}
+
+    def ancestors(names):
+        seen, stack = set(), list(names)
+        while stack:
+            node = producer.get(stack.pop())
+            if node is not None and id(node) not in seen:
+                seen.add(id(node))
+                stack.extend(node.input)
+        return seen
+
+    recurrent = ancestors(state_out)
+    hoisted_outputs = []  # indices into seq_out
+    hoisted_nodes: dict[int, onnx.NodeProto] = {}
+    leaves: set[str] = set()  # values of the recurrent path the hoisted chains read
+    for j, name in enumerate(seq_out):
+        chain = ancestors([name]) - recurrent
+        nodes = [n for n in body.node if id(n) in chain]
+        if not nodes or any(n.op_type not in _ELEMENTWISE for n in nodes):
+            continue
+        reads = {i for n in nodes for i in n.input if i and (i not in producer or id(producer[i]) not in chain)}
+        if reads & body_inputs:
+            continue  # reads the previous state or the step input: not a function of the outputs
+        hoisted_outputs.append(j)
+        hoisted_nodes.update({id(n): n for n in nodes})
+        leaves |= {i for i in reads if i in producer}
+    if not hoisted_outputs:
+        return fn
+
+    # the body: drop the hoisted chains and outputs, expose the leaves as new sequence outputs
+    keep_seq = [j for j in range(len(seq_out)) if j not in hoisted_outputs]
+    new_body_nodes = [n for n in body.node if id(n) not in hoisted_nodes]
+    # loop-invariant leaves (constants) are copied after the scan, not stacked over time
+    constants = {leaf for leaf in leaves if producer[leaf].op_type == "Constant"}
+    leaves -= constants
+    # a leaf already returned per step (membrane = Identity(v)) is read from that output
+    exposed = {}
+    for j in keep_seq:
+        node = producer.get(seq_out[j])
+        if node is not None and node.op_type == "Identity" and node.input[0] in leaves:
+            exposed.setdefault(node.input[0], scan.output[n_state + j])
+    leaf_list = sorted(leaves - set(exposed))
+    leaf_out = {}
+    for leaf in leaf_list:
+        leaf_out[leaf] = f"hoist_{leaf}"
+        new_body_nodes.append(helper.make_node("Identity", [leaf], [leaf_out[leaf]]))
+    outputs = list(body.output[:n_state]) + [body.output[n_state + j] for j in keep_seq]
+    # a state returned through an Identity of a body value: return the value itself (one copy less per step)
+    output_names = {o.name for o in outputs}
+    for k in range(n_state):
+        node = producer.get(outputs[k].name)
+        if node is not None and node.op_type == "Identity" and node.input[0] in producer and node.input[0] not in output_names:
+            new_body_nodes.remove(node)
+            output_names.add(node.input[0])
+            outputs[k] = helper.make_tensor_value_info(node.input[0], TensorProto.FLOAT, None)
+    outputs += [helper.make_tensor_value_info(leaf_out[leaf], TensorProto.FLOAT, None) for leaf in leaf_list]
+    new_body = helper.make_graph(new_body_nodes, body.name, list(body.input), outputs)
+
+    # the scan node: same states, the kept outputs, then the stacked leaves
+    outer_state_out = list(scan.output[:n_state])
+    outer_seq = list(scan.output[n_state:])
+    stacked = {leaf: f"hoisted_{leaf}" for leaf in leaf_list}
+    new_scan = helper.make_node("Scan", list(scan.input), outer_state_out + [outer_seq[j] for j in keep_seq] + [stacked[leaf] for leaf in leaf_list],
+                                num_scan_inputs=n_scan_in, body=new_body)
+
+    # after the scan: the hoisted chains over [T, ...], body names prefixed
+    rename = {**exposed, **{leaf: stacked[leaf] for leaf in leaf_list}}
+    after = []
+    for n in body.node:
+        if n.output and n.output[0] in constants:
+            const = onnx.NodeProto()
+            const.CopyFrom(n)
+            const.output[0] = f"h_{n.output[0]}"
+            after.append(const)
+        if id(n) not in hoisted_nodes:
+            continue
+        new = onnx.NodeProto()
+        new.CopyFrom(n)
+        del new.input[:]
+        new.input.extend(rename.get(i, f"h_{i}" if i in producer else i) for i in n.input)
+        del new.output[:]
+        new.output.extend(f"h_{o}" for o in n.output)
+        after.append(new)
+    for j in hoisted_outputs:
+        after.append(helper.make_node("Identity", [f"h_{seq_out[j]}"], [outer_seq[j]]))
+
+    nodes = []
+    for n in fn.node:
+        nodes.extend([new_scan] + after if n is scan else [n])
+    out = onnx.FunctionProto()
+    out.CopyFrom(fn)
+    del out.node[:]
+    out.node.extend(nodes)
+    return out

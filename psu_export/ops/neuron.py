@@ -22,7 +22,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from ..spec import NeuronSpec
+from ..spec import CHARGE_PARAMS, NeuronSpec
 from .builders import OnnxBuilder, TorchBuilder
 from .registry import CustomOp, emit_node, make_function, register
 
@@ -40,10 +40,12 @@ class StepOptions:
     compare: str
     zero_scope: str
     two_state: bool
+    charge: str = "leaky"
+    reset_form: str = "standard"
 
     @classmethod
     def of(cls, spec: NeuronSpec) -> "StepOptions":
-        return cls(spec.reset, spec.reset_timing, spec.compare, spec.zero_scope, spec.two_state)
+        return cls(spec.reset, spec.reset_timing, spec.compare, spec.zero_scope, spec.two_state, spec.charge, spec.reset_form)
 
     @property
     def variant(self) -> str:
@@ -52,11 +54,18 @@ class StepOptions:
             parts.append(_SCOPE_CODE[self.zero_scope])
         if self.two_state:
             parts.append("syn")
+        if self.charge != "leaky":
+            parts.append(self.charge)
+        if self.reset_form != "standard":
+            parts.append(self.reset_form)
         return "_".join(parts)
 
     @property
     def param_names(self) -> list[str]:
-        names = ["decay", "syn_decay"] if self.two_state else ["decay"]
+        if self.charge == "leaky":
+            names = ["decay", "syn_decay"] if self.two_state else ["decay"]
+        else:
+            names = list(CHARGE_PARAMS[self.charge])
         return names + ["threshold", "spike_scale", "reset_value", "v_init"] + (["i_init"] if self.two_state else [])
 
     @property
@@ -75,18 +84,22 @@ class StepOptions:
             "compare": self.compare,
             "zero_scope": self.zero_scope,
             "two_state": int(self.two_state),
+            "charge": self.charge,
+            "reset_form": self.reset_form,
         }
 
     @classmethod
     def parse(cls, key: str) -> "StepOptions":
         fields = dict(item.split("=", 1) for item in key.split(","))
-        return cls(fields["reset"], fields["reset_timing"], fields["compare"], fields["zero_scope"], fields["two_state"] == "1")
+        return cls(fields["reset"], fields["reset_timing"], fields["compare"], fields["zero_scope"], fields["two_state"] == "1",
+                   fields.get("charge", "leaky"), fields.get("reset_form", "standard"))
 
     @classmethod
     def from_node(cls, node: onnx.NodeProto) -> "StepOptions":
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         text = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items() if k != "layer"}
-        return cls(text["reset"], text["reset_timing"], text["compare"], text["zero_scope"], bool(text["two_state"]))
+        return cls(text["reset"], text["reset_timing"], text["compare"], text["zero_scope"], bool(text["two_state"]),
+                   text.get("charge", "leaky"), text.get("reset_form", "standard"))
 
 
 def exact_step(b, o: StepOptions, p: dict, v_prev, i_prev, x):
@@ -95,20 +108,25 @@ def exact_step(b, o: StepOptions, p: dict, v_prev, i_prev, x):
     ``b`` is a :class:`TorchBuilder` or :class:`OnnxBuilder`; returns ``(v, i, spike)``.
     """
     theta = p["threshold"]
-    if o.two_state:
+    if o.charge == "norse_lif":
+        drive = b.add(i_prev, x)  # the input jumps the synaptic current
+        i = b.add(drive, b.mul(p["syn_gain"], drive))
+    elif o.two_state:
         i = b.add(b.mul(p["syn_decay"], i_prev), x)
         drive = i
     else:
         i, drive = None, x
 
     def charge(v):
-        return b.add(b.mul(p["decay"], v), drive)
+        return _charge(b, o.charge, p, v, drive)
 
     if o.reset_timing == "same_step":
         h = charge(v_prev)
         fired = b.step(h, theta, o.compare)
         spike = b.mul(fired, p["spike_scale"])
-        if o.reset == "subtract":
+        if o.reset == "subtract" and o.reset_form == "blend":
+            v = b.add(b.mul(b.sub(b.const(1.0), fired), h), b.mul(fired, b.sub(h, theta)))
+        elif o.reset == "subtract":
             v = b.sub(h, b.mul(fired, theta))
         elif o.reset == "zero":
             v = b.add(b.mul(fired, p["reset_value"]), b.mul(b.sub(b.const(1.0), fired), h))
@@ -134,6 +152,27 @@ def exact_step(b, o: StepOptions, p: dict, v_prev, i_prev, x):
     return v, i, spike
 
 
+def _charge(b, form: str, p: dict, v, d):
+    """The charge ``C(v, d)`` of one step in the framework's own operation order (spec docstring)."""
+    if form == "leaky":
+        return b.add(b.mul(p["decay"], v), d)
+    if form == "if":
+        return b.add(v, d)
+    if form in ("sj_decay_input", "sj_decay_input_mul"):
+        inner = b.sub(d, b.sub(v, p["v_rest"]))
+        scaled = b.div(inner, p["tau"]) if form == "sj_decay_input" else b.mul(inner, p["inv_tau"])
+        return b.add(v, scaled)
+    if form in ("sj_no_decay_input", "sj_no_decay_input_mul"):
+        leak = b.sub(v, p["v_rest"])
+        leak = b.div(leak, p["tau"]) if form == "sj_no_decay_input" else b.mul(leak, p["inv_tau"])
+        return b.add(b.sub(v, leak), d)
+    if form == "norse_lif":
+        return b.add(v, b.mul(p["mem_gain"], b.add(b.sub(p["v_rest"], v), d)))
+    if form == "norse_box":
+        return b.add(v, b.mul(p["mem_gain"], b.sub(b.add(d, p["v_rest"]), v)))
+    raise ValueError(f"unknown charge form {form!r}")
+
+
 def _param_dict(o: StepOptions, params: list[torch.Tensor]) -> dict:
     if len(params) != len(o.param_names):
         raise ValueError(f"expected parameters {o.param_names}, got {len(params)} tensors")
@@ -144,6 +183,26 @@ def _initial_state(p: dict, step_shape) -> tuple[torch.Tensor, torch.Tensor | No
     v0 = p["v_init"].expand(step_shape)
     i0 = p["i_init"].expand(step_shape) if "i_init" in p else None
     return v0, i0
+
+
+def charged_values(o: StepOptions, params: list[torch.Tensor], x: torch.Tensor, outputs: list[torch.Tensor]) -> torch.Tensor:
+    """The charged (pre-reset) membrane ``h_t`` of a ``same_step`` neuron, ``[T, B, ...]``.
+
+    Recomputed from the layer input and the kernel's outputs (the post-reset membrane of
+    step t-1 and, for two-state neurons, the current), elementwise over all steps at once:
+    the value each spike was decided on, for telling float ties from real mismatches.
+    """
+    p = _param_dict(o, params)
+    b = TorchBuilder()
+    v0, i0 = _initial_state(p, x.shape[1:])
+    v_prev = torch.cat([v0.unsqueeze(0), outputs[1][:-1]])
+    if o.charge == "norse_lif":
+        drive = b.add(torch.cat([i0.unsqueeze(0), outputs[2][:-1]]), x)
+    elif o.two_state:
+        drive = b.add(b.mul(p["syn_decay"], torch.cat([i0.unsqueeze(0), outputs[2][:-1]])), x)
+    else:
+        drive = x
+    return _charge(b, o.charge, p, v_prev, drive)
 
 
 # ----------------------------------------------------------------------------- exact (Scan)
@@ -209,7 +268,9 @@ class ExactNeuronOp(CustomOp):
         )
         scan_out = [outer.fresh() for _ in states] + outputs
         outer.nodes.append(helper.make_node("Scan", states + ["x"], scan_out, num_scan_inputs=1, body=graph))
-        return make_function(node, outer.nodes, inputs, outputs, opset)
+        from .linear import hoist_out_of_scan  # spikes etc. computed once over [T, ...] after the scan
+
+        return hoist_out_of_scan(make_function(node, outer.nodes, inputs, outputs, opset))
 
 
 # ----------------------------------------------------------------------------- closed form
@@ -225,6 +286,10 @@ def decay_kernel(decay: torch.Tensor, steps: int) -> torch.Tensor:
 @torch.library.custom_op("psu::closed_form_neuron", mutates_args=())
 def closed_form_neuron(x: torch.Tensor, params: list[torch.Tensor], options: str, layer: str) -> list[torch.Tensor]:
     """Reset-free neuron with scalar decays as one product with the decay kernel."""
+    from ..kernels import CLOSED_FORM_MAX_STEPS
+
+    if x.shape[0] > CLOSED_FORM_MAX_STEPS:  # as the ONNX function: no T x T matrix for long sequences
+        return exact_neuron(x, params, options, layer)
     o = StepOptions.parse(options)
     p = _param_dict(o, params)
     steps = x.shape[0]
@@ -295,7 +360,12 @@ class ClosedFormNeuronOp(CustomOp):
             outputs["current"] = current
         for name, value in outputs.items():
             b.nodes.append(helper.make_node("Identity", [value], [name]))
-        return make_function(node, b.nodes, ["x", *o.param_names], list(outputs), opset)
+        closed = make_function(node, b.nodes, ["x", *o.param_names], list(outputs), opset)
+        # at run time, a long sequence takes the O(T) exact scan instead of the T x T product
+        from ..kernels import CLOSED_FORM_MAX_STEPS
+        from .linear import choose_on_steps
+
+        return choose_on_steps(node, closed, EXACT.function(node, opset), CLOSED_FORM_MAX_STEPS, opset)
 
 
 EXACT = register(ExactNeuronOp())

@@ -24,7 +24,8 @@ Op types (one ONNX function per variant, attached after export): ``psu.Probabili
 (``--reset psu``), ``psu.StochasticReset_*`` (``--reset stochastic``), and ``psu.PSU_*``,
 ``psu.IPSU_*``, ``psu.RPSU_*`` for the project's own modules.
 
-Random numbers: a counter-based hash of (key, element index), built from int64
+Random numbers: a counter-based hash of (key, element index): three rounds of an affine map
+and a squaring modulo the prime 2^31 - 1, built from int64
 Add/Mul/Div/Mod only (every intermediate value stays below 2^62, so no overflow and no
 Bitwise*/BitShift, which the CUDA provider lacks); the key pair is derived from
 (seed, layer name) and carried as the node's ``key_mul`` / ``key_add`` attributes.  The
@@ -41,16 +42,18 @@ import onnx
 import torch
 from onnx import helper
 
-from .builders import OnnxBuilder, TorchBuilder
+from .builders import OnnxBuilder, TorchBuilder, exact_sigmoid
 from .registry import CustomOp, emit_node, make_function, register
 
 #: the Mersenne prime 2^31 - 1: every hash state is below it, so products of two states fit in int64
 PRIME = 2_147_483_647
-#: (multiplier, increment, divisor, fold multiplier) per mixing round; all < 2^31
+#: (multiplier, increment, square increment) per mixing round ``h = (h m + c) mod P; h = (h^2 + k) mod P``;
+#: all < 2^31.  Checked on 2^21 indices: chi-square of 256 bins, of lag-1 and lag-64 pairs
+#: (32 x 32 bins) and lag correlations all within the range expected of independent uniforms.
 HASH_ROUNDS = (
-    (1_597_334_677, 1_013_904_223, 8_192, 1_103_515_245),
-    (1_664_525_123, 374_761_393, 65_536, 2_027_382_371),
-    (1_911_520_717, 668_265_263, 2_048, 1_295_855_083),
+    (1_597_334_677, 1_013_904_223, 374_761_393),
+    (1_664_525_123, 668_265_263, 1_295_855_083),
+    (1_911_520_717, 2_027_382_371, 1_103_515_245),
 )
 _INV_2_24 = 2.0**-24
 
@@ -75,9 +78,9 @@ def hash_uniform(b, key_mul, key_add, index):
     p = b.const_int(PRIME)
     h = b.mod(b.mul(b.add(b.mod(index, p), b.const_int(1)), key_mul), p)
     h = b.mod(b.add(h, key_add), p)
-    for mult, inc, div, fold in HASH_ROUNDS:
+    for mult, inc, square_inc in HASH_ROUNDS:
         h = b.mod(b.add(b.mul(h, b.const_int(mult)), b.const_int(inc)), p)
-        h = b.mod(b.add(h, b.mul(b.floordiv(h, b.const_int(div)), b.const_int(fold))), p)
+        h = b.mod(b.add(b.mul(h, h), b.const_int(square_inc)), p)
     top24 = b.floordiv(h, b.const_int(128))  # < 2^24: exact in float32
     return b.mul(b.to_float(top24), b.const(_INV_2_24))
 
@@ -119,6 +122,11 @@ class ResetOptions:
     def variant(self) -> str:
         parts = [self.integration, self.estimate, _TIMING_CODE[self.reset_timing], self.compare, self.membrane]
         return "_".join(parts + (["syn"] if self.two_state else []))
+
+    @property
+    def n_outputs(self) -> int:
+        """spikes, membrane, and the synaptic current for two-state layers."""
+        return 3 if self.two_state else 2
 
     @property
     def op_type(self) -> str:
@@ -171,12 +179,14 @@ class ResetOptions:
 
 
 def reset_layer(b, o: ResetOptions, p: dict, x, keys=None):
-    """The layer over ``x[T, B, ...]`` (module docstring); returns ``(spikes, membrane)``.
+    """The layer over ``x[T, B, ...]`` (module docstring); returns ``(spikes, membrane)``, plus
+    the synaptic current for two-state layers.
 
     ``b`` is a builder, ``p`` maps :attr:`ResetOptions.param_names` to builder values,
     ``keys`` the builder's int64 ``(key_mul, key_add)`` (StochasticReset only).
     """
     flat = b.flatten_time(x)
+    current = None
 
     def per(name):
         return b.per_neuron(p[name], x)
@@ -186,14 +196,14 @@ def reset_layer(b, o: ResetOptions, p: dict, x, keys=None):
         drive = b.mul(flat, per("input_scale"))
         if o.two_state:
             syn = per("syn_decay")
-            drive = b.linear_scan(b.first_step_add(drive, b.mul(syn, per("i_init"))), syn)
+            drive = current = b.linear_scan(b.first_step_add(drive, b.mul(syn, per("i_init"))), syn)
         u = b.linear_scan(b.first_step_add(drive, b.mul(decay, per("v_init"))), decay)
     else:
         u = b.learned_product(p["weight"], p["bias"], flat)
     if o.estimate == "membrane":
-        z = b.sigmoid(b.add(b.mul(u, per("prob_scale")), per("prob_offset")))
+        z = exact_sigmoid(b, b.add(b.mul(u, per("prob_scale")), per("prob_offset")))
     elif o.estimate == "learned":
-        z = b.sigmoid(b.learned_product(p["reset_weight"], p["reset_bias"], flat))
+        z = exact_sigmoid(b, b.learned_product(p["reset_weight"], p["reset_bias"], flat))
     else:
         z = flat
     if o.stochastic:
@@ -206,7 +216,8 @@ def reset_layer(b, o: ResetOptions, p: dict, x, keys=None):
     fired = b.step(potential, threshold, o.compare)
     spikes = b.mul(fired, per("spike_scale"))
     membrane = potential if o.membrane == "pre" else b.sub(potential, b.mul(fired, threshold))
-    return b.unflatten_like(spikes, x), b.unflatten_like(membrane, x)
+    out = (b.unflatten_like(spikes, x), b.unflatten_like(membrane, x))
+    return out + ((b.unflatten_like(current, x),) if o.two_state else ())
 
 
 def run_reset_layer(b, x: torch.Tensor, params: list[torch.Tensor], o: ResetOptions):
@@ -220,15 +231,16 @@ def run_reset_layer(b, x: torch.Tensor, params: list[torch.Tensor], o: ResetOpti
 
 @torch.library.custom_op("psu::reset_neuron", mutates_args=())
 def reset_neuron(x: torch.Tensor, params: list[torch.Tensor], options: str, layer: str) -> list[torch.Tensor]:
-    """A probabilistic / stochastic reset layer over ``x[T, B, ...]``: ``[spikes, membrane]``."""
+    """A probabilistic / stochastic reset layer over ``x[T, B, ...]``: ``[spikes, membrane(, current)]``."""
+    o = ResetOptions.parse(options)
     if x.shape[0] == 0:
-        return [torch.empty_like(x), torch.empty_like(x)]
-    return list(run_reset_layer(TorchBuilder(), x, params, ResetOptions.parse(options)))
+        return [torch.empty_like(x) for _ in range(o.n_outputs)]
+    return list(run_reset_layer(TorchBuilder(), x, params, o))
 
 
 @reset_neuron.register_fake
 def _reset_neuron_fake(x, params, options, layer):
-    return [torch.empty_like(x), torch.empty_like(x)]
+    return [torch.empty_like(x) for _ in range(ResetOptions.parse(options).n_outputs)]
 
 
 def _attribute_int(b: OnnxBuilder, name: str) -> str:
@@ -250,16 +262,17 @@ class ResetNeuronOp(CustomOp):
 
     def translate(self, x, params, options: str, layer: str):
         o = ResetOptions.parse(options)
-        return emit_node(o.op_type, [x, *params], 2, layer=layer, **o.attributes())
+        return emit_node(o.op_type, [x, *params], o.n_outputs, layer=layer, **o.attributes())
 
     def function(self, node: onnx.NodeProto, opset: int) -> onnx.FunctionProto:
         o = ResetOptions.from_node(node)
         b = OnnxBuilder("f")
         keys = (_attribute_int(b, "key_mul"), _attribute_int(b, "key_add")) if o.stochastic else None
-        spikes, membrane = reset_layer(b, o, {name: name for name in o.param_names}, "x", keys)
-        b.nodes.append(helper.make_node("Identity", [spikes], ["spikes"]))
-        b.nodes.append(helper.make_node("Identity", [membrane], ["membrane"]))
-        return make_function(node, b.nodes, ["x", *o.param_names], ["spikes", "membrane"], opset)
+        values = reset_layer(b, o, {name: name for name in o.param_names}, "x", keys)
+        outputs = ["spikes", "membrane", "current"][: o.n_outputs]
+        for value, name in zip(values, outputs):
+            b.nodes.append(helper.make_node("Identity", [value], [name]))
+        return make_function(node, b.nodes, ["x", *o.param_names], outputs, opset)
 
 
 RESET = register(ResetNeuronOp())

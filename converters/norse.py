@@ -1,0 +1,178 @@
+"""Norse (1.1): ``LIFCell``, ``LIFBoxCell`` (per step, state passed explicitly) and ``LIF`` (sequence).
+
+Semantics (NEURON_SEMANTICS.md section 1.3, checked against ``functional/lif.py`` and
+``functional/lif_box.py``): strict ``>``; reset in the same step; the parameters live in
+``module.p`` (a NamedTuple, not in the state dict) and ``module.dt``.
+
+* ``LIFCell`` / ``LIF`` (``lif_feed_forward_step``)::
+
+      i' = i + x;  v' = v + (dt * tau_mem_inv) * ((v_leak - v) + i')
+      i  = i' + (-dt * tau_syn_inv) * i';  z = H(v' - v_th);  v = (1 - z) * v' + z * v_reset
+
+  initial ``v = v_leak``, ``i = 0``; states ``LIFFeedForwardState(v, i)``.
+* ``LIFBoxCell`` (``lif_box_feed_forward_step``)::
+
+      v' = v + (dt * tau_mem_inv) * ((x + v_leak) - v);  z = H(v' - v_th)
+      reset_value:    v = (1 - z) * v' + z * v_reset
+      reset_subtract: v = (1 - z) * v' + z * (v' - v_th)
+
+Call styles: cells called as ``z, s = cell(x, s)`` inside a user loop, cells and ``LIF``
+inside ``SequentialState`` driven one step at a time as ``out, state = model(x, state)``
+(:meth:`NorseConverter.threads_state`: our step driver threads the returned state), and
+the sequence module ``LIF`` over ``[T, B, ...]`` (the capture op takes the whole sequence).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from psu_export.spec import NeuronSpec
+
+from . import CallConvention, FrameworkConverter, Unsupported, register
+
+
+def _norse():
+    try:
+        import norse.torch as nt
+    except Exception:
+        return None
+    return nt
+
+
+class NorseConverter(FrameworkConverter):
+    name = "norse"
+    import_name = "norse"
+    version_range = ">=1.0,<1.2"
+
+    def available(self) -> bool:
+        return _norse() is not None
+
+    def neuron_classes(self):
+        nt = _norse()
+        if nt is None:
+            return ()
+        return (nt.LIFCell, nt.LIFBoxCell, nt.LIF)
+
+    def unsupported_classes(self):
+        nt = _norse()
+        if nt is None:
+            return {}
+        recurrent = "recurrent spike feedback (z_{t-1} W_rec enters the current) cannot be parallelised over time"
+        refractory = "the refractory counter holds the membrane and blocks spikes for several steps after each spike (a second, spike-driven state)"
+        adaptive = "adaptive neurons carry a second state that feeds back into the membrane or threshold"
+        out = {}
+        for cls_name, why in (
+            ("LIFRecurrentCell", recurrent),
+            ("LIFRecurrent", recurrent),
+            ("LIFRefracCell", refractory),
+            ("LIFRefracRecurrentCell", refractory),
+            ("LIFRefracRecurrent", refractory),
+            ("LIFAdExCell", adaptive),
+            ("LIFAdEx", adaptive),
+            ("LIFAdExRecurrentCell", recurrent),
+            ("LIFAdExRecurrent", recurrent),
+            ("LIFAdExRefracCell", refractory),
+            ("LIFAdExRefracRecurrentCell", refractory),
+            ("LIFAdExRefracRecurrent", refractory),
+            ("LIFExCell", "the exponential LIF charge (exp of the membrane) is not supported"),
+            ("LIFEx", "the exponential LIF charge (exp of the membrane) is not supported"),
+            ("LIFExRecurrentCell", recurrent),
+            ("LIFExRecurrent", recurrent),
+            ("LSNNCell", adaptive),
+            ("LSNN", adaptive),
+            ("LSNNRecurrentCell", recurrent),
+            ("LSNNRecurrent", recurrent),
+            ("LIFMCRecurrentCell", recurrent),
+            ("LIFMCRefracRecurrentCell", recurrent),
+            ("IzhikevichCell", "Izhikevich neurons carry a recovery variable coupled to the membrane"),
+            ("Izhikevich", "Izhikevich neurons carry a recovery variable coupled to the membrane"),
+            ("IzhikevichRecurrentCell", recurrent),
+            ("IzhikevichRecurrent", recurrent),
+            ("CobaLIFCell", "conductance-based LIF (input scaled by the membrane) is not supported"),
+            ("IAFCell", "IAF neurons are not supported yet"),
+            ("IAF", "IAF neurons are not supported yet"),
+        ):
+            cls = getattr(nt, cls_name, None)
+            if isinstance(cls, type):
+                out[cls] = why
+        return out
+
+    # ---------------------------------------------------------------- spec
+    def to_spec(self, module) -> NeuronSpec:
+        nt = _norse()
+        from norse.torch.functional.reset import reset_subtract, reset_value
+        from norse.torch.functional.threshold import threshold
+
+        p, dt = module.p, module.dt
+        problems = []
+        if p.method == "adjoint":
+            problems.append("method='adjoint' runs a different (adjoint) step function")
+        elif not _is_heaviside_gt(lambda x: threshold(x, p.method, p.alpha)):
+            problems.append(f"threshold method {p.method!r} does not fire as H(v - v_th > 0)")
+        if isinstance(module, nt.LIF) and getattr(module, "record_states", False):
+            problems.append("record_states=True (stacked states) is not supported")
+        if problems:
+            raise Unsupported("; ".join(problems))
+        v_leak = torch.as_tensor(p.v_leak).detach()
+        mem_gain = (dt * p.tau_mem_inv).detach()  # exactly the framework's expression
+        common = dict(threshold=torch.as_tensor(p.v_th).detach(), reset_timing="same_step", compare="gt",
+                      reset_value=torch.as_tensor(p.v_reset).detach(), mem_gain=mem_gain, v_rest=v_leak, v_init=v_leak)
+        if isinstance(module, nt.LIFBoxCell):
+            if p.reset_method is reset_value:
+                reset, form = "zero", "standard"
+            elif p.reset_method is reset_subtract:
+                reset, form = "subtract", "blend"
+            else:
+                raise Unsupported(f"reset_method {getattr(p.reset_method, '__name__', p.reset_method)!r} is not reset_value or reset_subtract")
+            return NeuronSpec(decay=1.0 - mem_gain, charge="norse_box", reset=reset, reset_form=form, **common)
+        syn_gain = (-dt * p.tau_syn_inv).detach()
+        return NeuronSpec(decay=1.0 - mem_gain, syn_decay=1.0 + syn_gain, charge="norse_lif", reset="zero",
+                          syn_gain=syn_gain, i_init=0.0, **common)
+
+    # ---------------------------------------------------------------- calls
+    def consumes_sequence(self, module) -> bool:
+        nt = _norse()
+        return nt is not None and isinstance(module, nt.LIF)
+
+    def threads_state(self, model) -> bool:
+        nt = _norse()
+        return nt is not None and isinstance(model, (nt.SequentialState, nt.LIFCell, nt.LIFBoxCell, nt.LIF))
+
+    def call_convention(self, module) -> CallConvention:
+        from norse.torch.functional.lif import LIFFeedForwardState
+        from norse.torch.functional.lif_box import LIFBoxFeedForwardState
+
+        nt = _norse()
+        if isinstance(module, nt.LIFBoxCell):
+            def make_forward(call):
+                def forward(input_tensor, state=None):
+                    outs = call(input_tensor, [] if state is None else [state.v])
+                    return outs[0], LIFBoxFeedForwardState(v=outs[1])
+                return forward
+
+            return CallConvention(state_roles=("membrane",), forward=make_forward)
+
+        sequence = self.consumes_sequence(module)
+
+        def make_forward(call):
+            def forward(input_tensor, state=None):
+                outs = call(input_tensor, [] if state is None else [state.i, state.v])
+                if sequence:  # the op returns every step; the module returns the last state
+                    return outs[0], LIFFeedForwardState(v=outs[2][-1], i=outs[1][-1])
+                return outs[0], LIFFeedForwardState(v=outs[2], i=outs[1])
+            return forward
+
+        return CallConvention(state_roles=("current", "membrane"), forward=make_forward, sequence=sequence)
+
+
+def _is_heaviside_gt(fn) -> bool:
+    probe = torch.tensor([-1.0, -1e-7, 0.0, 1e-7, 1.0, 3.0])
+    try:
+        with torch.no_grad():
+            out = fn(probe.clone())
+    except Exception:
+        return False
+    return torch.equal(out.float(), torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 1.0]))
+
+
+register(NorseConverter())

@@ -1,0 +1,193 @@
+"""SpikingJelly (2.0, ``spikingjelly.activation_based``): ``IFNode``, ``LIFNode``, ``ParametricLIFNode``.
+
+Semantics (NEURON_SEMANTICS.md section 1.2, checked against ``_ops/{if_,lif,plif}/reference.py``):
+
+* spike test ``>=`` (``surrogate(h - v_threshold)`` with forward ``h - θ >= 0``);
+* charge, with ``V_r = v_reset`` or 0 when ``v_reset is None``:
+  IF ``h = v + x``; LIF ``h = v + (x - (v - V_r)) / tau`` (``decay_input``) or
+  ``h = v - (v - V_r) / tau + x``; PLIF the same with ``* sigmoid(w)`` instead of ``/ tau``;
+* reset in the same step: hard ``v = s * v_reset + (1 - s) * h``, soft (``v_reset=None``)
+  ``v = h - s * θ``; the initial ``v`` is ``V_r``;
+* ``tau``, ``v_threshold``, ``v_reset`` are plain module attributes (not in the state dict);
+  PLIF's ``w`` is a scalar parameter.
+
+Both step modes: ``step_mode='s'`` (one step per call, state in the module, the time loop
+outside) and ``step_mode='m'`` (the module takes the whole ``[T, B, ...]`` sequence and
+loops inside): there the capture op takes the whole sequence
+(:attr:`~psu_export.converters.CallConvention.sequence`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from psu_export.spec import NeuronSpec
+
+from . import CallConvention, FrameworkConverter, Unsupported, register
+
+
+def _neuron_module():
+    try:
+        from spikingjelly.activation_based import neuron
+    except Exception:
+        return None
+    return neuron
+
+
+class SpikingJellyConverter(FrameworkConverter):
+    name = "spikingjelly"
+    import_name = "spikingjelly"
+    version_range = ">=2.0,<2.1"
+
+    def available(self) -> bool:
+        return _neuron_module() is not None
+
+    def _supported(self) -> tuple[type, ...]:
+        neuron = _neuron_module()
+        if neuron is None:
+            return ()
+        return (neuron.IFNode, neuron.LIFNode, neuron.ParametricLIFNode)
+
+    def neuron_classes(self):
+        neuron = _neuron_module()
+        if neuron is None:
+            return ()
+        # every SpikingJelly neuron is recognised; the ones we cannot reproduce are refused with a reason
+        return self._supported() + (neuron.BaseNode,)
+
+    def unsupported_classes(self):
+        neuron = _neuron_module()
+        if neuron is None:
+            return {}
+        out = {}
+        for cls_name, why in (
+            ("PSN", "PSN is a non-causal learned T x T map with a fixed T, not a stateful neuron"),
+            ("MaskedPSN", "MaskedPSN has a fixed T and a learned T x T map (not supported yet)"),
+            ("SlidingPSN", "SlidingPSN (learned sliding-window kernel) is not supported yet"),
+            ("SimpleLIFNode", "SimpleLIFNode charges as v + (v_reset - v + x) / tau, an operation order not supported yet (use LIFNode)"),
+            ("SimpleIFNode", "SimpleIFNode is not supported yet (use IFNode)"),
+            ("AdaptBaseNode", "adaptive-threshold neurons carry a second state that feeds back into the threshold"),
+            ("IzhikevichNode", "Izhikevich neurons carry a recovery variable coupled to the membrane"),
+            ("EIFNode", "the exponential integrate-and-fire charge (exp of the membrane) is not supported"),
+            ("QIFNode", "the quadratic integrate-and-fire charge is not supported"),
+            ("KLIFNode", "KLIF's learned scaled ReLU of the membrane is not supported"),
+            ("LIAFNode", "LIAF outputs an analogue activation, not spikes"),
+            ("CLIFNode", "CLIF carries a second (complementary) state"),
+            ("GatedLIFNode", "gated LIF learns per-step gates over a fixed T"),
+            ("NonSpikingLIFNode", "non-spiking integrator (no threshold)"),
+            ("NonSpikingIFNode", "non-spiking integrator (no threshold)"),
+        ):
+            cls = getattr(neuron, cls_name, None)
+            if isinstance(cls, type):
+                out[cls] = why
+        return out
+
+    # ---------------------------------------------------------------- spec
+    def to_spec(self, module) -> NeuronSpec:
+        neuron = _neuron_module()
+        cls = type(module)
+        if cls not in self._supported():
+            raise Unsupported(
+                f"{cls.__module__}.{cls.__name__} is not one of the supported SpikingJelly neurons "
+                "(IFNode, LIFNode, ParametricLIFNode); its update may differ"
+            )
+        problems = []
+        if getattr(module, "_neuron_precision", None) is not None:
+            problems.append("a reduced neuron precision (set_neuron_precision) changes the state arithmetic")
+        if module.step_mode not in ("s", "m"):
+            problems.append(f"unknown step_mode {module.step_mode!r}")
+        if not _is_heaviside_ge(module.surrogate_function):
+            problems.append("its surrogate function's forward is not the step H(h - v_threshold >= 0) (is surrogate.spiking False?)")
+        threshold = _scalar(module.v_threshold, "v_threshold", problems)
+        v_reset = None if module.v_reset is None else _scalar(module.v_reset, "v_reset", problems)
+        if problems:
+            raise Unsupported("; ".join(problems))
+        rest = 0.0 if v_reset is None else v_reset
+        common = dict(
+            threshold=threshold,
+            reset="subtract" if v_reset is None else "zero",
+            reset_value=rest,
+            reset_timing="same_step",
+            compare="ge",
+            v_init=rest,
+        )
+        if cls is neuron.IFNode:
+            return NeuronSpec(decay=1.0, charge="if", **common)
+        decay_input = bool(module.decay_input)
+        if cls is neuron.LIFNode:
+            tau = float(module.tau)
+            return NeuronSpec(
+                decay=1.0 - 1.0 / tau,
+                charge="sj_decay_input" if decay_input else "sj_no_decay_input",
+                tau=tau,
+                v_rest=rest,
+                **common,
+            )
+        w = module.w.detach()
+        if w.numel() != 1:
+            raise Unsupported("ParametricLIFNode with a non-scalar w is not supported")
+        inv_tau = w.float().sigmoid().reshape(())  # computed as SpikingJelly computes it
+        return NeuronSpec(
+            decay=1.0 - inv_tau,
+            charge="sj_decay_input_mul" if decay_input else "sj_no_decay_input_mul",
+            inv_tau=inv_tau,
+            v_rest=rest,
+            **common,
+        )
+
+    # ---------------------------------------------------------------- calls
+    def consumes_sequence(self, module) -> bool:
+        return getattr(module, "step_mode", "s") == "m"
+
+    def call_convention(self, module) -> CallConvention:
+        if self.consumes_sequence(module):
+            def make_forward(call):
+                def forward(x_seq, *args, **kwargs):
+                    if args or kwargs:
+                        raise TypeError("SpikingJelly multi-step neurons take only the input sequence")
+                    return call(x_seq, [])[0]
+                return forward
+
+            return CallConvention(state_roles=("membrane",), forward=make_forward, sequence=True)
+
+        def make_forward(call):
+            def forward(x, *args, **kwargs):
+                if args or kwargs:
+                    raise TypeError("SpikingJelly single-step neurons take only the input")
+                outs = call(x, module._psu_state)
+                module._psu_state = list(outs[1:])
+                return outs[0]
+            return forward
+
+        return CallConvention(state_roles=("membrane",), forward=make_forward)
+
+    def reset_state(self, module) -> None:
+        module._psu_state = []
+        module.reset()
+
+
+def _scalar(value, what: str, problems: list[str]) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            problems.append(f"a non-scalar {what} is not supported")
+            return 0.0
+        value = float(value.detach())
+    value = float(value)
+    if not math.isfinite(value):
+        problems.append(f"{what} = {value} is not finite")
+    return value
+
+
+def _is_heaviside_ge(fn) -> bool:
+    probe = torch.tensor([-1.0, -1e-7, 0.0, 1e-7, 1.0, 3.0])
+    try:
+        with torch.no_grad():
+            out = fn(probe.clone())
+    except Exception:
+        return False
+    return torch.equal(out.float(), torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0, 1.0]))
+
+
+register(SpikingJellyConverter())

@@ -1,0 +1,263 @@
+"""Reference SpikingJelly (2.0) models, written the way SpikingJelly users write them.
+
+Factories for ``psu-export`` (random weights, seeded; no download)::
+
+    psu-export convert psu_export.models.ref_spikingjelly:make_conv out.onnx --input-shape 1,12,12 --time-steps 8
+
+* :func:`make_conv`: a multi-step (``step_mode='m'``) conv net from ``layer.*`` wrappers
+  (Conv2d, BatchNorm2d, MaxPool2d, AvgPool2d, Flatten, Dropout, Linear and a
+  ``SeqToANNContainer``) with LIF neurons; input ``[T, B, 1, 12, 12]``.
+* :func:`make_mlp` and its named variants (``make_mlp_if_hard`` ...): one neuron class
+  and option per factory, in either step mode; input ``[T, B, 16]`` (``'m'``) or a
+  single step ``[B, 16]`` driven over time by the converter (``'s'``).
+* :func:`make_single_step_loop`: ``step_mode='s'`` neurons called in a Python loop over
+  ``x[t]`` inside ``forward`` (``functional.reset_net`` at the start).
+* :func:`make_sew_resnet18`, :func:`make_spiking_resnet18`, :func:`make_spiking_vgg`:
+  model-zoo architectures, multi-step, for ``3,32,32`` inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+import types
+
+import torch
+from torch import nn
+
+SAMPLE = 16
+
+
+@contextlib.contextmanager
+def _seeded(seed: int = 0):
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        yield
+
+
+def _neuron(kind: str, step_mode: str, v_reset=0.0, decay_input: bool = True, v_threshold: float = 1.0):
+    from spikingjelly.activation_based import neuron, surrogate
+
+    common = dict(v_threshold=v_threshold, v_reset=v_reset, surrogate_function=surrogate.ATan(), step_mode=step_mode)
+    if kind == "if":
+        return neuron.IFNode(**common)
+    if kind == "lif":
+        return neuron.LIFNode(tau=2.5, decay_input=decay_input, **common)
+    if kind == "plif":
+        return neuron.ParametricLIFNode(init_tau=3.0, decay_input=decay_input, **common)
+    raise ValueError(kind)
+
+
+class ConvNet(nn.Module):
+    """Multi-step conv SNN: ``x[T, B, 1, 12, 12] -> [T, B, 10]`` output spikes."""
+
+    def __init__(self, v_reset=0.0):
+        super().__init__()
+        from spikingjelly.activation_based import functional, layer
+
+        self.net = nn.Sequential(
+            layer.Conv2d(1, 6, 3, padding=1, bias=False),
+            layer.BatchNorm2d(6),
+            _neuron("lif", "m", v_reset=v_reset),
+            layer.MaxPool2d(2),
+            layer.SeqToANNContainer(nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8)),
+            _neuron("plif", "m", v_reset=v_reset, v_threshold=0.4),
+            layer.AvgPool2d(2),
+            layer.Flatten(),
+            layer.Dropout(0.2),
+            layer.Linear(8 * 3 * 3, 10),
+            _neuron("if", "m", v_reset=v_reset),
+        )
+        functional.set_step_mode(self.net, "m")
+        with torch.no_grad():  # a stronger readout, as after training: the output layer spikes
+            self.net[0].weight.mul_(3.0)
+            self.net[4][0].weight.mul_(2.0)
+            self.net[9].weight.mul_(6.0)
+        for m in self.modules():  # non-trivial running statistics, as after training
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def make_conv() -> nn.Module:
+    with _seeded(0):
+        return ConvNet()
+
+
+def make_conv_soft() -> nn.Module:
+    with _seeded(1):
+        return ConvNet(v_reset=None)
+
+
+class MLP(nn.Module):
+    """``Linear -> neuron -> Linear -> neuron``; in ``'m'`` over ``[T, B, 16]``, in ``'s'`` one step."""
+
+    def __init__(self, kind: str, step_mode: str, v_reset=0.0, decay_input: bool = True):
+        super().__init__()
+        from spikingjelly.activation_based import functional, layer
+
+        self.net = nn.Sequential(
+            layer.Linear(SAMPLE, 32),
+            _neuron(kind, step_mode, v_reset, decay_input),
+            layer.Linear(32, 10),
+            _neuron(kind, step_mode, v_reset, decay_input, v_threshold=0.5),
+        )
+        functional.set_step_mode(self.net, step_mode)
+        with torch.no_grad():  # larger weights, as after training: both layers fire on inputs in [0, 1)
+            self.net[0].weight.mul_(2.0)
+            self.net[2].weight.mul_(4.0)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def make_mlp(kind: str = "lif", step_mode: str = "m", v_reset=0.0, decay_input: bool = True, seed: int = 0) -> nn.Module:
+    with _seeded(seed):
+        return MLP(kind, step_mode, v_reset, decay_input)
+
+
+#: named variants, one neuron class / option each: (kind, step_mode, v_reset, decay_input)
+VARIANTS = {
+    "if_hard": ("if", "m", 0.0, True),
+    "if_soft": ("if", "m", None, True),
+    "lif_hard": ("lif", "m", 0.0, True),
+    "lif_hard_vreset": ("lif", "m", -0.2, True),
+    "lif_soft": ("lif", "m", None, True),
+    "lif_nodecay_hard": ("lif", "m", 0.0, False),
+    "lif_nodecay_soft": ("lif", "m", None, False),
+    "plif_hard": ("plif", "m", 0.0, True),
+    "plif_soft": ("plif", "m", None, True),
+    "plif_nodecay": ("plif", "m", 0.0, False),
+    "lif_step": ("lif", "s", 0.0, True),
+    "plif_soft_step": ("plif", "s", None, True),
+    "if_soft_step": ("if", "s", None, True),
+}
+
+
+def _variant_factory(name: str):
+    kind, mode, v_reset, decay_input = VARIANTS[name]
+
+    def factory() -> nn.Module:
+        return make_mlp(kind, mode, v_reset, decay_input, seed=len(name))
+
+    factory.__name__ = f"make_mlp_{name}"
+    factory.__doc__ = f"MLP with {kind} neurons, step_mode={mode!r}, v_reset={v_reset}, decay_input={decay_input}."
+    return factory
+
+
+for _name in VARIANTS:
+    globals()[f"make_mlp_{_name}"] = _variant_factory(_name)
+
+
+class SingleStepLoop(nn.Module):
+    """``step_mode='s'`` neurons called in a loop over time inside ``forward``."""
+
+    def __init__(self):
+        super().__init__()
+        from spikingjelly.activation_based import layer
+
+        self.fc1 = layer.Linear(SAMPLE, 24)
+        self.sn1 = _neuron("lif", "s", v_reset=None, decay_input=False)
+        self.fc2 = layer.Linear(24, 10)
+        self.sn2 = _neuron("if", "s")
+
+    def forward(self, x):
+        from spikingjelly.activation_based import functional
+
+        functional.reset_net(self)
+        out = []
+        for t in range(x.shape[0]):
+            out.append(self.sn2(self.fc2(self.sn1(self.fc1(x[t])))))
+        return torch.stack(out)
+
+
+def make_single_step_loop() -> nn.Module:
+    with _seeded(3):
+        return SingleStepLoop()
+
+
+# ----------------------------------------------------------------------------- model zoo
+
+
+def import_zoo(name: str):
+    """Import ``spikingjelly.activation_based.model.<name>``.
+
+    The zoo modules import ``load_state_dict_from_url`` from torchvision at import time
+    (only for pretrained downloads).  Without torchvision, that one name is taken from
+    ``torch.hub`` (the function torchvision itself re-exports) for the duration of the
+    import only; nothing named ``torchvision`` stays behind in ``sys.modules``.
+    """
+    full = f"spikingjelly.activation_based.model.{name}"
+    try:
+        return importlib.import_module(full)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not exc.name.startswith("torchvision"):
+            raise
+    shim = types.ModuleType("torchvision")
+    utils = types.ModuleType("torchvision._internally_replaced_utils")
+    utils.load_state_dict_from_url = torch.hub.load_state_dict_from_url
+    shim._internally_replaced_utils = utils
+    names = ("torchvision", "torchvision._internally_replaced_utils")
+    saved = {n: sys.modules.get(n) for n in names}
+    sys.modules.update(dict(zip(names, (shim, utils))))
+    try:
+        sys.modules.pop(full, None)
+        return importlib.import_module(full)
+    finally:
+        for n, previous in saved.items():
+            if previous is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = previous
+
+
+def _zoo_kwargs():
+    from spikingjelly.activation_based import neuron, surrogate
+
+    return dict(spiking_neuron=neuron.IFNode, surrogate_function=surrogate.ATan(), detach_reset=True)
+
+
+def _multi_step(net: nn.Module) -> nn.Module:
+    from spikingjelly.activation_based import functional
+
+    functional.set_step_mode(net, "m")
+    return net
+
+
+def make_sew_resnet18() -> nn.Module:
+    """SEW ResNet-18 (ADD connect function), IF neurons, 10 classes; input ``[T, B, 3, 32, 32]``."""
+    zoo = import_zoo("sew_resnet")
+    with _seeded(4):
+        return _multi_step(zoo.sew_resnet18(pretrained=False, cnf="ADD", num_classes=10, **_zoo_kwargs()))
+
+
+def make_spiking_resnet18() -> nn.Module:
+    """Spiking ResNet-18, IF neurons, 10 classes; input ``[T, B, 3, 32, 32]``."""
+    zoo = import_zoo("spiking_resnet")
+    with _seeded(5):
+        return _multi_step(zoo.spiking_resnet18(pretrained=False, num_classes=10, **_zoo_kwargs()))
+
+
+def make_spiking_vgg() -> nn.Module:
+    """The zoo's ``SpikingVGG`` with a small configuration and classifier; input ``[T, B, 3, 32, 32]``.
+
+    (``spiking_vgg11`` itself has a 25088 x 4096 classifier: too large for a test.)
+    """
+    from spikingjelly.activation_based import layer, neuron, surrogate
+
+    zoo = import_zoo("spiking_vgg")
+    with _seeded(6):
+        net = zoo.SpikingVGG([8, "M", 16, "M", 16, "M"], batch_norm=True, num_classes=10, init_weights=True,
+                             spiking_neuron=neuron.LIFNode, surrogate_function=surrogate.ATan(), detach_reset=True)
+        net.avgpool = layer.AdaptiveAvgPool2d((2, 2))
+        net.classifier = nn.Sequential(
+            layer.Linear(16 * 2 * 2, 32),
+            neuron.LIFNode(surrogate_function=surrogate.ATan()),
+            layer.Dropout(),
+            layer.Linear(32, 10),
+        )
+        return _multi_step(net)

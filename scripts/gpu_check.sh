@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# GPU checks on a lent CUDA machine (not part of CI): CUDA execution-provider parity and
+# timings. Expects onnxruntime-gpu (split in parts under .gpu1 .. .gpu5) and the snntorch
+# wheel to have been carried in; writes everything under $OUT.
+set -uo pipefail
+OUT=${OUT:-out/gpu}
+mkdir -p "$OUT"
+log="$OUT/gpu_check.log"
+exec > >(tee "$log") 2>&1
+wheel=/tmp/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
+cat .gpu1/part00 .gpu2/part01 .gpu3/part02 .gpu4/part03 .gpu5/part04 > "$wheel"
+md5sum "$wheel"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$wheel" .gpu1/snntorch-*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/site . || exit 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+python3 - <<'PY'
+import torch, onnxruntime as ort
+print("torch", torch.__version__, torch.cuda.get_device_name(0))
+print("onnxruntime", ort.__version__, ort.__file__, ort.get_available_providers())
+PY
+PSU="python3 -m psu_export.cli"
+# 1. parity on the CUDA provider: bundled digits model, a conv net (init_hidden style), PSU reset modes
+$PSU convert psu_export.models.digits:make_net --weights models/digits_snn.pt "$OUT/digits.onnx" --time-steps 16 --input-shape 64 --no-verify
+$PSU verify psu_export.models.digits:make_net --weights models/digits_snn.pt "$OUT/digits.onnx" --time-steps 16 --provider all --report "$OUT/digits_parity_gpu.json"
+echo "exit digits verify: $?"
+$PSU verify psu_export.models.digits:make_net --weights models/digits_snn.pt "$OUT/digits.onnx" --time-steps 16 --provider cuda --data models/digits_test.npz --report "$OUT/digits_parity_gpu_data.json"
+echo "exit digits verify (data, cuda): $?"
+for mode in psu stochastic; do
+  $PSU convert psu_export.models.digits:make_net --weights models/digits_snn.pt "$OUT/digits_$mode.onnx" --time-steps 16 --input-shape 64 --reset $mode --seed 3 --no-verify
+  $PSU verify psu_export.models.digits:make_net --weights models/digits_snn.pt "$OUT/digits_$mode.onnx" --time-steps 16 --provider all --report "$OUT/digits_${mode}_gpu.json"
+  echo "exit $mode verify: $?"
+done
+rm -f "$OUT"/*.onnx "$OUT"/*.onnx.data
+# 2. timings with the CUDA provider (benchmark suite), if present
+if [ -f benchmarks/gpu_check.sh ]; then bash benchmarks/gpu_check.sh; fi
+ls -la "$OUT"

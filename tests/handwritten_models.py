@@ -1,0 +1,182 @@
+"""Hand-written LIF loops (no neuron module) for tests/test_handwritten.py.
+
+Each is written the way someone might write it without a framework; ``make_*`` are the
+factories psu-export loads (``tests/handwritten_models.py:make_mlp``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SpikeFn(torch.autograd.Function):
+    """A custom surrogate: Heaviside forward, fast-sigmoid-like backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return (x > 0).float()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad / (1 + 10 * x.abs()) ** 2
+
+
+spike_fn = SpikeFn.apply
+
+
+class TwoLayerMLP(nn.Module):
+    """Subtract reset through a surrogate + detach, then zero reset with ``>=``; returns spikes and membranes."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 4)
+        self.beta, self.thr = 0.9, 1.0
+
+    def forward(self, x):
+        v1 = torch.zeros(x.shape[1], 16)
+        v2 = torch.zeros(x.shape[1], 4)
+        spikes, mems = [], []
+        for t in range(x.shape[0]):
+            v1 = self.beta * v1 + self.fc1(x[t])
+            s1 = spike_fn(v1 - self.thr)
+            v1 = v1 - s1.detach() * self.thr
+            v2 = self.beta * v2 + self.fc2(s1)
+            s2 = (v2 >= self.thr).float()
+            v2 = v2 * (1 - s2)
+            spikes.append(s2)
+            mems.append(v2)
+        return torch.stack(spikes), torch.stack(mems)
+
+
+class OddConvNet(nn.Module):
+    """Nobody would write it like this: lazy state, per-channel decay buffer, heaviside,
+    ``cur + v * decay`` order, a leaky readout with ``1 - 1/tau`` and a Python-float accumulator."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.c1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.pool = nn.AvgPool2d(2)
+        self.fc = nn.Linear(4 * 4 * 4, 5)
+        self.register_buffer("decay", torch.tensor([0.9, 0.8, 0.7, 0.95]).view(4, 1, 1))
+        self.tau = 2.0
+
+    def forward(self, x):
+        v, acc = None, 0.0
+        u = torch.zeros(x.size(1), 5)
+        for t in range(x.size(0)):
+            cur = self.c1(x[t])
+            v = torch.zeros_like(cur) if v is None else v
+            v = cur + v * self.decay
+            sp = torch.heaviside(v - 0.5, torch.zeros_like(v))
+            v = v - 0.5 * sp
+            u = (1 - 1 / self.tau) * u + self.fc(self.pool(sp).flatten(1))
+            acc = acc + u
+        return acc
+
+
+class StaticResetFirst(nn.Module):
+    """Static input looped ``steps`` times, the reset written *before* the charge, a spike counter."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.fc = nn.Linear(6, 10)
+        self.steps = 7
+
+    def forward(self, x):
+        v = torch.zeros(x.shape[0], 10)
+        s = torch.zeros_like(v)
+        count = torch.zeros_like(v)
+        for _ in range(self.steps):
+            v = v - s * 0.7
+            v = 0.8 * v + self.fc(x)
+            s = (v > 0.7).float()
+            count = count + s
+        return count
+
+
+class TauForm(nn.Module):
+    """``v = v + (x - v) / tau`` (SpikingJelly's decay-input charge written by hand), zero reset."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        v = torch.zeros(x.shape[1], 8)
+        out = []
+        for t in range(x.shape[0]):
+            v = v + (self.fc(x[t]) - v) / 2.0
+            s = (v > 0.3).float()
+            v = v * (1 - s)
+            out.append(s)
+        return torch.stack(out)
+
+
+class Recurrent(nn.Module):
+    """Recurrent spike feedback: not a recognised neuron (exit 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.rec = nn.Linear(8, 8)
+
+    def forward(self, x):
+        v = torch.zeros(x.shape[1], 8)
+        s = torch.zeros(x.shape[1], 8)
+        out = []
+        for t in range(x.shape[0]):
+            v = 0.9 * v + self.fc(x[t]) + self.rec(s)
+            s = (v > 1.0).float()
+            v = v - s
+            out.append(s)
+        return torch.stack(out)
+
+
+class PreResetReadout(nn.Module):
+    """Returns the membrane *before* its reset, which an exact neuron cannot report (exit 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        v = torch.zeros(x.shape[1], 8)
+        mems = []
+        for t in range(x.shape[0]):
+            v = 0.9 * v + self.fc(x[t])
+            s = (v > 1.0).float()
+            mems.append(v)
+            v = v - s * 1.0
+        return torch.stack(mems)
+
+
+def make_mlp():
+    return TwoLayerMLP()
+
+
+def make_conv():
+    return OddConvNet()
+
+
+def make_static():
+    return StaticResetFirst()
+
+
+def make_tau():
+    return TauForm()
+
+
+def make_recurrent():
+    return Recurrent()
+
+
+def make_pre_reset():
+    return PreResetReadout()

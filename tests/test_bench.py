@@ -1,0 +1,82 @@
+"""The benchmark harness: one smoke run end to end, outputs, and a clean CUDA skip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+SMALL = "psu_export.models.ref_mlp:make_small_net"
+
+
+@pytest.fixture(scope="module")
+def smoke():
+    from psu_export.bench import run_benchmark
+
+    return run_benchmark(SMALL, (64,), time_steps=(8, 24), batches=(1,), min_runs=1, max_runs=2, cell_budget_s=0.0)
+
+
+def test_smoke_run_measures_every_variant(smoke):
+    assert not smoke.get("skipped")
+    assert [(c["time_steps"], c["batch"]) for c in smoke["cells"]] == [(8, 1), (24, 1)]
+    for cell in smoke["cells"]:
+        assert {"eager", "naive", "psu", "bound"} <= set(cell["times_ms"])
+        assert cell["spike_agreement_psu_vs_naive"] == 1.0  # exact mode: identical spikes
+        assert cell["speedup_vs_naive"] > 0 and cell["psu_over_bound"] > 0
+    assert all(site["algorithm"] for sites in smoke["algorithms"].values() for site in sites)
+
+
+def test_node_count_of_ours_does_not_grow_with_time(smoke):
+    ours = {e["time_steps"]: e["nodes"] for e in smoke["exports"] if e["variant"] == "psu"}
+    naive = {e["time_steps"]: e["nodes"] for e in smoke["exports"] if e["variant"] == "naive"}
+    assert ours[8] == ours[24]
+    assert naive[24] > naive[8]
+
+
+def test_reports_are_written(smoke, tmp_path):
+    from psu_export.bench import write_results
+
+    paths = write_results([smoke], tmp_path, "r")
+    assert json.loads(paths["json"].read_text())[0]["model"] == SMALL
+    text = paths["markdown"].read_text()
+    assert "speed-up vs naive" in text and "| 24 | 1 |" in text
+    assert "plot" not in paths or paths["plot"].stat().st_size > 0
+
+
+def test_bound_model_is_the_network_with_activations():
+    import torch
+
+    from psu_export.bench import bound_model
+    from psu_export.capture import find_neuron_modules
+    from psu_export.models.ref_mlp import make_small_net
+
+    net = make_small_net()
+    bound = bound_model(net, find_neuron_modules(net), "sequence")
+    x = torch.rand(5, 3, 64)
+    spikes, mem = bound(x)
+    with torch.no_grad():
+        cur = net.fc2((net.fc1(x) > 1.0).float())
+    assert torch.equal(mem, cur) and torch.equal(spikes, (cur > 1.0).float())
+
+
+def test_cuda_is_skipped_cleanly_when_unavailable():
+    from psu_export.bench import provider_available, run_benchmark
+
+    if provider_available("cuda"):
+        pytest.skip("a CUDA provider is available here")
+    result = run_benchmark(SMALL, (64,), provider="cuda")
+    assert "not available" in result["skipped"]
+
+
+def test_cli_bench_help_and_cuda_skip():
+    from psu_export.bench import provider_available
+    from psu_export.cli import cli
+
+    runner = CliRunner()
+    out = runner.invoke(cli, ["bench", "--help"])
+    assert out.exit_code == 0 and "Example" in out.output
+    if not provider_available("cuda"):
+        out = runner.invoke(cli, ["bench", SMALL, "--input-shape", "64", "--provider", "cuda", "--quick"])
+        assert out.exit_code == 0, out.output
+        assert "skipped" in out.output

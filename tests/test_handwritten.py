@@ -1,0 +1,107 @@
+"""Hand-written LIF loops (psu_export/patterns.py): recognised exactly, or refused with the node."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_onnx
+
+HERE = Path(__file__).resolve().parent
+MODELS = HERE / "handwritten_models.py"
+
+
+def _factory(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_hw_models", MODELS)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return getattr(mod, name)()
+
+
+def _check_parity(path, model, x):
+    with torch.no_grad():
+        ref = model(x)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    got = run_onnx(path, x)
+    assert len(got) == len(ref)
+    for r, g in zip(ref, got):
+        r = r.numpy()
+        if np.all((r == 0) | (r == 1)):
+            assert np.array_equal(r, g), "spikes differ"
+        else:
+            np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "factory, shape, charge, resets",
+    [
+        ("make_mlp", (8,), "leaky", ["subtract", "zero"]),
+        ("make_conv", (1, 8, 8), "leaky", ["subtract", "none", "none"]),
+        ("make_tau", (8,), "sj_decay_input", ["zero"]),
+    ],
+)
+def test_sequence_loops_convert_exactly(convert, factory, shape, charge, resets):
+    conversion, path = convert(f"{MODELS}:{factory}", shape, 6)
+    assert conversion.layout.kind == "sequence" and conversion.layout.dynamic_time
+    assert [s.spec.reset for s in conversion.sites] == resets
+    assert conversion.sites[0].spec.charge == charge
+    assert conversion.sites[0].spec.reset_timing == "same_step"
+    model = _factory(factory).eval()
+    gen = torch.Generator().manual_seed(0)
+    for steps in (6, 11):  # the conversion T and another
+        x = torch.rand(steps, 3, *shape, generator=gen) * 2
+        _check_parity(path, model, x)
+    report = conversion.verify(path, providers=("cpu",), extra_time_steps=False)
+    assert report.passed
+    layers = {c.name: c for c in report.providers[0].layers}
+    assert layers, "per-layer spikes of the original were recorded"
+    assert all(c.spike_agreement == 1.0 for c in layers.values())
+
+
+def test_static_input_with_reset_before_charge(convert):
+    conversion, path = convert(f"{MODELS}:make_static", (6,), 25)
+    assert conversion.layout.kind == "static" and conversion.layout.time_steps == 7
+    lif = conversion.sites[0].spec
+    assert (lif.reset, float(lif.threshold), float(lif.decay)) == ("subtract", pytest.approx(0.7), pytest.approx(0.8))
+    model = _factory("make_static").eval()
+    x = torch.rand(5, 6) * 2
+    _check_parity(path, model, x)
+
+
+def test_surrogate_spikes_are_strict_and_ge_is_kept(convert):
+    conversion, _ = convert(f"{MODELS}:make_mlp", (8,), 4)
+    assert [s.spec.compare for s in conversion.sites] == ["gt", "ge"]
+
+
+def psu_export_command() -> str:
+    """The installed ``psu-export`` console script of this interpreter."""
+    script = Path(sys.executable).parent / "psu-export"
+    return str(script) if script.exists() else (shutil.which("psu-export") or "psu-export")
+
+
+def _cli(*args):
+    return subprocess.run([psu_export_command(), *args], capture_output=True, text=True, cwd=HERE.parent, timeout=300)
+
+
+def test_unrecognised_recurrence_exits_3_naming_the_node(tmp_path):
+    out = tmp_path / "r.onnx"
+    proc = _cli("convert", f"{MODELS}:make_recurrent", str(out), "--time-steps", "5", "--input-shape", "8")
+    assert proc.returncode == 3, proc.stderr
+    assert "node add" in proc.stderr and "recurrent spike feedback" in proc.stderr
+    assert not out.exists()
+
+
+def test_pre_reset_membrane_readout_is_refused(convert):
+    from psu_export.errors import NotConvertibleError
+
+    with pytest.raises(NotConvertibleError) as info:
+        convert(f"{MODELS}:make_pre_reset", (8,), 5)
+    assert "membrane before its reset" in str(info.value)

@@ -1,0 +1,160 @@
+"""SpikingJelly 2.0: every supported neuron and option converts exactly, checked against
+SpikingJelly's own sequential run at the conversion T and at other T."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("spikingjelly.activation_based.neuron")
+
+from conftest import reference_outputs, run_onnx  # noqa: E402
+
+from psu_export.errors import NotConvertibleError  # noqa: E402
+from psu_export.models import ref_spikingjelly as R  # noqa: E402
+from psu_export.pipeline import prepare  # noqa: E402
+
+MODELS = "psu_export.models.ref_spikingjelly"
+
+
+def _check(factory: str, shape, time_steps, tmp_path, other_steps=(11,), batch=3, scale=1.5):
+    conversion = prepare(f"{MODELS}:{factory}", input_shape=shape, time_steps=time_steps)
+    path = tmp_path / "m.onnx"
+    conversion.export(path)
+    model, kind = conversion.loaded.module, conversion.layout.kind
+    rates = []
+    for steps in (time_steps, *other_steps):
+        base = conversion.layout.example(batch, steps, generator=torch.Generator().manual_seed(steps))
+        for gain in (scale, 2 * scale, 4 * scale):  # strong enough that the outputs spike
+            x = base * gain
+            ref = reference_outputs(model, x, kind)
+            if any(0.0 < float(r.mean()) < 1.0 for r in ref if torch.isin(r, torch.tensor([0.0, 1.0])).all()):
+                break
+        got = run_onnx(path, x)
+        assert len(got) == len(ref)
+        for r, g in zip(ref, got):
+            r = r.numpy()
+            assert g.shape == r.shape
+            if np.isin(r, [0.0, 1.0]).all():
+                np.testing.assert_array_equal(g, r)  # spikes: bit for bit
+                rates.append(float(r.mean()))
+            else:
+                np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+    assert any(0.0 < f < 1.0 for f in rates), rates  # meaningful only if it spiked, and not always
+    return conversion, path
+
+
+@pytest.mark.parametrize("variant", sorted(R.VARIANTS))
+def test_neuron_options(variant, tmp_path):
+    conversion, _ = _check(f"make_mlp_{variant}", (R.SAMPLE,), 8, tmp_path)
+    mode = R.VARIANTS[variant][1]
+    assert conversion.layout.kind == ("sequence" if mode == "m" else "step")
+    for site in conversion.sites:
+        assert site.spec.compare == "ge" and site.spec.reset_timing == "same_step"
+
+
+def test_charge_forms_and_params_read_from_attributes():
+    from spikingjelly.activation_based import neuron
+
+    from psu_export.converters.spikingjelly import SpikingJellyConverter
+
+    conv = SpikingJellyConverter()
+    lif = conv.to_spec(neuron.LIFNode(tau=3.0, decay_input=False, v_reset=None, v_threshold=0.7))
+    assert (lif.charge, lif.reset, float(lif.tau), float(lif.threshold)) == ("sj_no_decay_input", "subtract", 3.0, pytest.approx(0.7))
+    plif = conv.to_spec(neuron.ParametricLIFNode(init_tau=2.5, v_reset=-0.5))
+    assert plif.charge == "sj_decay_input_mul" and plif.reset == "zero" and float(plif.reset_value) == -0.5 and float(plif.v_init) == -0.5
+    assert float(plif.inv_tau) == pytest.approx(1 / 2.5, rel=1e-6)
+    assert conv.to_spec(neuron.IFNode()).charge == "if"
+
+
+def test_multi_step_conv_net_layers(tmp_path):
+    """layer.Conv2d / BatchNorm2d / MaxPool2d / SeqToANNContainer / AvgPool2d / Flatten / Dropout / Linear, 'm' mode."""
+    conversion, path = _check("make_conv", (1, 12, 12), 6, tmp_path, other_steps=(2,))
+    assert [s.source_class for s in conversion.sites] == ["spikingjelly.LIFNode", "spikingjelly.ParametricLIFNode", "spikingjelly.IFNode"]
+    report = conversion.verify(path, providers=("cpu",))
+    assert report.passed, report.to_json()
+    assert report.to_json()["spike_agreement"] == 1.0
+    assert all(check["passed"] for check in report.to_json().get("extra_checks", report.extra_checks))
+
+
+def test_multi_step_conv_soft_reset(tmp_path):
+    _check("make_conv_soft", (1, 12, 12), 5, tmp_path, other_steps=(9,))
+
+
+def test_single_step_neurons_in_a_forward_loop(tmp_path):
+    conversion, _ = _check("make_single_step_loop", (R.SAMPLE,), 7, tmp_path)
+    assert conversion.layout.kind == "sequence"
+
+
+def test_reset_net_state_is_not_baked_in(tmp_path):
+    """State left in the neurons by an earlier call must not leak into the export."""
+    from spikingjelly.activation_based import functional
+
+    model = R.make_mlp_lif_step()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(2, R.SAMPLE) * 3)
+    conversion = prepare(model, input_shape=(R.SAMPLE,), time_steps=6)
+    path = tmp_path / "m.onnx"
+    conversion.export(path)
+    x = torch.rand(6, 2, R.SAMPLE) * 2
+    functional.reset_net(model)
+    ref = reference_outputs(model, x, "step")[0]
+    np.testing.assert_array_equal(run_onnx(path, x)[0], ref.numpy())
+
+
+@pytest.mark.parametrize("factory", ["make_sew_resnet18", "make_spiking_vgg"])
+def test_model_zoo(factory, tmp_path):
+    conversion = prepare(f"{MODELS}:{factory}", input_shape=(3, 32, 32), time_steps=3)
+    path = tmp_path / "m.onnx"
+    conversion.export(path)
+    report = conversion.verify(path, batch=2, providers=("cpu",), extra_time_steps=False)
+    summary = report.to_json()
+    assert report.passed, summary
+    assert summary["spike_agreement"] == 1.0
+    x = torch.rand(4, 1, 3, 32, 32) * 2  # another T and batch
+    ref = reference_outputs(conversion.loaded.module, x, "sequence")[0]
+    np.testing.assert_allclose(run_onnx(path, x)[0], ref.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_spiking_resnet18(tmp_path):
+    """The rewrite is bit-exact; onnxruntime's 7x7 stem convolution sums in another order than
+    torch, which can flip a spike whose input lies within float rounding of the threshold."""
+    conversion = prepare(f"{MODELS}:make_spiking_resnet18", input_shape=(3, 32, 32), time_steps=3)
+    path = tmp_path / "m.onnx"
+    conversion.export(path)
+    report = conversion.verify(path, batch=2, providers=("cpu",), extra_time_steps=False)
+    assert report.rewrite.passed
+    assert report.to_json()["spike_agreement"] >= 0.9999
+
+
+def test_unsupported_neurons_are_refused():
+    from spikingjelly.activation_based import layer, neuron, surrogate
+
+    for module in (neuron.SimpleLIFNode(tau=2.0, decay_input=True), neuron.IzhikevichNode(), neuron.PSN(T=4)):
+        model = torch.nn.Sequential(layer.Linear(4, 4, step_mode="m"), module)
+        with pytest.raises(NotConvertibleError) as info:
+            prepare(model, input_shape=(4,), time_steps=4)
+        assert type(module).__name__ in str(info.value.reasons)
+    not_spiking = neuron.LIFNode(surrogate_function=surrogate.ATan(spiking=False), step_mode="m")
+    with pytest.raises(NotConvertibleError, match="surrogate"):
+        prepare(torch.nn.Sequential(layer.Linear(4, 4, step_mode="m"), not_spiking), input_shape=(4,), time_steps=4)
+
+
+def test_cli_convert(tmp_path):
+    out, report = tmp_path / "sj.onnx", tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "psu_export.cli", "convert", f"{MODELS}:make_mlp_lif_soft", str(out), "--input-shape", str(R.SAMPLE),
+         "--time-steps", "8", "--input-kind", "sequence", "--report", str(report)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(report.read_text())
+    assert data["passed"] and data["spike_agreement"] == 1.0
+    assert {s["source_class"] for s in data["neuron_sites"]} == {"spikingjelly.LIFNode"}
