@@ -3,8 +3,9 @@
 # timings. Expects onnxruntime-gpu (split in parts under .gpu1 .. .gpu5) and the snntorch
 # wheel to have been carried in; writes everything under $OUT.
 set -uo pipefail
-OUT=${OUT:-out/gpu}
-mkdir -p "$OUT"
+FINAL=${OUT:-out/gpu}
+OUT=/tmp/gpu_results
+mkdir -p "$OUT" "$FINAL"
 log="$OUT/gpu_check.log"
 exec > >(tee "$log") 2>&1
 wheel=/tmp/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
@@ -32,6 +33,9 @@ for mode in psu stochastic; do
   echo "exit $mode verify: $?"
 done
 rm -f "$OUT"/*.onnx "$OUT"/*.onnx.data
-# 2. timings with the CUDA provider (benchmark suite), if present
-if [ -f benchmarks/gpu_check.sh ]; then bash benchmarks/gpu_check.sh; fi
-ls -la "$OUT"
+# 2. timings with the CUDA provider (benchmark suite)
+PYTHON=python3 OUT="$OUT/bench" bash benchmarks/gpu_check.sh
+ls -la "$OUT" "$OUT/bench"
+# at most 8 files come back from the device: one archive plus the log
+tar czf "$FINAL/gpu_results.tgz" -C "$OUT" .
+cp "$log" "$FINAL/"
