@@ -102,8 +102,9 @@ class SnnTorchConverter(FrameworkConverter):
     def reset_state(self, module) -> None:
         module._psu_state = []
         for name in ("mem", "syn"):
-            if hasattr(module, name) and isinstance(getattr(module, name), torch.Tensor):
-                setattr(module, name, torch.zeros(0))
+            state = getattr(module, name, None)
+            if isinstance(state, torch.Tensor):
+                setattr(module, name, torch.zeros(0, device=state.device))  # snnTorch re-creates it on this device
 
     def initial_state(self, module, role, value, step_input):
         # snnTorch replaces a state whose shape differs from the input by zeros

@@ -38,8 +38,8 @@ from pathlib import Path
 
 import click
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-
+from . import runtime
+from .runtime import PROVIDERS, provider_available
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -89,24 +89,9 @@ def machine_description() -> dict:
     }
 
 
-def provider_available(provider: str) -> bool:
-    import onnxruntime as ort
-
-    return PROVIDERS[provider] in ort.get_available_providers()
-
-
 def make_session(model, provider: str = "cpu", threads: int = 0):
-    """An onnxruntime session with all graph optimisations (``model``: path or bytes)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    if threads:
-        so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
-    return ort.InferenceSession(model if isinstance(model, (bytes, str)) else str(model), so, providers=providers)
+    """A benchmark session (the CPU takes nodes the provider lacks, as in deployment)."""
+    return runtime.make_session(model, provider, threads, fallback_to_cpu=True)
 
 
 def node_count(path) -> int:

@@ -25,6 +25,7 @@ import torch
 from .capture import InputLayout, NeuronModule, StepDriver, counting_calls, reset_neurons
 from .errors import CaptureError, UsageError
 from .ops import DOMAIN
+from .runtime import PROVIDERS, make_session, provider_available
 
 SCHEMA_VERSION = 1
 #: relative tolerance for non-spike outputs (membranes, logits)
@@ -90,19 +91,14 @@ def onnx_with_layer_outputs(path) -> tuple[bytes, dict[str, str], int]:
     return model.SerializeToString(), layer_outputs, n_outputs
 
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-
-
 def run_onnx(model_bytes: bytes, layer_outputs: dict[str, str], n_outputs: int, x: np.ndarray, provider: str):
     """Run under one provider; returns (model outputs, {layer: spikes})."""
     import onnxruntime as ort
 
-    available = ort.get_available_providers()
-    if PROVIDERS[provider] not in available:
-        raise ProviderUnavailable(f"{PROVIDERS[provider]} is not available in this onnxruntime (available: {', '.join(available)})")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model_bytes, options, providers=[PROVIDERS[provider]])
+    if not provider_available(provider):
+        available = ", ".join(ort.get_available_providers())
+        raise ProviderUnavailable(f"{PROVIDERS[provider]} is not available in this onnxruntime (available: {available})")
+    session = make_session(model_bytes, provider)
     if PROVIDERS[provider] not in session.get_providers():
         raise ProviderUnavailable(f"onnxruntime could not start {PROVIDERS[provider]}")
     names = [o.name for o in session.get_outputs()]
