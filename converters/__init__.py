@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, NamedTuple
 
 import torch
 
@@ -48,6 +48,54 @@ class CallConvention:
     max_time_steps: int | None = None
 
 
+EXACT = "exact"
+UNSUPPORTED = "unsupported"
+
+
+def spec_options(reset: str, reset_timing: str = "same_step", compare: str = "gt", charge: str = "leaky",
+                 reset_form: str = "standard", zero_scope: str = "membrane", two_state: bool = False) -> dict:
+    """The discrete options of a :class:`NeuronSpec` (no parameters), as coverage rows state them.
+
+    :func:`options_of` gives the same dict for a real spec, so a row's claim can be checked
+    against the spec ``to_spec`` really returns (``tests/test_meta.py``).
+    """
+    out = {"reset": reset, "reset_timing": reset_timing, "compare": compare, "charge": charge,
+           "reset_form": reset_form, "two_state": bool(two_state)}
+    if reset == "zero":
+        out["zero_scope"] = zero_scope
+    return out
+
+
+def options_of(spec: NeuronSpec) -> dict:
+    """:func:`spec_options` of a real spec."""
+    return spec_options(spec.reset, spec.reset_timing, spec.compare, spec.charge, spec.reset_form, spec.zero_scope, spec.two_state)
+
+
+class CoverageRow(NamedTuple):
+    """One row of the coverage table (:mod:`psu_export.coverage`): a neuron class with one option.
+
+    ``status`` is :data:`EXACT` (converted bit for bit) or :data:`UNSUPPORTED` (refused, with
+    ``reason``: the message the converter gives).  ``spec``: for exact rows, the discrete
+    :class:`NeuronSpec` options (:func:`spec_options`) ``to_spec`` returns for that option,
+    from which the table derives which ``--reset`` algorithm applies; ``None`` when the
+    option does not decide them.
+    """
+
+    neuron_class: str
+    option: str
+    status: str
+    reason: str = ""
+    spec: dict | None = None
+
+
+def exact(neuron_class: str, option: str, spec: dict | None = None) -> CoverageRow:
+    return CoverageRow(neuron_class, option, EXACT, "", spec)
+
+
+def unsupported(neuron_class: str, option: str, reason: str) -> CoverageRow:
+    return CoverageRow(neuron_class, option, UNSUPPORTED, reason, None)
+
+
 class FrameworkConverter:
     """Base class of a framework converter."""
 
@@ -65,6 +113,21 @@ class FrameworkConverter:
     def unsupported_classes(self) -> dict[type, str]:
         """Neuron classes of the framework that are recognised but cannot be converted, with why."""
         return {}
+
+    def coverage(self) -> list[CoverageRow]:
+        """What this converter handles, class by class and option by option (README's coverage table).
+
+        Override it with rows written from the code of :meth:`to_spec` and with the class
+        names known statically, so the table does not depend on which frameworks are
+        installed.  This default lists the installed classes only, one row each.
+        """
+        rows = [exact(cls.__name__, "all options") for cls in self.neuron_classes()]
+        rows += [unsupported(cls.__name__, "any", why) for cls, why in self.unsupported_classes().items()]
+        return rows
+
+    def coverage_class(self, module: torch.nn.Module) -> str:
+        """The ``neuron_class`` of the coverage rows that ``module`` falls under."""
+        return type(module).__name__
 
     def to_spec(self, module: torch.nn.Module) -> NeuronSpec:
         """The exact spec of ``module``; raise :class:`Unsupported` with a reason otherwise."""

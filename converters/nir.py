@@ -22,7 +22,7 @@ import torch
 
 from psu_export.spec import NeuronSpec
 
-from . import CallConvention, FrameworkConverter, register
+from . import CallConvention, FrameworkConverter, exact, register, spec_options, unsupported
 
 
 class NirConverter(FrameworkConverter):
@@ -34,6 +34,31 @@ class NirConverter(FrameworkConverter):
         from psu_export.nir_import import NirNeuron
 
         return (NirNeuron,)
+
+    def coverage(self):
+        # rows per NIR node type (NirNeuron.kind), see psu_export/nir_import.py
+        rows = []
+        for kind, two_state in (("LIF", False), ("IF", False), ("CubaLIF", True)):
+            rows += [
+                exact(kind, "--nir-reset zero (default, NIR's own: v <- v_reset)", spec_options("zero", two_state=two_state)),
+                exact(kind, "--nir-reset subtract (v <- v - v_threshold; for graphs from subtract-reset models)",
+                      spec_options("subtract", two_state=two_state)),
+                unsupported(kind, "--nir-reset subtract with a nonzero v_reset", "refused (usage error): subtract reset ignores v_reset"),
+            ]
+        rows += [
+            exact("LI", "no spikes: the population outputs v", spec_options("none")),
+            exact("I", "no spikes: the population outputs v", spec_options("none")),
+        ]
+        for kind in ("LIF", "CubaLIF", "LI"):
+            rows.append(unsupported(kind, "--dt larger than a time constant", "forward Euler needs dt <= tau (usage error)"))
+        rows += [
+            unsupported("NIRGraph", "nested graph (e.g. snnTorch's RLeaky export)", "nested NIR graphs (e.g. snnTorch's RLeaky export) are not supported"),
+            unsupported("any node", "in a cycle of edges", "is part of a recurrent loop (a cycle of edges): recurrent feedback cannot be parallelised over time"),
+        ]
+        return rows
+
+    def coverage_class(self, module) -> str:
+        return module.kind
 
     def to_spec(self, module) -> NeuronSpec:
         reset = module.reset if module.spiking else "none"

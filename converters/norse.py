@@ -28,7 +28,48 @@ import torch
 
 from psu_export.spec import NeuronSpec
 
-from . import CallConvention, FrameworkConverter, Unsupported, register
+from . import CallConvention, FrameworkConverter, Unsupported, exact, register, spec_options, unsupported
+
+# reasons given by to_spec (and listed by coverage())
+ADJOINT = "method='adjoint' runs a different (adjoint) step function"
+RECORD_STATES = "record_states=True (stacked states) is not supported"
+_RECURRENT = "recurrent spike feedback (z_{t-1} W_rec enters the current) cannot be parallelised over time"
+_REFRACTORY = "the refractory counter holds the membrane and blocks spikes for several steps after each spike (a second, spike-driven state)"
+_ADAPTIVE = "adaptive neurons carry a second state that feeds back into the membrane or threshold"
+_IZHIKEVICH = "Izhikevich neurons carry a recovery variable coupled to the membrane"
+_EXPONENTIAL = "the exponential LIF charge (exp of the membrane) is not supported"
+#: Norse neuron classes recognised and refused, by name (known without Norse installed)
+UNSUPPORTED_CLASSES = (
+    ("LIFRecurrentCell", _RECURRENT),
+    ("LIFRecurrent", _RECURRENT),
+    ("LIFRefracCell", _REFRACTORY),
+    ("LIFRefracRecurrentCell", _REFRACTORY),
+    ("LIFRefracRecurrent", _REFRACTORY),
+    ("LIFAdExCell", _ADAPTIVE),
+    ("LIFAdEx", _ADAPTIVE),
+    ("LIFAdExRecurrentCell", _RECURRENT),
+    ("LIFAdExRecurrent", _RECURRENT),
+    ("LIFAdExRefracCell", _REFRACTORY),
+    ("LIFAdExRefracRecurrentCell", _REFRACTORY),
+    ("LIFAdExRefracRecurrent", _REFRACTORY),
+    ("LIFExCell", _EXPONENTIAL),
+    ("LIFEx", _EXPONENTIAL),
+    ("LIFExRecurrentCell", _RECURRENT),
+    ("LIFExRecurrent", _RECURRENT),
+    ("LSNNCell", _ADAPTIVE),
+    ("LSNN", _ADAPTIVE),
+    ("LSNNRecurrentCell", _RECURRENT),
+    ("LSNNRecurrent", _RECURRENT),
+    ("LIFMCRecurrentCell", _RECURRENT),
+    ("LIFMCRefracRecurrentCell", _RECURRENT),
+    ("IzhikevichCell", _IZHIKEVICH),
+    ("Izhikevich", _IZHIKEVICH),
+    ("IzhikevichRecurrentCell", _RECURRENT),
+    ("IzhikevichRecurrent", _RECURRENT),
+    ("CobaLIFCell", "conductance-based LIF (input scaled by the membrane) is not supported"),
+    ("IAFCell", "IAF neurons are not supported yet"),
+    ("IAF", "IAF neurons are not supported yet"),
+)
 
 
 def _norse():
@@ -57,45 +98,35 @@ class NorseConverter(FrameworkConverter):
         nt = _norse()
         if nt is None:
             return {}
-        recurrent = "recurrent spike feedback (z_{t-1} W_rec enters the current) cannot be parallelised over time"
-        refractory = "the refractory counter holds the membrane and blocks spikes for several steps after each spike (a second, spike-driven state)"
-        adaptive = "adaptive neurons carry a second state that feeds back into the membrane or threshold"
         out = {}
-        for cls_name, why in (
-            ("LIFRecurrentCell", recurrent),
-            ("LIFRecurrent", recurrent),
-            ("LIFRefracCell", refractory),
-            ("LIFRefracRecurrentCell", refractory),
-            ("LIFRefracRecurrent", refractory),
-            ("LIFAdExCell", adaptive),
-            ("LIFAdEx", adaptive),
-            ("LIFAdExRecurrentCell", recurrent),
-            ("LIFAdExRecurrent", recurrent),
-            ("LIFAdExRefracCell", refractory),
-            ("LIFAdExRefracRecurrentCell", refractory),
-            ("LIFAdExRefracRecurrent", refractory),
-            ("LIFExCell", "the exponential LIF charge (exp of the membrane) is not supported"),
-            ("LIFEx", "the exponential LIF charge (exp of the membrane) is not supported"),
-            ("LIFExRecurrentCell", recurrent),
-            ("LIFExRecurrent", recurrent),
-            ("LSNNCell", adaptive),
-            ("LSNN", adaptive),
-            ("LSNNRecurrentCell", recurrent),
-            ("LSNNRecurrent", recurrent),
-            ("LIFMCRecurrentCell", recurrent),
-            ("LIFMCRefracRecurrentCell", recurrent),
-            ("IzhikevichCell", "Izhikevich neurons carry a recovery variable coupled to the membrane"),
-            ("Izhikevich", "Izhikevich neurons carry a recovery variable coupled to the membrane"),
-            ("IzhikevichRecurrentCell", recurrent),
-            ("IzhikevichRecurrent", recurrent),
-            ("CobaLIFCell", "conductance-based LIF (input scaled by the membrane) is not supported"),
-            ("IAFCell", "IAF neurons are not supported yet"),
-            ("IAF", "IAF neurons are not supported yet"),
-        ):
+        for cls_name, why in UNSUPPORTED_CLASSES:
             cls = getattr(nt, cls_name, None)
             if isinstance(cls, type):
                 out[cls] = why
         return out
+
+    def coverage(self):
+        params = "parameters read from p (LIFParameters: tau_syn_inv, tau_mem_inv, v_leak, v_th, v_reset) and dt"
+        lif = spec_options("zero", "same_step", "gt", "norse_lif", two_state=True)
+        rows = [
+            exact("LIFCell", f"method='super' (default) or another threshold that fires as H(v - v_th > 0); {params}", lif),
+            exact("LIFCell", "called as z, s = cell(x, s) in a loop over time, inside SequentialState driven step by step, "
+                             "or as the whole model (step by step)"),
+            exact("LIF", f"the whole [T, B, ...] sequence in one call (alone or in SequentialState); {params}", lif),
+            exact("LIFBoxCell", "reset_method=reset_value (default)", spec_options("zero", "same_step", "gt", "norse_box")),
+            exact("LIFBoxCell", "reset_method=reset_subtract", spec_options("subtract", "same_step", "gt", "norse_box", "blend")),
+            exact("LIFBoxCell", "parameters read from p (LIFBoxParameters: tau_mem_inv, v_leak, v_th, v_reset) and dt; "
+                                "called in a loop, in SequentialState, or as the whole model"),
+            unsupported("LIFBoxCell", "another reset_method", "reset_method ... is not reset_value or reset_subtract"),
+            unsupported("LIF", "record_states=True", RECORD_STATES),
+        ]
+        for cls in ("LIFCell", "LIF", "LIFBoxCell"):
+            rows += [
+                unsupported(cls, "method='adjoint'", ADJOINT),
+                unsupported(cls, "a threshold method that does not fire as H(v - v_th > 0)", "threshold method ... does not fire as H(v - v_th > 0)"),
+            ]
+        rows += [unsupported(cls, "any", why) for cls, why in UNSUPPORTED_CLASSES]
+        return rows
 
     # ---------------------------------------------------------------- spec
     def to_spec(self, module) -> NeuronSpec:
@@ -106,11 +137,11 @@ class NorseConverter(FrameworkConverter):
         p, dt = module.p, module.dt
         problems = []
         if p.method == "adjoint":
-            problems.append("method='adjoint' runs a different (adjoint) step function")
+            problems.append(ADJOINT)
         elif not _is_heaviside_gt(lambda x: threshold(x, p.method, p.alpha)):
             problems.append(f"threshold method {p.method!r} does not fire as H(v - v_th > 0)")
         if isinstance(module, nt.LIF) and getattr(module, "record_states", False):
-            problems.append("record_states=True (stacked states) is not supported")
+            problems.append(RECORD_STATES)
         if problems:
             raise Unsupported("; ".join(problems))
         v_leak = torch.as_tensor(p.v_leak).detach()

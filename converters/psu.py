@@ -21,7 +21,7 @@ import torch
 
 from psu_export.spec import NeuronSpec
 
-from . import CallConvention, FrameworkConverter, register
+from . import CallConvention, FrameworkConverter, exact, register
 
 
 class PsuConverter(FrameworkConverter):
@@ -33,6 +33,15 @@ class PsuConverter(FrameworkConverter):
         from psu_export.psu import IPSU, PSU, RPSU
 
         return (PSU, IPSU, RPSU)
+
+    def coverage(self):
+        # site_kernel: the module's own dynamics in every --reset mode (no NeuronSpec decides the algorithm)
+        both = "code_compat=False (the paper) or True (the authors' code); any tau, threshold"
+        return [
+            exact("PSU", f"{both}; any T"),
+            exact("IPSU", f"{both}, init='kaiming' or 'lif'; T <= max_steps (the ONNX model's T is fixed to --time-steps)"),
+            exact("RPSU", f"{both}, init='kaiming' or 'lif'; T <= max_steps (the ONNX model's T is fixed to --time-steps)"),
+        ]
 
     def installed_version(self) -> str | None:
         from psu_export import __version__

@@ -13,9 +13,24 @@ import torch
 
 from psu_export.spec import NeuronSpec
 
-from . import CallConvention, FrameworkConverter, Unsupported, register
+from . import CallConvention, FrameworkConverter, Unsupported, exact, register, spec_options, unsupported
 
 _RESETS = {0: "subtract", 1: "zero", 2: "none"}
+
+# reasons given by to_spec (and listed by coverage())
+INHIBITION = "inhibition=True (only the argmax over dim 1 may fire) couples neurons within a step"
+STATE_QUANT = "state_quant quantises the membrane between steps"
+NOT_HEAVISIDE = "its spike function's forward is not the step H(mem - threshold > 0)"
+_RECURRENT = "recurrent spike feedback (rec(spk_{t-1}) enters the membrane) cannot be parallelised over time"
+#: snnTorch neuron classes recognised and refused, by name (known without snnTorch installed)
+UNSUPPORTED_CLASSES = (
+    ("RLeaky", _RECURRENT),
+    ("RSynaptic", _RECURRENT),
+    ("Lapicque", "Lapicque neurons are not supported yet (use Leaky with beta = 1 - dt/(R*C))"),
+    ("Alpha", "Alpha neurons are not supported yet"),
+    ("SLSTM", "spiking LSTM cells are recurrent"),
+    ("SConv2dLSTM", "spiking LSTM cells are recurrent"),
+)
 
 
 class SnnTorchConverter(FrameworkConverter):
@@ -35,31 +50,45 @@ class SnnTorchConverter(FrameworkConverter):
             import snntorch
         except Exception:
             return {}
-        recurrent = "recurrent spike feedback (rec(spk_{t-1}) enters the membrane) cannot be parallelised over time"
         out = {}
-        for cls_name, why in (
-            ("RLeaky", recurrent),
-            ("RSynaptic", recurrent),
-            ("Lapicque", "Lapicque neurons are not supported yet (use Leaky with beta = 1 - dt/(R*C))"),
-            ("Alpha", "Alpha neurons are not supported yet"),
-            ("SLSTM", "spiking LSTM cells are recurrent"),
-            ("SConv2dLSTM", "spiking LSTM cells are recurrent"),
-        ):
+        for cls_name, why in UNSUPPORTED_CLASSES:
             cls = getattr(snntorch, cls_name, None)
             if cls is not None:
                 out[cls] = why
         return out
+
+    def coverage(self):
+        rows = []
+        for cls, two_state, zero_scope in (("Leaky", False, "membrane"), ("Synaptic", True, "total")):
+            state = "mem" if cls == "Leaky" else "syn, mem"
+            opts = lambda reset, timing: spec_options(reset, timing, "gt", zero_scope=zero_scope, two_state=two_state)  # noqa: E731
+            rows += [
+                exact(cls, 'reset_mechanism="subtract" (default), reset_delay=True (default)', opts("subtract", "previous_step")),
+                exact(cls, 'reset_mechanism="zero"', opts("zero", "previous_step")),
+                exact(cls, 'reset_mechanism="none"', opts("none", "previous_step")),
+                exact(cls, 'reset_delay=False, reset_mechanism="subtract"', opts("subtract", "same_step_guarded")),
+                exact(cls, 'reset_delay=False, reset_mechanism="zero"', opts("zero", "same_step_guarded")),
+                exact(cls, ("beta" if cls == "Leaky" else "alpha, beta") + ", threshold scalar or per channel, learned or not "
+                      "(clamped to [0, 1] as snnTorch does); graded_spikes_factor"),
+                exact(cls, f"called with explicit state ({state}) in a loop over time, or init_hidden=True "
+                      "(e.g. in nn.Sequential, output=True or False)"),
+                unsupported(cls, "inhibition=True", INHIBITION),
+                unsupported(cls, "state_quant", STATE_QUANT),
+                unsupported(cls, "spike_grad whose forward is not the Heaviside step", NOT_HEAVISIDE),
+            ]
+        rows += [unsupported(cls, "any", why) for cls, why in UNSUPPORTED_CLASSES]
+        return rows
 
     def to_spec(self, module) -> NeuronSpec:
         import snntorch
 
         problems = []
         if getattr(module, "inhibition", False):
-            problems.append("inhibition=True (only the argmax over dim 1 may fire) couples neurons within a step")
+            problems.append(INHIBITION)
         if getattr(module, "state_quant", False):
-            problems.append("state_quant quantises the membrane between steps")
+            problems.append(STATE_QUANT)
         if not _is_heaviside(module.spike_grad):
-            problems.append("its spike function's forward is not the step H(mem - threshold > 0)")
+            problems.append(NOT_HEAVISIDE)
         if problems:
             raise Unsupported("; ".join(problems))
         reset = _RESETS[int(module.reset_mechanism_val)]

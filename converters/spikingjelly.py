@@ -25,7 +25,31 @@ import torch
 
 from psu_export.spec import NeuronSpec
 
-from . import CallConvention, FrameworkConverter, Unsupported, register
+from . import CallConvention, FrameworkConverter, Unsupported, exact, register, spec_options, unsupported
+
+# reasons given by to_spec (and listed by coverage())
+OTHER_NODE = "is not one of the supported SpikingJelly neurons (IFNode, LIFNode, ParametricLIFNode); its update may differ"
+REDUCED_PRECISION = "a reduced neuron precision (set_neuron_precision) changes the state arithmetic"
+NOT_HEAVISIDE = "its surrogate function's forward is not the step H(h - v_threshold >= 0) (is surrogate.spiking False?)"
+PLIF_VECTOR_W = "ParametricLIFNode with a non-scalar w is not supported"
+#: SpikingJelly neuron classes recognised and refused, by name (known without SpikingJelly installed)
+UNSUPPORTED_CLASSES = (
+    ("PSN", "PSN is a non-causal learned T x T map with a fixed T, not a stateful neuron"),
+    ("MaskedPSN", "MaskedPSN has a fixed T and a learned T x T map (not supported yet)"),
+    ("SlidingPSN", "SlidingPSN (learned sliding-window kernel) is not supported yet"),
+    ("SimpleLIFNode", "SimpleLIFNode charges as v + (v_reset - v + x) / tau, an operation order not supported yet (use LIFNode)"),
+    ("SimpleIFNode", "SimpleIFNode is not supported yet (use IFNode)"),
+    ("AdaptBaseNode", "adaptive-threshold neurons carry a second state that feeds back into the threshold"),
+    ("IzhikevichNode", "Izhikevich neurons carry a recovery variable coupled to the membrane"),
+    ("EIFNode", "the exponential integrate-and-fire charge (exp of the membrane) is not supported"),
+    ("QIFNode", "the quadratic integrate-and-fire charge is not supported"),
+    ("KLIFNode", "KLIF's learned scaled ReLU of the membrane is not supported"),
+    ("LIAFNode", "LIAF outputs an analogue activation, not spikes"),
+    ("CLIFNode", "CLIF carries a second (complementary) state"),
+    ("GatedLIFNode", "gated LIF learns per-step gates over a fixed T"),
+    ("NonSpikingLIFNode", "non-spiking integrator (no threshold)"),
+    ("NonSpikingIFNode", "non-spiking integrator (no threshold)"),
+)
 
 
 def _neuron_module():
@@ -62,44 +86,50 @@ class SpikingJellyConverter(FrameworkConverter):
         if neuron is None:
             return {}
         out = {}
-        for cls_name, why in (
-            ("PSN", "PSN is a non-causal learned T x T map with a fixed T, not a stateful neuron"),
-            ("MaskedPSN", "MaskedPSN has a fixed T and a learned T x T map (not supported yet)"),
-            ("SlidingPSN", "SlidingPSN (learned sliding-window kernel) is not supported yet"),
-            ("SimpleLIFNode", "SimpleLIFNode charges as v + (v_reset - v + x) / tau, an operation order not supported yet (use LIFNode)"),
-            ("SimpleIFNode", "SimpleIFNode is not supported yet (use IFNode)"),
-            ("AdaptBaseNode", "adaptive-threshold neurons carry a second state that feeds back into the threshold"),
-            ("IzhikevichNode", "Izhikevich neurons carry a recovery variable coupled to the membrane"),
-            ("EIFNode", "the exponential integrate-and-fire charge (exp of the membrane) is not supported"),
-            ("QIFNode", "the quadratic integrate-and-fire charge is not supported"),
-            ("KLIFNode", "KLIF's learned scaled ReLU of the membrane is not supported"),
-            ("LIAFNode", "LIAF outputs an analogue activation, not spikes"),
-            ("CLIFNode", "CLIF carries a second (complementary) state"),
-            ("GatedLIFNode", "gated LIF learns per-step gates over a fixed T"),
-            ("NonSpikingLIFNode", "non-spiking integrator (no threshold)"),
-            ("NonSpikingIFNode", "non-spiking integrator (no threshold)"),
-        ):
+        for cls_name, why in UNSUPPORTED_CLASSES:
             cls = getattr(neuron, cls_name, None)
             if isinstance(cls, type):
                 out[cls] = why
         return out
+
+    def coverage(self):
+        rows = []
+        for cls, forms in (
+            ("IFNode", (("", "if"),)),
+            ("LIFNode", (("decay_input=True (default)", "sj_decay_input"), ("decay_input=False", "sj_no_decay_input"))),
+            ("ParametricLIFNode", (("decay_input=True (default)", "sj_decay_input_mul"), ("decay_input=False", "sj_no_decay_input_mul"))),
+        ):
+            for what, charge in forms:
+                prefix = f"{what}, " if what else ""
+                rows.append(exact(cls, f"{prefix}v_reset a number (hard reset, to v_reset)", spec_options("zero", "same_step", "ge", charge)))
+                rows.append(exact(cls, f"{prefix}v_reset=None (soft reset, subtract v_threshold)", spec_options("subtract", "same_step", "ge", charge)))
+            params = {"IFNode": "v_threshold, v_reset", "LIFNode": "tau, v_threshold, v_reset",
+                      "ParametricLIFNode": "w (scalar, from init_tau), v_threshold, v_reset"}[cls]
+            rows.append(exact(cls, "step_mode='s' (one step per call; the time loop in forward or driven by psu-export) "
+                                   f"or step_mode='m' (the whole [T, B, ...] sequence); scalar {params}"))
+            rows += [
+                unsupported(cls, "set_neuron_precision (reduced precision)", REDUCED_PRECISION),
+                unsupported(cls, "surrogate_function whose forward is not the step (spiking=False)", NOT_HEAVISIDE),
+                unsupported(cls, "non-scalar v_threshold or v_reset", "a non-scalar v_threshold / v_reset is not supported"),
+            ]
+        rows.append(unsupported("ParametricLIFNode", "non-scalar w", PLIF_VECTOR_W))
+        rows.append(unsupported("BaseNode", "any other subclass (not listed here)", OTHER_NODE))
+        rows += [unsupported(cls, "any", why) for cls, why in UNSUPPORTED_CLASSES]
+        return rows
 
     # ---------------------------------------------------------------- spec
     def to_spec(self, module) -> NeuronSpec:
         neuron = _neuron_module()
         cls = type(module)
         if cls not in self._supported():
-            raise Unsupported(
-                f"{cls.__module__}.{cls.__name__} is not one of the supported SpikingJelly neurons "
-                "(IFNode, LIFNode, ParametricLIFNode); its update may differ"
-            )
+            raise Unsupported(f"{cls.__module__}.{cls.__name__} {OTHER_NODE}")
         problems = []
         if getattr(module, "_neuron_precision", None) is not None:
-            problems.append("a reduced neuron precision (set_neuron_precision) changes the state arithmetic")
+            problems.append(REDUCED_PRECISION)
         if module.step_mode not in ("s", "m"):
             problems.append(f"unknown step_mode {module.step_mode!r}")
         if not _is_heaviside_ge(module.surrogate_function):
-            problems.append("its surrogate function's forward is not the step H(h - v_threshold >= 0) (is surrogate.spiking False?)")
+            problems.append(NOT_HEAVISIDE)
         threshold = _scalar(module.v_threshold, "v_threshold", problems)
         v_reset = None if module.v_reset is None else _scalar(module.v_reset, "v_reset", problems)
         if problems:
@@ -127,7 +157,7 @@ class SpikingJellyConverter(FrameworkConverter):
             )
         w = module.w.detach()
         if w.numel() != 1:
-            raise Unsupported("ParametricLIFNode with a non-scalar w is not supported")
+            raise Unsupported(PLIF_VECTOR_W)
         inv_tau = w.float().sigmoid().reshape(())  # computed as SpikingJelly computes it
         return NeuronSpec(
             decay=1.0 - inv_tau,

@@ -26,6 +26,9 @@ import torch
 from torch import nn
 
 SAMPLE = 16
+FRAMEWORK = "norse"
+#: neuron class -> factory of a reference model using it (read by tests/test_meta.py)
+REFERENCE_MODELS = {"LIFCell": "make_cell_loop", "LIFBoxCell": "make_cell_loop", "LIF": "make_lif_sequence"}
 
 
 @contextlib.contextmanager

@@ -27,6 +27,9 @@ import torch
 from torch import nn
 
 SAMPLE = 16
+FRAMEWORK = "spikingjelly"
+#: neuron class -> factory of a reference model using it (read by tests/test_meta.py)
+REFERENCE_MODELS = {"IFNode": "make_mlp_if_hard", "LIFNode": "make_mlp_lif_soft", "ParametricLIFNode": "make_mlp_plif_soft_step"}
 
 
 @contextlib.contextmanager

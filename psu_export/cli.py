@@ -191,13 +191,20 @@ def inspect(model, weights, time_steps, input_shape, input_kind, trust_model):
 
 
 @cli.command("list-converters")
-def list_converters():
+@click.option("--markdown", is_flag=True, help="Print the coverage table (framework x neuron class x option) as Markdown, as in README.md.")
+def list_converters(markdown):
     """List the framework converters, their versions and the neuron classes they handle.
 
     \b
     Example:
       psu-export list-converters
+      psu-export list-converters --markdown
     """
+    if markdown:
+        from .coverage import markdown as coverage_markdown
+
+        click.echo(coverage_markdown(), nl=False)
+        return
     from rich.table import Table
 
     from .converters import converters
