@@ -23,6 +23,19 @@ import torch
 from psu_export.spec import NeuronSpec
 
 
+def is_step_function(fn, compare: str) -> bool:
+    """Whether ``fn``'s forward is the Heaviside step a spec's ``compare`` assumes:
+    1 where ``x > 0`` (``"gt"``) or ``x >= 0`` (``"ge"``), else 0 (probed at and around 0)."""
+    probe = torch.tensor([-1.0, -1e-7, 0.0, 1e-7, 1.0, 3.0])
+    expected = torch.tensor([0.0, 0.0, 1.0 if compare == "ge" else 0.0, 1.0, 1.0, 1.0])
+    try:
+        with torch.no_grad():
+            out = fn(probe.clone())
+    except Exception:
+        return False
+    return isinstance(out, torch.Tensor) and torch.equal(out.float(), expected)
+
+
 class Unsupported(Exception):
     """A neuron module that cannot be converted faithfully; the message says why."""
 

@@ -28,7 +28,7 @@ import torch
 
 from psu_export.spec import NeuronSpec
 
-from . import CallConvention, FrameworkConverter, Unsupported, exact, register, spec_options, unsupported
+from . import CallConvention, FrameworkConverter, Unsupported, exact, is_step_function, register, spec_options, unsupported
 
 # reasons given by to_spec (and listed by coverage())
 ADJOINT = "method='adjoint' runs a different (adjoint) step function"
@@ -138,7 +138,7 @@ class NorseConverter(FrameworkConverter):
         problems = []
         if p.method == "adjoint":
             problems.append(ADJOINT)
-        elif not _is_heaviside_gt(lambda x: threshold(x, p.method, p.alpha)):
+        elif not is_step_function(lambda x: threshold(x, p.method, p.alpha), "gt"):
             problems.append(f"threshold method {p.method!r} does not fire as H(v - v_th > 0)")
         if isinstance(module, nt.LIF) and getattr(module, "record_states", False):
             problems.append(RECORD_STATES)
@@ -194,16 +194,6 @@ class NorseConverter(FrameworkConverter):
             return forward
 
         return CallConvention(state_roles=("current", "membrane"), forward=make_forward, sequence=sequence)
-
-
-def _is_heaviside_gt(fn) -> bool:
-    probe = torch.tensor([-1.0, -1e-7, 0.0, 1e-7, 1.0, 3.0])
-    try:
-        with torch.no_grad():
-            out = fn(probe.clone())
-    except Exception:
-        return False
-    return torch.equal(out.float(), torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 1.0]))
 
 
 register(NorseConverter())

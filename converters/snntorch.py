@@ -13,7 +13,7 @@ import torch
 
 from psu_export.spec import NeuronSpec
 
-from . import CallConvention, FrameworkConverter, Unsupported, exact, register, spec_options, unsupported
+from . import CallConvention, FrameworkConverter, Unsupported, exact, is_step_function, register, spec_options, unsupported
 
 _RESETS = {0: "subtract", 1: "zero", 2: "none"}
 
@@ -87,7 +87,7 @@ class SnnTorchConverter(FrameworkConverter):
             problems.append(INHIBITION)
         if getattr(module, "state_quant", False):
             problems.append(STATE_QUANT)
-        if not _is_heaviside(module.spike_grad):
+        if not is_step_function(module.spike_grad, "gt"):
             problems.append(NOT_HEAVISIDE)
         if problems:
             raise Unsupported("; ".join(problems))
@@ -140,16 +140,6 @@ class SnnTorchConverter(FrameworkConverter):
         if tuple(value.shape) != tuple(step_input.shape):
             return None
         return value
-
-
-def _is_heaviside(fn) -> bool:
-    probe = torch.tensor([-1.0, -1e-7, 0.0, 1e-7, 1.0, 3.0])
-    try:
-        with torch.no_grad():
-            out = fn(probe.clone())
-    except Exception:
-        return False
-    return torch.equal(out.float(), torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 1.0]))
 
 
 register(SnnTorchConverter())

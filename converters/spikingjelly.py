@@ -25,7 +25,7 @@ import torch
 
 from psu_export.spec import NeuronSpec
 
-from . import CallConvention, FrameworkConverter, Unsupported, exact, register, spec_options, unsupported
+from . import CallConvention, FrameworkConverter, Unsupported, exact, is_step_function, register, spec_options, unsupported
 
 # reasons given by to_spec (and listed by coverage())
 OTHER_NODE = "is not one of the supported SpikingJelly neurons (IFNode, LIFNode, ParametricLIFNode); its update may differ"
@@ -128,7 +128,7 @@ class SpikingJellyConverter(FrameworkConverter):
             problems.append(REDUCED_PRECISION)
         if module.step_mode not in ("s", "m"):
             problems.append(f"unknown step_mode {module.step_mode!r}")
-        if not _is_heaviside_ge(module.surrogate_function):
+        if not is_step_function(module.surrogate_function, "ge"):
             problems.append(NOT_HEAVISIDE)
         threshold = _scalar(module.v_threshold, "v_threshold", problems)
         v_reset = None if module.v_reset is None else _scalar(module.v_reset, "v_reset", problems)
@@ -208,16 +208,6 @@ def _scalar(value, what: str, problems: list[str]) -> float:
     if not math.isfinite(value):
         problems.append(f"{what} = {value} is not finite")
     return value
-
-
-def _is_heaviside_ge(fn) -> bool:
-    probe = torch.tensor([-1.0, -1e-7, 0.0, 1e-7, 1.0, 3.0])
-    try:
-        with torch.no_grad():
-            out = fn(probe.clone())
-    except Exception:
-        return False
-    return torch.equal(out.float(), torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0, 1.0]))
 
 
 register(SpikingJellyConverter())

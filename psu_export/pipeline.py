@@ -14,7 +14,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 
@@ -25,7 +24,6 @@ from .find import NeuronSite, TimeLoop, find_sites
 from .loading import LoadedModel, load_model
 from .rewrite import ParallelModel, rewrite
 from .verify import (
-    Comparison,
     ParityReport,
     ProviderResult,
     ProviderUnavailable,

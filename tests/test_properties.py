@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 snn = pytest.importorskip("snntorch")
 
 from psu_export.converters.snntorch import SnnTorchConverter  # noqa: E402
-from psu_export.ops import attach_functions, translation_table  # noqa: F401,E402
+from psu_export.ops import attach_functions  # noqa: E402
 from psu_export.ops.neuron import StepOptions, exact_neuron  # noqa: E402
 
 settings.register_profile("ci", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
