@@ -277,6 +277,9 @@ def run_benchmark(
         return result
     if threads:
         torch.set_num_threads(threads)
+    # all sessions of this run share one onnxruntime thread pool, as a single deployed session
+    # has one: per-session pools' spinning workers slowed whichever variant ran next
+    result["ort_thread_pool"] = "shared" if runtime.use_shared_thread_pool(threads) else "per-session"
     modes = [m for m in (modes or pipeline.MODES) if m in pipeline.MODES]
     tmp = tempfile.TemporaryDirectory() if work_dir is None else None
     work = Path(work_dir or tmp.name)

@@ -147,24 +147,6 @@ class NeuronSpec:
     def two_state(self) -> bool:
         return self.syn_decay is not None
 
-    @property
-    def variant(self) -> str:
-        """The discrete options, as an identifier: one ONNX function per variant."""
-        parts = [self.reset, self.reset_timing, self.compare]
-        if self.reset == "zero":
-            parts.append(self.zero_scope)
-        if self.two_state:
-            parts.append("syn")
-        if self.charge != "leaky":
-            parts.append(self.charge)
-        if self.reset_form != "standard":
-            parts.append(self.reset_form)
-        return "_".join(parts)
-
-    def params(self) -> list[torch.Tensor]:
-        """The parameter tensors the kernels use, in :data:`PARAM_NAMES` order (absent ones skipped)."""
-        return [getattr(self, n) for n in self.param_names()]
-
     def param_names(self) -> list[str]:
         return [n for n in PARAM_NAMES if getattr(self, n) is not None]
 

@@ -1,25 +1,23 @@
-"""Time-axis building blocks for the ``psu`` neuron functions (ONNX bodies, standard ops).
+"""Graph passes over the ``psu`` neuron functions (ONNX bodies, standard ops).
 
-* :func:`chunked_scan_function`: the exact recursion as a ``Scan`` over chunks of ``K``
-  steps whose body is the step arithmetic (:func:`~psu_export.ops.neuron.exact_step`)
-  unrolled ``K`` times.  Same float operations in the same order as the plain scan (the
-  spikes stay bit-exact), but ``K`` times fewer ``Scan`` iterations: onnxruntime's CPU
-  ``Scan`` costs tens of microseconds per iteration (slicing the inputs, copying state
-  and outputs), which dominated small layers.  The input is padded with zeros to a
-  multiple of ``K`` (the padded steps come after the real ones, so they cannot change
-  them) and the outputs are cut back to ``T``: the node count does not depend on ``T``
-  and any ``T`` is accepted.
-* :func:`chunked_closed_form`: reset-free neurons with a scalar decay without a ``T x T``
-  matrix: ``C x C`` Toeplitz blocks (one batched product) plus a carry between blocks
-  solved by a scan over ``T / C`` blocks, O(T C N) work and O(C^2 + T N) memory, so it
-  handles 100,000 steps.  Used by the torch kernel for long sequences.
+* :func:`choose_on_steps`: an ``If`` on the runtime T between a short-sequence body
+  (the T x T closed form) and a long one (the exact scan): any T runs, no T x T matrix is
+  built past the limit.
+* :func:`hoist_out_of_scan`: work in the ``Scan`` body that does not feed the recurrence
+  (e.g. the spike test of the new membrane) runs once over all steps after the scan.
+* :func:`recompute_sequence_identities`: a per-step copy of a value that is both the next
+  state and a per-step output is replaced by recomputing its last operation once over the
+  stacked operands (bit-identical floats, one node fewer per step).
+
+Measured and dropped (benchmarks on the 2-core CPU): unrolling K steps per ``Scan``
+iteration (14-36% slower at batch 1), and ``Where`` instead of ``Cast`` x parameter in the
+body (about 10% slower at batch 1).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
-import torch
 from onnx import TensorProto, helper
 
 from .builders import OnnxBuilder
@@ -28,99 +26,6 @@ from .registry import make_function
 
 def _i64(b: OnnxBuilder, values) -> str:
     return b.const_array(np.array(values, dtype=np.int64))
-
-
-def chunked_scan_function(node: onnx.NodeProto, o, opset: int, chunk: int) -> onnx.FunctionProto:
-    """Body of an exact neuron op as a ``Scan`` over chunks of ``chunk`` unrolled steps.
-
-    ``o`` is the op's :class:`~psu_export.ops.neuron.StepOptions`.  Inputs ``x`` ``[T, ...]``
-    and the parameters (``o.param_names``); outputs spikes, membrane (, current).
-    """
-    from .neuron import exact_step  # the one definition of a step's arithmetic
-
-    inputs = ["x", *o.param_names]
-    b = OnnxBuilder("f")
-    k = _i64(b, [chunk])
-    x_shape = b.node("Shape", ["x"])
-    steps = b.node("Shape", ["x"], start=0, end=1)
-    step_shape = b.node("Shape", ["x"], start=1)
-    n_chunks = b.node("Div", [b.node("Add", [steps, _i64(b, [chunk - 1])]), k])
-    padded = b.node("Mul", [n_chunks, k])
-    pad_len = b.node("Sub", [padded, steps])
-    # pad along time on a [T, M] view (rank-independent), then split time into chunks
-    flat = b.node("Reshape", ["x", b.node("Concat", [steps, _i64(b, [-1])], axis=0)])
-    pads = b.node("Concat", [_i64(b, [0, 0]), pad_len, _i64(b, [0])], axis=0)
-    flat = b.node("Pad", [flat, pads], mode="constant")
-    xc = b.node("Reshape", [flat, b.node("Concat", [n_chunks, k, step_shape], axis=0)])
-    state_shape = b.node("Concat", [_i64(b, [1]), step_shape], axis=0)
-    states = ([b.node("Expand", ["i_init", state_shape])] if o.two_state else []) + [b.node("Expand", ["v_init", state_shape])]
-
-    body = OnnxBuilder("b")
-    p = {name: name for name in o.param_names}
-    xs = body.node("Split", ["x_c"], n_out=chunk, axis=0, num_outputs=chunk) if chunk > 1 else ["x_c"]
-    v, i = "v_prev", ("i_prev" if o.two_state else None)
-    spikes, membranes, currents = [], [], []
-    for x_t in xs:
-        v, i, s = exact_step(body, o, p, v, i, x_t)
-        spikes.append(s)
-        membranes.append(v)
-        currents.append(i)
-
-    def stacked(values):
-        return body.node("Concat", values, axis=0) if len(values) > 1 else body.node("Identity", values)
-
-    seq_out = [stacked(spikes), stacked(membranes)] + ([stacked(currents)] if o.two_state else [])
-    state_out = ([body.node("Identity", [i])] if o.two_state else []) + [body.node("Identity", [v])]
-    state_in = (["i_prev"] if o.two_state else []) + ["v_prev"]
-    graph = helper.make_graph(
-        body.nodes,
-        "chunk",
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in state_in + ["x_c"]],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in state_out + seq_out],
-    )
-    scan_out = [b.fresh() for _ in states] + [b.fresh() for _ in seq_out]
-    b.nodes.append(helper.make_node("Scan", states + [xc], scan_out, num_scan_inputs=1, body=graph))
-    names = ["spikes", "membrane"] + (["current"] if o.two_state else [])
-    padded_shape = b.node("Concat", [padded, step_shape], axis=0)
-    for name, value in zip(names, scan_out[len(states):]):
-        full = b.node("Reshape", [value, padded_shape])
-        b.nodes.append(helper.make_node("Slice", [full, _i64(b, [0]), steps, _i64(b, [0])], [name]))
-    del x_shape
-    return make_function(node, b.nodes, inputs, names, opset)
-
-
-# ----------------------------------------------------------------------------- torch: long sequences
-
-
-def chunked_closed_form(x: torch.Tensor, decay: torch.Tensor, v0: torch.Tensor, block: int = 64) -> torch.Tensor:
-    """``v_t = decay * v_{t-1} + x_t`` (scalar decay) for ``x`` ``[T, ...]`` without a T x T matrix.
-
-    Blocks of ``block`` steps: inside a block one ``[C, C]`` Toeplitz product, between blocks
-    a carry ``v_end(m) = local_end(m) + decay^C v_end(m-1)``.  O(T C N) work.
-    """
-    steps = x.shape[0]
-    if steps == 0:
-        return x.clone()
-    c = min(block, steps)
-    n_blocks = -(-steps // c)
-    flat = x.reshape(steps, -1)
-    if n_blocks * c != steps:
-        flat = torch.cat([flat, flat.new_zeros(n_blocks * c - steps, flat.shape[1])])
-    d = decay.reshape(())
-    idx = torch.arange(c)
-    diff = idx[:, None] - idx[None, :]
-    kernel = torch.where(diff >= 0, d ** diff.clamp(min=0).to(torch.float32), torch.zeros(()))
-    local = torch.matmul(kernel, flat.reshape(n_blocks, c, -1))  # [M, C, N]
-    powers = d ** torch.arange(1, c + 1, dtype=torch.float32)  # decay^(j+1)
-    carry = v0.expand(x.shape[1:]).reshape(-1).to(flat.dtype)
-    out = torch.empty_like(local)
-    for m in range(n_blocks):
-        out[m] = local[m] + powers[:, None] * carry
-        carry = out[m, -1]
-    return out.reshape(n_blocks * c, *x.shape[1:])[:steps]
-
-
-# ----------------------------------------------------------------------------- runtime choice on T
 
 
 def _branch(fn: onnx.FunctionProto, prefix: str, name: str) -> onnx.GraphProto:
@@ -227,20 +132,25 @@ def hoist_out_of_scan(fn: onnx.FunctionProto) -> onnx.FunctionProto:
         if node is not None and node.op_type == "Identity" and node.input[0] in leaves:
             exposed.setdefault(node.input[0], scan.output[n_state + j])
     leaf_list = sorted(leaves - set(exposed))
-    leaf_out = {}
-    for leaf in leaf_list:
-        leaf_out[leaf] = f"hoist_{leaf}"
-        new_body_nodes.append(helper.make_node("Identity", [leaf], [leaf_out[leaf]]))
     outputs = list(body.output[:n_state]) + [body.output[n_state + j] for j in keep_seq]
+    leaf_out = {}
+    taken = {o.name for o in outputs}
+    for leaf in leaf_list:
+        if leaf in taken:  # already an output: a name may be returned only once
+            leaf_out[leaf] = f"hoist_{leaf}"
+            new_body_nodes.append(helper.make_node("Identity", [leaf], [leaf_out[leaf]]))
+        else:  # a node output: returned per step as it is (no copy node)
+            leaf_out[leaf] = leaf
     # a state returned through an Identity of a body value: return the value itself (one copy less per step)
-    output_names = {o.name for o in outputs}
+    output_names = {o.name for o in outputs} | set(leaf_out.values())
     for k in range(n_state):
         node = producer.get(outputs[k].name)
         if node is not None and node.op_type == "Identity" and node.input[0] in producer and node.input[0] not in output_names:
             new_body_nodes.remove(node)
             output_names.add(node.input[0])
             outputs[k] = helper.make_tensor_value_info(node.input[0], TensorProto.FLOAT, None)
-    outputs += [helper.make_tensor_value_info(leaf_out[leaf], TensorProto.FLOAT, None) for leaf in leaf_list]
+    outputs += [helper.make_tensor_value_info(leaf_out[leaf], TensorProto.BOOL if producer[leaf].op_type in _BOOL_OPS else TensorProto.FLOAT, None)
+                for leaf in leaf_list]
     new_body = helper.make_graph(new_body_nodes, body.name, list(body.input), outputs)
 
     # the scan node: same states, the kept outputs, then the stacked leaves
@@ -279,3 +189,136 @@ def hoist_out_of_scan(fn: onnx.FunctionProto) -> onnx.FunctionProto:
     del out.node[:]
     out.node.extend(nodes)
     return out
+
+
+# ----------------------------------------------------------------------------- fewer nodes per step
+
+_COMPARISONS = {"Greater", "GreaterOrEqual", "Less", "LessOrEqual", "Equal"}
+_BOOL_OPS = _COMPARISONS | {"Not", "And", "Or", "Xor"}
+
+
+def _single_scan(fn: onnx.FunctionProto):
+    scans = [n for n in fn.node if n.op_type == "Scan"]
+    if len(scans) != 1:
+        return None
+    attrs = {a.name: a for a in scans[0].attribute}
+    if set(attrs) - {"body", "num_scan_inputs"}:
+        return None
+    return scans[0], attrs["body"].g, attrs["num_scan_inputs"].i
+
+
+def _with_nodes(fn: onnx.FunctionProto, nodes) -> onnx.FunctionProto:
+    out = onnx.FunctionProto()
+    out.CopyFrom(fn)
+    del out.node[:]
+    out.node.extend(nodes)
+    return out
+
+
+def recompute_sequence_identities(fn: onnx.FunctionProto) -> onnx.FunctionProto:
+    """A per-step output ``Identity(v)`` of a value ``v = op(a, b, ...)`` is recomputed after the scan.
+
+    The membrane is both the next state and a per-step output; the state and the output
+    cannot be the same name (onnxruntime then returns wrong values), so the body copied it
+    with an ``Identity`` node every step.  Instead the operands of ``v``'s elementwise
+    producer that the body computes are returned per step (node outputs: no copy node) and
+    ``op`` runs once after the scan over the stacked ``[T, ...]`` operands: the same float
+    operation on the same values (bit-identical), one node less per step.  Operands that
+    are the scanned input map to the outer input, loop-invariant ones are read as they are,
+    body constants are copied out; an operand that is the previous state disqualifies.
+    """
+    found = _single_scan(fn)
+    if found is None:
+        return fn
+    scan, body, n_scan_in = found
+    n_state = len(scan.input) - n_scan_in
+    producer = {o: n for n in body.node for o in n.output}
+    body_input_names = [i.name for i in body.input]
+    state_in = set(body_input_names[:n_state])
+    scan_in = dict(zip(body_input_names[n_state:], scan.input[n_state:]))
+    outputs = list(body.output)
+    state_names = {o.name for o in outputs[:n_state]}
+    out_names = {o.name for o in outputs}
+    remove, after, new_seq = set(), [], []  # new_seq: body names returned per step
+    replace = {}  # seq index -> None (dropped)
+    stacked = {}  # body name -> outer stacked name
+    consumers: dict[str, int] = {}
+    for n in body.node:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    # states returned as Identity(v): v, when v ends up returned by no other output
+    state_copy = {producer[o.name].input[0]: k for k, o in enumerate(outputs[:n_state])
+                  if o.name in producer and producer[o.name].op_type == "Identity"}
+    for j in range(n_state, len(outputs)):
+        value = outputs[j].name
+        ident = producer.get(value)
+        if ident is not None and ident.op_type == "Identity" and not consumers.get(value):
+            value = ident.input[0]
+        else:
+            ident = None
+            if value not in state_copy:
+                continue  # no copy to save
+        src = producer.get(value)
+        if src is None or src.op_type not in _ELEMENTWISE or src.op_type in ("Constant", "Identity") or len(src.output) != 1:
+            continue
+        operands = []
+        ok = True
+        for i in src.input:
+            if not i:
+                operands.append(i)
+            elif i in state_in:
+                ok = False
+            elif i in scan_in:
+                operands.append(scan_in[i])
+            elif i not in producer:
+                operands.append(i)  # outer scope
+            elif producer[i].op_type == "Constant":
+                name = f"rc_{i}"
+                const = onnx.NodeProto()
+                const.CopyFrom(producer[i])
+                const.output[0] = name
+                after.append(const)
+                operands.append(name)
+            elif i in state_names or (i in out_names and i not in stacked):
+                ok = False  # a state output cannot also be a per-step output
+            else:
+                if i not in stacked:
+                    stacked[i] = f"rc_stacked_{i}"
+                    new_seq.append(i)
+                operands.append(stacked[i])
+            if not ok:
+                break
+        if not ok:
+            continue
+        if ident is not None:
+            remove.add(id(ident))
+        replace[j] = None
+        new = onnx.NodeProto()
+        new.CopyFrom(src)
+        del new.input[:]
+        new.input.extend(operands)
+        new.output[0] = scan.output[j]
+        after.append(new)
+    if not replace:
+        return fn
+    keep = [j for j in range(n_state, len(outputs)) if j not in replace]
+    new_outputs = outputs[:n_state] + [outputs[j] for j in keep]
+    # a state copied by Identity(v) returns v itself once v is no longer a per-step output
+    returned = {o.name for o in new_outputs[n_state:]} | set(new_seq)
+    for v, k in state_copy.items():
+        if v not in returned and v in producer and consumers.get(outputs[k].name, 0) == 0:
+            remove.add(id(producer[outputs[k].name]))
+            new_outputs[k] = helper.make_tensor_value_info(v, TensorProto.FLOAT, None)
+            returned.add(v)
+    types = {}
+    for name in new_seq:
+        elem = TensorProto.BOOL if producer[name].op_type in _BOOL_OPS else TensorProto.FLOAT
+        types[name] = elem
+        new_outputs.append(helper.make_tensor_value_info(name, elem, None))
+    graph = helper.make_graph([n for n in body.node if id(n) not in remove], body.name, list(body.input), new_outputs)
+    scan_out = list(scan.output[:n_state]) + [scan.output[j] for j in keep] + [stacked[name] for name in new_seq]
+    new_scan = helper.make_node("Scan", list(scan.input), scan_out, num_scan_inputs=n_scan_in, body=graph)
+    nodes = []
+    for n in fn.node:
+        nodes.extend([new_scan] + after if n is scan else [n])
+    return _with_nodes(fn, nodes)
