@@ -103,9 +103,10 @@ def _finish_report(report, report_path) -> int:
 @click.option("--data", type=click.Path(dir_okay=False), help="FILE.npz with array 'input' (and optional 'target') for verification.")
 @click.option("--batch-first", is_flag=True, help="Reserved: batch-first I/O for servers that batch dimension 0 (not yet supported).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the parity report as JSON.")
+@click.option("--raster", type=click.Path(dir_okay=False), help="Write a PNG spike raster: original vs onnxruntime, per neuron layer.")
 @click.option("--no-verify", is_flag=True, help="Skip the parity check after export.")
 @handle_errors
-def convert(model, out, weights, time_steps, input_shape, input_kind, trust_model, reset_mode, seed, data, batch_first, report_path, no_verify):
+def convert(model, out, weights, time_steps, input_shape, input_kind, trust_model, reset_mode, seed, data, batch_first, report_path, raster, no_verify):
     """Rewrite MODEL into a time-parallel ONNX file OUT and check parity.
 
     MODEL is module:factory or path/to/file.py:factory (with --weights STATE_DICT), or a
@@ -132,7 +133,7 @@ def convert(model, out, weights, time_steps, input_shape, input_kind, trust_mode
     if no_verify:
         sys.exit(EXIT_OK)
     _progress("verifying parity")
-    report = conversion.verify(out, data=data, seed=seed, progress=_progress)
+    report = conversion.verify(out, data=data, seed=seed, progress=_progress, raster=raster)
     sys.exit(_finish_report(report, report_path))
 
 
@@ -146,8 +147,9 @@ def convert(model, out, weights, time_steps, input_shape, input_kind, trust_mode
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "all"]), default="all", show_default=True,
               help="onnxruntime provider(s); 'all' runs CUDA when available and lists it as unavailable otherwise.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the parity report as JSON.")
+@click.option("--raster", type=click.Path(dir_okay=False), help="Write a PNG spike raster: original vs onnxruntime, per neuron layer.")
 @handle_errors
-def verify(model, onnx_file, weights, time_steps, input_shape, input_kind, trust_model, data, batch, seed, provider, report_path):
+def verify(model, onnx_file, weights, time_steps, input_shape, input_kind, trust_model, data, batch, seed, provider, report_path, raster):
     """Check that ONNX_FILE reproduces MODEL: original vs rewrite vs onnxruntime.
 
     \b
@@ -165,7 +167,7 @@ def verify(model, onnx_file, weights, time_steps, input_shape, input_kind, trust
     conversion.set_reset_estimate(estimate)
     providers = ("cpu", "cuda") if provider == "all" else (provider,)
     required = () if provider == "all" else (provider,)
-    report = conversion.verify(onnx_file, data=data, batch=batch, providers=providers, required_providers=required, seed=seed, progress=_progress)
+    report = conversion.verify(onnx_file, data=data, batch=batch, providers=providers, required_providers=required, seed=seed, progress=_progress, raster=raster)
     sys.exit(_finish_report(report, report_path))
 
 

@@ -98,10 +98,15 @@ class Conversion:
         x = synthetic_inputs(self.loaded.module, self.neurons, self.layout, batch, steps, seed)
         return x, None, f"synthetic(seed={seed}, batch={batch}, T={steps})"
 
-    def verify(self, onnx_path, data=None, batch: int = 4, providers=("cpu", "cuda"), required_providers=(), seed: int = 0, extra_time_steps=True, progress=None) -> ParityReport:
-        """Compare original, rewrite and ONNX; ``required_providers`` fail when unavailable."""
+    def verify(self, onnx_path, data=None, batch: int = 4, providers=("cpu", "cuda"), required_providers=(), seed: int = 0, extra_time_steps=True, progress=None, raster=None) -> ParityReport:
+        """Compare original, rewrite and ONNX; ``required_providers`` fail when unavailable.
+
+        ``raster``: also write a PNG spike raster of the original vs onnxruntime (CPU).
+        """
         check_onnx_matches(onnx_path, self)
         x, target, described = self.inputs(data, batch, seed=seed)
+        if raster:
+            self.write_raster(onnx_path, x, raster)
         rewrite_result, provider_results = self._compare(onnx_path, x, providers, required_providers)
         report = ParityReport(
             mode=self.mode,
@@ -131,6 +136,13 @@ class Conversion:
             if self.mode != "exact" and "converted" in report.accuracy:
                 report.notes.append(f"converted model accuracy (--reset {self.mode}, informative): {report.accuracy['converted']:.4f}")
         return report
+
+    def write_raster(self, onnx_path, x, path) -> None:
+        from .raster import write_raster
+
+        _, reference = run_original(self.loaded.module, self.neurons, self.layout, x)
+        _, converted = run_onnx(*onnx_with_layer_outputs(onnx_path), x.numpy(), "cpu")
+        write_raster(path, reference, converted, f"original (dots) vs onnxruntime, {Path(onnx_path).name}, mode {self.mode}")
 
     def _compare(self, onnx_path, x, providers, required=()):
         time_first = self.layout.kind != "static"
