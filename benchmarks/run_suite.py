@@ -55,7 +55,8 @@ def main(argv=None) -> int:
     for factory, shape in models:
         print(f"== {factory}", flush=True)
         results.append(run_benchmark(factory, shape, None, steps, batches, args.provider, threads=args.threads,
-                                     eager=not args.no_eager, cache_dir=args.cache or None, progress=lambda m: print("  " + m, flush=True), **timing))
+                                     eager=not args.no_eager, cache_dir=args.cache or None, progress=lambda m: print("  " + m, flush=True),
+                                     shared_thread_pool=True, **timing))
         if results[-1].get("skipped"):
             break
     for r in results:

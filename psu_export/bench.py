@@ -260,8 +260,16 @@ def run_benchmark(
     eager: bool = True,
     progress=None,
     cache_dir=None,
+    shared_thread_pool: bool = False,
 ) -> dict:
-    """Benchmark one model (see module docstring); returns a JSON-able dict."""
+    """Benchmark one model (see module docstring); returns a JSON-able dict.
+
+    ``shared_thread_pool``: give every onnxruntime session of the process one thread pool
+    (:func:`psu_export.runtime.use_shared_thread_pool`), as a single deployed session has;
+    per-session pools' spinning workers slowed whichever variant ran next.  It changes the
+    whole process (later sessions must opt in), so only the standalone entry points
+    (``psu-export bench``, ``benchmarks/run_suite.py``) turn it on.
+    """
     import numpy as np
     import torch
 
@@ -277,9 +285,8 @@ def run_benchmark(
         return result
     if threads:
         torch.set_num_threads(threads)
-    # all sessions of this run share one onnxruntime thread pool, as a single deployed session
-    # has one: per-session pools' spinning workers slowed whichever variant ran next
-    result["ort_thread_pool"] = "shared" if runtime.use_shared_thread_pool(threads) else "per-session"
+    shared = shared_thread_pool and runtime.use_shared_thread_pool(threads)
+    result["ort_thread_pool"] = "shared" if shared else "per-session"
     modes = [m for m in (modes or pipeline.MODES) if m in pipeline.MODES]
     tmp = tempfile.TemporaryDirectory() if work_dir is None else None
     work = Path(work_dir or tmp.name)
@@ -527,7 +534,7 @@ def bench(model, weights, input_shape, time_steps, batches, provider, threads, q
         steps, bs = steps[:1] if time_steps != "16,64,256" else (16,), bs[:1]
         kwargs = {"min_runs": 3, "max_runs": 10, "cell_budget_s": 0.5}
     result = run_benchmark(model, _ints(input_shape), weights, steps, bs, provider, threads=threads, eager=not no_eager,
-                           progress=lambda m: click.echo(m, err=True), **kwargs)
+                           progress=lambda m: click.echo(m, err=True), shared_thread_pool=True, **kwargs)
     text = markdown([result])
     click.echo(text)
     if out_dir:
