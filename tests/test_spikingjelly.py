@@ -125,13 +125,14 @@ def test_model_zoo(factory, tmp_path):
 @pytest.mark.slow
 def test_spiking_resnet18(tmp_path):
     """The rewrite is bit-exact; onnxruntime's 7x7 stem convolution sums in another order than
-    torch, which can flip a spike whose input lies within float rounding of the threshold."""
+    torch, which can flip a spike whose input lies within float rounding of the threshold:
+    verify must attribute any such difference to a float tie (and what follows from it)."""
     conversion = prepare(f"{MODELS}:make_spiking_resnet18", input_shape=(3, 32, 32), time_steps=3)
     path = tmp_path / "m.onnx"
     conversion.export(path)
     report = conversion.verify(path, batch=2, providers=("cpu",), extra_time_steps=False)
     assert report.rewrite.passed
-    assert report.to_json()["spike_agreement"] >= 0.9999
+    assert report.passed, report.to_json()
 
 
 def test_unsupported_neurons_are_refused():
