@@ -12,7 +12,8 @@ from rich.console import Console
 
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_PARITY, PsuExportError
 
-console = Console(stderr=True)
+# wide enough for the parity tables when the output is a file or a CI log
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def _progress(message: str) -> None:

@@ -142,7 +142,7 @@ class Conversion:
 
         _, reference = run_original(self.loaded.module, self.neurons, self.layout, x)
         _, converted = run_onnx(*onnx_with_layer_outputs(onnx_path), x.numpy(), "cpu")
-        write_raster(path, reference, converted, f"original (dots) vs onnxruntime, {Path(onnx_path).name}, mode {self.mode}")
+        write_raster(path, reference, converted, f"original vs onnxruntime ({Path(onnx_path).name}, {self.mode} mode)")
 
     def _compare(self, onnx_path, x, providers, required=()):
         time_first = self.layout.kind != "static"

@@ -29,8 +29,8 @@ def report_tables(report: dict) -> list[Table]:
     rows = Table(title=f"Parity ({report['mode']} mode, T={report['time_steps']}, inputs {report['inputs']})")
     for col in ("compared", "kind", "name", "spike agreement", "float ties", "max abs error", "argmax agreement", "result"):
         rows.add_column(col)
-    checks = [("original vs torch-parallel", report["rewrite"])] + [
-        (f"original vs onnxruntime {name}", summary) for name, summary in report["providers"].items()
+    checks = [("original vs torch", report["rewrite"])] + [
+        (f"original vs ort:{name}", summary) for name, summary in report["providers"].items()
     ]
     for label, summary in checks:
         if not summary["available"]:
@@ -45,7 +45,7 @@ def report_tables(report: dict) -> list[Table]:
                 rows.add_row(label, kind, c["name"], _pct(c["spike_agreement"]), str(c["float_ties"]), _err(c["max_abs_error"]), _pct(c["argmax_agreement"]), result)
         for c in summary.get("export_layers", []):
             result = "[green]PASSED[/green]" if c["passed"] else "[red]FAILED[/red]"
-            rows.add_row(label.replace("original", "torch-parallel"), "layer", c["name"], _pct(c["spike_agreement"]), str(c["float_ties"]), _err(c["max_abs_error"]), "-", result)
+            rows.add_row(label.replace("original", "torch"), "layer", c["name"], _pct(c["spike_agreement"]), str(c["float_ties"]), _err(c["max_abs_error"]), "-", result)
     tables = [rows]
     if report.get("extra_time_steps"):
         extra = Table(title="Other sequence lengths (onnxruntime cpu)")
