@@ -74,7 +74,7 @@ def _prepare(model, weights, time_steps, input_shape, input_kind, trust_model, d
 
         shape = input_shape_of(model)
         input_shape = ",".join(map(str, shape)) if shape else None
-    shape = sample_shape_from(input_shape, data, onnx_path)
+    shape = sample_shape_from(input_shape, onnx_path)
     meta = click.get_current_context().meta
     return prepare(model, weights, shape, time_steps, trust_model, input_kind, progress=_progress, mode=mode, seed=seed,
                    nir_dt=meta.get("psu_export.dt"), nir_reset=meta.get("psu_export.nir_reset") or "zero")

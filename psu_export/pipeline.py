@@ -131,8 +131,11 @@ class Conversion:
                     "max_abs_error": prov[0].summary()["max_abs_error"] if prov else None,
                 })
         if target is not None:
-            report.notes.append(_accuracy_note(self, x, target))
             report.accuracy = accuracies(self, x, target)
+            if "original" in report.accuracy:
+                report.notes.append(f"original model accuracy on --data targets: {report.accuracy['original']:.4f}")
+            else:
+                report.notes.append("target given, but the first output has no per-sample classes")
             if self.mode != "exact" and "converted" in report.accuracy:
                 report.notes.append(f"converted model accuracy (--reset {self.mode}, informative): {report.accuracy['converted']:.4f}")
         return report
@@ -199,7 +202,6 @@ class Conversion:
                 gaps[site.name] = (charged - spec.threshold).abs() / torch.clamp(spec.threshold.abs(), min=1.0)
         return gaps
 
-
     def _export_gaps(self, gaps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Layers whose ONNX form may differ from torch in the last bit: IPSU / RPSU's learned
         T x T products (MatMul is summed in a library-specific order); ties there are excused."""
@@ -249,17 +251,6 @@ def accuracies(conversion: Conversion, x, target) -> dict[str, float]:
     return out
 
 
-def _accuracy_note(conversion: Conversion, x, target) -> str:
-    from .verify import _argmax_classes
-
-    ref_out, _ = run_original(conversion.loaded.module, conversion.neurons, conversion.layout, x)
-    classes = _argmax_classes(ref_out[0], conversion.layout.kind != "static")
-    if classes is None or classes.shape[0] != target.shape[0]:
-        return "target given, but the first output has no per-sample classes"
-    accuracy = float((classes == target.long()).float().mean())
-    return f"original model accuracy on --data targets: {accuracy:.4f}"
-
-
 def check_onnx_matches(onnx_path, conversion: Conversion) -> None:
     """Refuse to verify an ONNX file that was not converted from this model."""
     path = Path(onnx_path)
@@ -283,8 +274,8 @@ def check_onnx_matches(onnx_path, conversion: Conversion) -> None:
         )
 
 
-def sample_shape_from(input_shape: str | None, data, onnx_path=None) -> tuple[int, ...]:
-    """``--input-shape``, or the shape implied by ``--data`` / the ONNX metadata."""
+def sample_shape_from(input_shape: str | None, onnx_path=None) -> tuple[int, ...]:
+    """``--input-shape``, or the shape recorded in a converted ONNX file's metadata."""
     if input_shape:
         try:
             shape = tuple(int(d) for d in input_shape.replace("x", ",").split(",") if d.strip())
