@@ -41,3 +41,18 @@ def test_25m_parameter_model_converts_and_verifies(tmp_path):
     onnx.checker.check_model(str(path))
     report = conversion.verify(path, batch=2, extra_time_steps=False)
     assert report.passed, report.to_json()
+
+
+def test_external_data_file_when_the_model_is_large(tmp_path, monkeypatch):
+    """Past the protobuf size limit the weights go to ``<file>.data``; the pair verifies."""
+    from psu_export import emit
+    from psu_export.pipeline import prepare
+
+    monkeypatch.setattr(emit, "EXTERNAL_DATA_THRESHOLD", 0)  # every model counts as large
+    conversion = prepare(Wide(), input_shape=(4096,), time_steps=3)
+    path = tmp_path / "wide.onnx"
+    conversion.export(path)
+    data = tmp_path / "wide.onnx.data"
+    assert data.stat().st_size > 100_000_000 and path.stat().st_size < 10_000_000
+    assert not list(tmp_path.glob("*.tmp"))
+    assert conversion.verify(path, batch=2, extra_time_steps=False, providers=("cpu",)).passed
