@@ -36,6 +36,15 @@ def is_step_function(fn, compare: str) -> bool:
     return isinstance(out, torch.Tensor) and torch.equal(out.float(), expected)
 
 
+def classes_by_name(module, table) -> dict[type, str]:
+    """``{class: reason}`` for the ``(class name, reason)`` rows of ``table`` that ``module``
+    (a framework's namespace, or ``None`` when it is not installed) defines."""
+    if module is None:
+        return {}
+    found = {name: getattr(module, name, None) for name, _ in table}
+    return {found[name]: why for name, why in table if isinstance(found[name], type)}
+
+
 class Unsupported(Exception):
     """A neuron module that cannot be converted faithfully; the message says why."""
 

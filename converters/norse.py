@@ -28,7 +28,7 @@ import torch
 
 from psu_export.spec import NeuronSpec
 
-from . import CallConvention, FrameworkConverter, Unsupported, exact, is_step_function, register, spec_options, unsupported
+from . import CallConvention, FrameworkConverter, Unsupported, classes_by_name, exact, is_step_function, register, spec_options, unsupported
 
 # reasons given by to_spec (and listed by coverage())
 ADJOINT = "method='adjoint' runs a different (adjoint) step function"
@@ -95,15 +95,7 @@ class NorseConverter(FrameworkConverter):
         return (nt.LIFCell, nt.LIFBoxCell, nt.LIF)
 
     def unsupported_classes(self):
-        nt = _norse()
-        if nt is None:
-            return {}
-        out = {}
-        for cls_name, why in UNSUPPORTED_CLASSES:
-            cls = getattr(nt, cls_name, None)
-            if isinstance(cls, type):
-                out[cls] = why
-        return out
+        return classes_by_name(_norse(), UNSUPPORTED_CLASSES)
 
     def coverage(self):
         params = "parameters read from p (LIFParameters: tau_syn_inv, tau_mem_inv, v_leak, v_th, v_reset) and dt"

@@ -13,7 +13,7 @@ import torch
 
 from psu_export.spec import NeuronSpec
 
-from . import CallConvention, FrameworkConverter, Unsupported, exact, is_step_function, register, spec_options, unsupported
+from . import CallConvention, FrameworkConverter, Unsupported, classes_by_name, exact, is_step_function, register, spec_options, unsupported
 
 _RESETS = {0: "subtract", 1: "zero", 2: "none"}
 
@@ -49,13 +49,8 @@ class SnnTorchConverter(FrameworkConverter):
         try:
             import snntorch
         except Exception:
-            return {}
-        out = {}
-        for cls_name, why in UNSUPPORTED_CLASSES:
-            cls = getattr(snntorch, cls_name, None)
-            if cls is not None:
-                out[cls] = why
-        return out
+            snntorch = None
+        return classes_by_name(snntorch, UNSUPPORTED_CLASSES)
 
     def coverage(self):
         rows = []

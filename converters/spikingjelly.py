@@ -25,7 +25,7 @@ import torch
 
 from psu_export.spec import NeuronSpec
 
-from . import CallConvention, FrameworkConverter, Unsupported, exact, is_step_function, register, spec_options, unsupported
+from . import CallConvention, FrameworkConverter, Unsupported, classes_by_name, exact, is_step_function, register, spec_options, unsupported
 
 # reasons given by to_spec (and listed by coverage())
 OTHER_NODE = "is not one of the supported SpikingJelly neurons (IFNode, LIFNode, ParametricLIFNode); its update may differ"
@@ -82,15 +82,7 @@ class SpikingJellyConverter(FrameworkConverter):
         return self._supported() + (neuron.BaseNode,)
 
     def unsupported_classes(self):
-        neuron = _neuron_module()
-        if neuron is None:
-            return {}
-        out = {}
-        for cls_name, why in UNSUPPORTED_CLASSES:
-            cls = getattr(neuron, cls_name, None)
-            if isinstance(cls, type):
-                out[cls] = why
-        return out
+        return classes_by_name(_neuron_module(), UNSUPPORTED_CLASSES)
 
     def coverage(self):
         rows = []
