@@ -204,14 +204,13 @@ def _pair(v):
 class NIRNet(nn.Module):
     """A NIR graph as one time step: nodes in topological order, edges into a node summed."""
 
-    def __init__(self, layers: dict[str, nn.Module], order: list[str], sources: dict[str, list[str]], input_name: str, output_name: str, names: dict[str, str]):
+    def __init__(self, layers: dict[str, nn.Module], order: list[str], sources: dict[str, list[str]], input_name: str, output_name: str):
         super().__init__()
         self.layers = nn.ModuleDict(layers)
         self.order = order
         self.sources = sources
         self.input_name = input_name
         self.output_name = output_name
-        self.nir_names = names  # module key -> NIR node name
         #: added to the parity report's notes (see pipeline.prepare)
         self.conversion_notes: list[str] = []
 
@@ -346,7 +345,7 @@ def build(graph, dt: float = DEFAULT_DT, reset: str = "zero") -> NIRNet:
         raise NotConvertibleError(reasons)
     order = [k for k in order if k != keys[inputs[0]]]
     layers = {k: layers[k] for k in order if k in layers}  # modules (and neuron sites) in graph order
-    net = NIRNet(layers, order, sources, keys[inputs[0]], keys[outputs[0]], {v: k for k, v in keys.items()})
+    net = NIRNet(layers, order, sources, keys[inputs[0]], keys[outputs[0]])
     spiking = [n for n, node in graph.nodes.items() if isinstance(node, (nir.LIF, nir.CubaLIF, nir.IF))]
     net.conversion_notes.append(
         f"NIR graph discretised with forward Euler, dt={dt:g} (--dt); v(0)=0, I(0)=0. NIR cannot express a subtract "

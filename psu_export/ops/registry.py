@@ -53,10 +53,6 @@ def register(op: CustomOp) -> CustomOp:
     return op
 
 
-def registered_ops() -> dict[Callable, CustomOp]:
-    return dict(_REGISTRY)
-
-
 def translation_table() -> dict[Callable, Callable]:
     """``custom_translation_table`` for ``torch.onnx.export`` (plain functions, as it requires)."""
 
