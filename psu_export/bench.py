@@ -181,32 +181,67 @@ def _export_dynamo(module, example, path, dynamic_shapes):
     program.save(str(path))
 
 
-def export_naive(module, neurons, layout, time_steps: int, path) -> float:
-    """``torch.onnx.export(dynamo=True)`` of the original over a fixed T; returns seconds."""
+class BaselineExportError(RuntimeError):
+    """A baseline (naive export or bound) could not be exported (the message says why)."""
+
+
+def _root_cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first[:300]}"
+
+
+def export_naive(module, neurons, layout, time_steps: int, path) -> tuple[float, str]:
+    """``torch.onnx.export`` of the original, unrolled over a fixed T; returns (seconds, exporter).
+
+    Tries what a user would: the dynamo exporter with a dynamic batch, then with a static
+    batch (some models specialise it), then the TorchScript exporter (``dynamo=False``).
+    Raises :class:`BaselineExportError` with the dynamo exporter's root cause when all fail.
+    """
     import torch
 
     from .capture import StepDriver, reset_neurons
 
-    reset_neurons(neurons)
     target = StepDriver(module) if layout.kind == "step" else module
     x = layout.example(2, time_steps)
-    t0 = time.perf_counter()
-    try:
-        _export_dynamo(target, x, path, ({1: torch.export.Dim("batch")},))
-    except Exception:  # some models specialise the batch: export it static
-        _export_dynamo(target, x, path, None)
-    finally:
+    attempts = [
+        ("dynamo, dynamic batch", lambda: _export_dynamo(target, x, path, ({1: torch.export.Dim("batch")},))),
+        ("dynamo, static batch", lambda: _export_dynamo(target, x, path, None)),
+        ("torchscript", lambda: _export_torchscript(target, x, path)),
+    ]
+    first_error = None
+    for name, attempt in attempts:
         reset_neurons(neurons)
-    return time.perf_counter() - t0
+        t0 = time.perf_counter()
+        try:
+            attempt()
+            return time.perf_counter() - t0, name
+        except Exception as exc:  # noqa: BLE001 - the next exporter may manage
+            first_error = first_error or exc
+        finally:
+            reset_neurons(neurons)
+    raise BaselineExportError(f"torch.onnx.export failed on the original model ({_root_cause(first_error)})")
+
+
+def _export_torchscript(module, example, path):
+    import torch
+
+    with _quiet(), torch.no_grad():
+        torch.onnx.export(module, (example,), str(path), dynamo=False)
 
 
 def export_bound(module, neurons, layout, path) -> float:
+    """Export :func:`bound_model`; raises :class:`BaselineExportError` when it cannot be built."""
     import torch
 
-    model = bound_model(module, neurons, layout.kind)
-    x = layout.example(2, 4)
-    t0 = time.perf_counter()
-    _export_dynamo(model, x, path, ({0: torch.export.Dim("T"), 1: torch.export.Dim("batch")},))
+    try:
+        model = bound_model(module, neurons, layout.kind)
+        x = layout.example(2, 4)
+        t0 = time.perf_counter()
+        _export_dynamo(model, x, path, ({0: torch.export.Dim("T"), 1: torch.export.Dim("batch")},))
+    except Exception as exc:  # noqa: BLE001 - e.g. the model reads neuron state the activation lacks
+        raise BaselineExportError(f"the bound (neurons replaced by activations) does not export ({_root_cause(exc)})") from exc
     return time.perf_counter() - t0
 
 
@@ -312,20 +347,32 @@ def run_benchmark(
                 sites[f"{name}@T={steps}"] = [{"name": s.name, "algorithm": s.algorithm.name, "reason": s.algorithm.reason} for s in conv.sites]
             module, neurons, layout = conv.loaded.module, conv.neurons, conv.layout
             naive_path, cached = _cached_path(cache_dir, model, weights, input_shape, steps), True
-            if naive_path is None or not naive_path.exists():
-                say(f"T={steps}: naive torch.onnx.export (unrolled)")
-                naive_path = naive_path or work / f"naive_T{steps}.onnx"
-                seconds, cached = export_naive(module, neurons, layout, steps, naive_path), False
-                naive_path.with_suffix(".json").write_text(json.dumps({"export_s": seconds}))
-            else:
-                say(f"T={steps}: naive export from the cache {naive_path}")
-                seconds = json.loads(naive_path.with_suffix(".json").read_text())["export_s"]
-            exports.append({"variant": "naive", "time_steps": steps, "export_s": round(seconds, 3), "file_bytes": file_size(naive_path),
-                            "nodes": node_count(naive_path), "cached": cached})
+            try:
+                if naive_path is None or not naive_path.exists():
+                    say(f"T={steps}: naive torch.onnx.export (unrolled)")
+                    naive_path = naive_path or work / f"naive_T{steps}.onnx"
+                    (seconds, exporter), cached = export_naive(module, neurons, layout, steps, naive_path), False
+                    naive_path.with_suffix(".json").write_text(json.dumps({"export_s": seconds, "exporter": exporter}))
+                else:
+                    say(f"T={steps}: naive export from the cache {naive_path}")
+                    record = json.loads(naive_path.with_suffix(".json").read_text())
+                    seconds, exporter = record["export_s"], record.get("exporter", "dynamo")
+                exports.append({"variant": "naive", "time_steps": steps, "export_s": round(seconds, 3), "file_bytes": file_size(naive_path),
+                                "nodes": node_count(naive_path), "cached": cached, "exporter": exporter})
+            except BaselineExportError as exc:
+                say(f"T={steps}: no naive baseline: {exc}")
+                result.setdefault("baselines_unavailable", {})[f"naive at T={steps}"] = str(exc)
+                naive_path = None
             bound_path = work / "bound.onnx"
-            if not bound_path.exists():
-                export_bound(module, neurons, layout, bound_path)
-            sessions = {"naive": make_session(naive_path, provider, threads), **{k: make_session(p, provider, threads) for k, p in psu_paths.items()}, "bound": make_session(bound_path, provider, threads)}
+            if not bound_path.exists() and "bound" not in result.get("baselines_unavailable", {}):
+                try:
+                    export_bound(module, neurons, layout, bound_path)
+                except BaselineExportError as exc:
+                    say(f"no bound: {exc}")
+                    result.setdefault("baselines_unavailable", {})["bound"] = str(exc)
+            baselines = {"naive": naive_path, "bound": bound_path if bound_path.exists() else None}
+            sessions = {**{k: make_session(p, provider, threads) for k, p in psu_paths.items()},
+                        **{k: make_session(p, provider, threads) for k, p in baselines.items() if p is not None}}
             eager_model = module.to(device)
             for batch in batches:
                 x = layout.example(batch, steps, torch.Generator().manual_seed(steps * 1000 + batch))
@@ -346,8 +393,7 @@ def run_benchmark(
                     inp = sess.get_inputs()[0].name
                     runners[name] = lambda sess=sess, inp=inp: sess.run(None, {inp: feed})
                 # parity of ours against the naive export, on the spikes (first output)
-                ref, got = runners["naive"](), runners["psu"]()
-                agree = float(np.mean(ref[0] == got[0]))
+                agree = float(np.mean(runners["naive"]()[0] == runners["psu"]()[0])) if "naive" in runners else None
                 say(f"T={steps} B={batch}: timing {', '.join(runners)}")
                 times, rounds = _interleaved(runners, min_runs, max_runs, cell_budget_s)
                 cell = Cell(steps, batch, {k: round(v, 4) for k, v in times.items()}, rounds)
@@ -438,6 +484,8 @@ def markdown(results: list[dict]) -> str:
             note = " (cached)" if e.get("cached") else ""
             lines.append(f"| {e['variant']} | {e['time_steps']} | {e['export_s']:.2f}{note} | {e['file_bytes'] / 1024:.0f} | {e['nodes']} |")
         lines.append("")
+        for baseline, reason in r.get("baselines_unavailable", {}).items():
+            lines.append(f"- no {baseline} baseline: {reason}")
         algos = {}
         for key, ss in r["algorithms"].items():
             for s in ss:

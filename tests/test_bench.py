@@ -44,6 +44,38 @@ def test_reports_are_written(smoke, tmp_path):
     assert "plot" not in paths or paths["plot"].stat().st_size > 0
 
 
+def test_a_baseline_that_does_not_export_is_reported_not_fatal(monkeypatch, tmp_path):
+    """The naive export failing (here: forced) or a bound that cannot be built (a Norse loop
+    reading the cell state ``s.v``) leaves the other variants measured and says why."""
+    from psu_export import bench
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(bench, "_export_torchscript", fail)
+    real_dynamo = bench._export_dynamo
+
+    def dynamo_bound_only(module, example, path, dynamic_shapes):
+        if "naive" in str(path):
+            fail()
+        return real_dynamo(module, example, path, dynamic_shapes)
+
+    monkeypatch.setattr(bench, "_export_dynamo", dynamo_bound_only)
+    result = bench.run_benchmark(SMALL, (64,), time_steps=(8,), batches=(1,), min_runs=1, max_runs=2, cell_budget_s=0.0, eager=False)
+    assert "RuntimeError: unsupported operator" in result["baselines_unavailable"]["naive at T=8"]
+    (cell,) = result["cells"]
+    assert "naive" not in cell["times_ms"] and {"psu", "bound"} <= set(cell["times_ms"])
+    assert cell["speedup_vs_naive"] is None and cell["spike_agreement_psu_vs_naive"] is None
+    assert "no naive at T=8 baseline: torch.onnx.export failed" in bench.markdown([result])
+
+    monkeypatch.setattr(bench, "_export_dynamo", real_dynamo)
+    norse = bench.run_benchmark("psu_export.models.ref_norse:make_cell_loop", (16,), time_steps=(4,), batches=(1,),
+                                min_runs=1, max_runs=2, cell_budget_s=0.0, eager=False)
+    assert "does not export" in norse["baselines_unavailable"]["bound"]
+    (cell,) = norse["cells"]
+    assert "bound" not in cell["times_ms"] and cell["psu_over_bound"] is None and cell["speedup_vs_naive"] > 0
+
+
 def test_bound_model_is_the_network_with_activations():
     import torch
 
