@@ -39,6 +39,7 @@ from pathlib import Path
 import click
 
 from . import runtime
+from .errors import one_line
 from .runtime import PROVIDERS, provider_available
 
 # ----------------------------------------------------------------------------- helpers
@@ -186,10 +187,10 @@ class BaselineExportError(RuntimeError):
 
 
 def _root_cause(exc: BaseException) -> str:
+    """The innermost cause, in one line (torch's export errors wrap it in a long generic message)."""
     while exc.__cause__ is not None:
         exc = exc.__cause__
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {first[:300]}"
+    return one_line(exc, 300)
 
 
 def export_naive(module, neurons, layout, time_steps: int, path) -> tuple[float, str]:
@@ -211,8 +212,8 @@ def export_naive(module, neurons, layout, time_steps: int, path) -> tuple[float,
         ("torchscript", lambda: _export_torchscript(target, x, path)),
     ]
     first_error = None
+    reset_neurons(neurons)
     for name, attempt in attempts:
-        reset_neurons(neurons)
         t0 = time.perf_counter()
         try:
             attempt()
@@ -371,8 +372,8 @@ def run_benchmark(
                     say(f"no bound: {exc}")
                     result.setdefault("baselines_unavailable", {})["bound"] = str(exc)
             baselines = {"naive": naive_path, "bound": bound_path if bound_path.exists() else None}
-            sessions = {**{k: make_session(p, provider, threads) for k, p in psu_paths.items()},
-                        **{k: make_session(p, provider, threads) for k, p in baselines.items() if p is not None}}
+            paths = {**psu_paths, **{k: p for k, p in baselines.items() if p is not None}}
+            sessions = {k: make_session(p, provider, threads) for k, p in paths.items()}
             eager_model = module.to(device)
             for batch in batches:
                 x = layout.example(batch, steps, torch.Generator().manual_seed(steps * 1000 + batch))

@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 
 from .converters import CallConvention, FrameworkConverter, Unsupported, find_converter
-from .errors import CaptureError, NotConvertibleError, UsageError
+from .errors import CaptureError, NotConvertibleError, UsageError, one_line
 from .spec import NeuronSpec
 
 InputKind = Literal["sequence", "static", "step"]
@@ -300,7 +300,7 @@ def capture(model: torch.nn.Module, neurons: list[NeuronModule], layout: InputLa
             ep = torch.export.export(target, (x,), dynamic_shapes=(axes,), strict=False)
             dynamic_batch = True
         except Exception as exc:
-            notes.append(f"batch size fixed at export: dynamic batch failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+            notes.append(f"batch size fixed at export: dynamic batch failed ({one_line(exc, 200)})")
             try:
                 time_only = ({0: torch.export.Dim.DYNAMIC},) if is_multi_step(neurons) else None
                 ep = torch.export.export(target, (x,), dynamic_shapes=time_only, strict=False)

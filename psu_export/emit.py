@@ -19,7 +19,7 @@ import onnx
 import torch
 
 from . import __version__
-from .errors import CaptureError, UsageError
+from .errors import CaptureError, UsageError, one_line
 from .ops import DOMAIN, attach_functions, translation_table
 from .rewrite import ParallelModel
 
@@ -82,7 +82,7 @@ def export_onnx(model: ParallelModel, example: torch.Tensor, out_path: str | os.
                 verbose=False,
             )
     except Exception as exc:
-        raise CaptureError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:500]}") from exc
+        raise CaptureError(f"ONNX export failed: {one_line(exc, 500)}") from exc
     proto = program.model_proto
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     pinned = [str(axes[a]) for a in axes if a < len(dims) and not dims[a].dim_param]

@@ -23,6 +23,13 @@ EXIT_NOT_CONVERTIBLE = 3
 EXIT_FAILURE = 4
 
 
+def one_line(exc: BaseException, limit: int | None = None) -> str:
+    """``"TypeName: first line of the message"`` (cut to ``limit`` characters), for reports."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first[:limit]}"
+
+
 class PsuExportError(Exception):
     """Base class: a failure with a user-facing message and an exit code."""
 

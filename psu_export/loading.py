@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UsageError
+from .errors import UsageError, one_line
 
 #: module prefixes whose classes may be unpickled without --trust-model
 SAFE_MODULE_PREFIXES = ("torch.nn.", "snntorch.", "spikingjelly.", "norse.", "psu_export.")
@@ -133,7 +133,7 @@ def load_state_dict(path: str | Path) -> dict:
     except pickle.UnpicklingError as exc:
         raise UsageError(f"{path} is not a plain state dict that can be loaded safely ({str(exc).splitlines()[0]}).") from exc
     except Exception as exc:
-        raise UsageError(f"Could not read the weights file {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+        raise UsageError(f"Could not read the weights file {path}: {one_line(exc)}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -163,7 +163,7 @@ def load_model(spec: str, weights: str | None = None, trust_model: bool = False,
         except UsageError:
             raise
         except Exception as exc:
-            raise UsageError(f"Could not load the model file {spec}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+            raise UsageError(f"Could not load the model file {spec}: {one_line(exc)}") from exc
         if isinstance(module, dict):
             raise UsageError(f"{spec} holds a state dict, not a model: pass MODEL=module:factory --weights {spec}.")
         if not isinstance(module, torch.nn.Module):

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import NotConvertibleError, UsageError
+from .errors import NotConvertibleError, UsageError, one_line
 
 DEFAULT_DT = 1e-4  # the dt snnTorch's and SpikingJelly's NIR exporters write with
 RESETS = ("zero", "subtract")
@@ -368,7 +368,7 @@ def load_nir(path, dt: float | None = None, reset: str = "zero") -> NIRNet:
     try:
         graph = nir.read(str(path))
     except Exception as exc:
-        raise UsageError(f"Could not read the NIR file {path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        raise UsageError(f"Could not read the NIR file {path}: {one_line(exc)}") from exc
     net = build(graph, DEFAULT_DT if dt is None else float(dt), reset)
     return net.eval()
 

@@ -19,7 +19,7 @@ import torch
 
 from .capture import CapturedGraph, InputLayout, NeuronModule, capture, find_neuron_modules, probe_input_kind, refuse_unconvertible
 from .emit import EmittedModel, export_onnx, metadata
-from .errors import UsageError
+from .errors import UsageError, one_line
 from .find import NeuronSite, TimeLoop, find_sites
 from .loading import LoadedModel, load_model
 from .rewrite import ParallelModel, rewrite
@@ -171,7 +171,7 @@ class Conversion:
                 results.append(result)
                 continue
             except Exception as exc:  # onnxruntime failed: reported, exit code 4
-                result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                result.error = one_line(exc, 300)
                 results.append(result)
                 continue
             if len(onnx_out) != len(ref_out):

@@ -44,7 +44,7 @@ def test_reports_are_written(smoke, tmp_path):
     assert "plot" not in paths or paths["plot"].stat().st_size > 0
 
 
-def test_a_baseline_that_does_not_export_is_reported_not_fatal(monkeypatch, tmp_path):
+def test_a_baseline_that_does_not_export_is_reported_not_fatal(monkeypatch):
     """The naive export failing (here: forced) or a bound that cannot be built (a Norse loop
     reading the cell state ``s.v``) leaves the other variants measured and says why."""
     from psu_export import bench
