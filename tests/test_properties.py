@@ -81,11 +81,13 @@ def snntorch_run(synaptic: bool, options: dict, x: torch.Tensor):
     return neuron, torch.stack(spikes), torch.stack(mems)
 
 
-@functools.lru_cache(maxsize=None)
-def onnx_session(options_key: str, param_ranks: tuple[int, ...]):
-    """A one-node model: the psu op of this variant with its parameters as graph inputs."""
+def one_node_model(options_key: str, param_ranks: tuple[int, ...], spikes_only: bool = False):
+    """A one-node model: the psu op of this variant with its parameters as graph inputs.
+
+    ``spikes_only``: the model returns the spikes alone (as a hidden layer, whose membrane
+    nothing reads), so the node is specialised to its spikes-only function.
+    """
     import onnx
-    import onnxruntime as ort
     from onnx import TensorProto, helper
 
     o = StepOptions.parse(options_key)
@@ -96,11 +98,19 @@ def onnx_session(options_key: str, param_ranks: tuple[int, ...]):
         "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", "B", "N"])]
         + [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N"] * r) for n, r in zip(o.param_names, param_ranks)],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["T", "B", "N"]) for n in node.output],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["T", "B", "N"]) for n in node.output[: 1 if spikes_only else None]],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
     attach_functions(model)
     onnx.checker.check_model(model)
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def onnx_session(options_key: str, param_ranks: tuple[int, ...], spikes_only: bool = False):
+    import onnxruntime as ort
+
+    model = one_node_model(options_key, param_ranks, spikes_only)
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
@@ -120,3 +130,32 @@ def test_exact_kernel_and_onnx_match_snntorch(case):
     got = session.run(None, feeds)
     np.testing.assert_array_equal(got[0], ref_spikes.numpy())
     np.testing.assert_array_equal(got[1], ref_mems.numpy())
+    spikes_only = onnx_session(o.key(), tuple(p.dim() for p in params), spikes_only=True)
+    np.testing.assert_array_equal(spikes_only.run(None, feeds)[0], ref_spikes.numpy())
+
+
+def _scan_body(function):
+    scan = next(n for n in function.node if n.op_type == "Scan")
+    return next(a.g for a in scan.attribute if a.name == "body")
+
+
+@pytest.mark.parametrize("reset", ["subtract", "zero"])
+def test_snntorch_reset_test_is_carried_not_recomputed(reset):
+    """snnTorch's reset test of step t is its spike test of step t-1: evaluated once per step.
+
+    The hidden-layer (spikes-only) body returns per step only the spike decisions (bool),
+    not the membrane's operands.
+    """
+    import onnx
+
+    spec = CONVERTER.to_spec(snn.Leaky(beta=0.5, reset_mechanism=reset))
+    o = StepOptions.of(spec)
+    ranks = tuple(getattr(spec, n).dim() for n in o.param_names)
+    full = _scan_body(one_node_model(o.key(), ranks).functions[0])
+    assert [n.op_type for n in full.node].count("Greater") == 1
+    hidden = one_node_model(o.key(), ranks, spikes_only=True)
+    assert hidden.graph.node[0].op_type == f"LIF_{o.variant}_spikes"
+    body = _scan_body(hidden.functions[0])
+    n_states = len(body.input) - 1
+    per_step = body.output[n_states:]
+    assert [v.type.tensor_type.elem_type for v in per_step] == [onnx.TensorProto.BOOL]

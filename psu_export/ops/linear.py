@@ -8,6 +8,11 @@
 * :func:`recompute_sequence_identities`: a per-step copy of a value that is both the next
   state and a per-step output is replaced by recomputing its last operation once over the
   stacked operands (bit-identical floats, one node fewer per step).
+* :func:`keep_outputs`: a function specialised to the outputs its call site reads (a
+  hidden layer's membrane is never read): the scan stops stacking what only they needed.
+* :func:`carry_state_functions`: a function of the state that step t+1 recomputes from the
+  state step t already applied it to (snnTorch's reset test ``H(v_{t-1} - theta)`` is the
+  spike test of step t-1) is carried as a state instead (bit-identical, fewer nodes per step).
 
 Measured and dropped (benchmarks on the 2-core CPU): unrolling K steps per ``Scan``
 iteration (14-36% slower at batch 1), and ``Where`` instead of ``Cast`` x parameter in the
@@ -322,3 +327,160 @@ def recompute_sequence_identities(fn: onnx.FunctionProto) -> onnx.FunctionProto:
     for n in fn.node:
         nodes.extend([new_scan] + after if n is scan else [n])
     return _with_nodes(fn, nodes)
+
+
+# ----------------------------------------------------------------------------- carrying a repeated state function
+
+
+def _attribute_key(node: onnx.NodeProto) -> tuple[bytes, ...]:
+    return tuple(a.SerializeToString() for a in sorted(node.attribute, key=lambda a: a.name))
+
+
+def carry_state_functions(fn: onnx.FunctionProto) -> onnx.FunctionProto:
+    """Carry ``f(v_t)`` as a state when step t+1 would recompute it from ``v_t``.
+
+    snnTorch decides the reset of step t from the stored membrane, ``r_t = H(v_{t-1} -
+    theta)``, and its spike of step t-1 is ``H(v_{t-1} - theta)`` too: the body evaluates
+    the same chain ``f`` (``Greater``, ``Cast``) once on the previous state for the
+    recurrence and once on the new state for the output.  A body node whose operands are
+    states and loop invariants is matched to the node applying the same op (same
+    attributes) to the corresponding new states; matched chains grow node by node.  The
+    value the recurrence reads, ``f(v_prev)``, becomes an extra state whose next value is
+    ``f(v_new)`` and whose initial value is ``f`` applied to the initial state before the
+    scan.  The same operations on the same operands, so the floats are bit-identical;
+    ``f`` runs once per step instead of twice.  Returns ``fn`` unchanged when nothing matches.
+    """
+    found = _single_scan(fn)
+    if found is None:
+        return fn
+    scan, body, n_scan_in = found
+    n_state = len(scan.input) - n_scan_in
+    producer = {o: n for n in body.node for o in n.output}
+    body_inputs = [i.name for i in body.input]
+    outputs = [o.name for o in body.output]
+
+    def resolve(name):  # a state returned as Identity(v) is v
+        while name in producer and producer[name].op_type == "Identity":
+            name = producer[name].input[0]
+        return name
+
+    new_of = {body_inputs[k]: resolve(outputs[k]) for k in range(n_state)}
+    initial_of = {body_inputs[k]: scan.input[k] for k in range(n_state)}
+    invariant = lambda name: name not in producer and name not in body_inputs  # noqa: E731  (outer scope)
+    by_key = {(n.op_type, _attribute_key(n), tuple(n.input)): n for n in body.node}
+    mapping = dict(new_of)  # value on the previous state -> the same value on the new state
+    chain: list[onnx.NodeProto] = []  # nodes applied to the previous state, in order
+    for node in body.node:
+        inputs = [i for i in node.input if i]
+        if len(node.output) != 1 or not any(i in mapping for i in inputs) or not all(i in mapping or invariant(i) for i in inputs):
+            continue
+        twin = by_key.get((node.op_type, _attribute_key(node), tuple(mapping.get(i, i) for i in node.input)))
+        if twin is not None and twin is not node:
+            mapping[node.output[0]] = twin.output[0]
+            chain.append(node)
+    in_chain = {id(n) for n in chain}
+    readers = {}
+    for n in body.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    carried = [n.output[0] for n in chain
+               if any(id(r) not in in_chain for r in readers.get(n.output[0], [])) and mapping[n.output[0]] not in outputs]
+    carried = list(dict.fromkeys(carried))
+    if not carried or len({mapping[c] for c in carried}) != len(carried):
+        return fn
+
+    carry_in = {value: f"carry_{value}" for value in carried}
+    nodes = []
+    for n in body.node:
+        new = onnx.NodeProto()
+        new.CopyFrom(n)
+        del new.input[:]
+        new.input.extend(carry_in.get(i, i) for i in n.input)
+        nodes.append(new)
+    nodes = _without_dead_nodes(nodes, set(outputs) | {mapping[c] for c in carried})
+    elem = {c: TensorProto.BOOL if producer[c].op_type in _BOOL_OPS else TensorProto.FLOAT for c in carried}
+    graph = helper.make_graph(
+        nodes, body.name,
+        list(body.input[:n_state]) + [helper.make_tensor_value_info(carry_in[c], elem[c], None) for c in carried] + list(body.input[n_state:]),
+        list(body.output[:n_state]) + [helper.make_tensor_value_info(mapping[c], elem[c], None) for c in carried] + list(body.output[n_state:]),
+    )
+    # before the scan: the chain applied to the initial states
+    before, initial = [], dict(initial_of)
+    for n in chain:
+        new = onnx.NodeProto()
+        new.CopyFrom(n)
+        del new.input[:]
+        new.input.extend(initial.get(i, i) for i in n.input)
+        initial[n.output[0]] = new.output[0] = f"carry_init_{n.output[0]}"
+        before.append(new)
+    before = _without_dead_nodes(before, {initial[c] for c in carried})
+    scan_inputs = list(scan.input[:n_state]) + [initial[c] for c in carried] + list(scan.input[n_state:])
+    scan_outputs = list(scan.output[:n_state]) + [f"carry_last_{c}" for c in carried] + list(scan.output[n_state:])
+    new_scan = helper.make_node("Scan", scan_inputs, scan_outputs, num_scan_inputs=n_scan_in, body=graph)
+    result = []
+    for n in fn.node:
+        result.extend(before + [new_scan] if n is scan else [n])
+    return _with_nodes(fn, result)
+
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """Names ``node`` reads: its inputs and, over-approximated, every name read in its subgraphs."""
+    names = set(node.input)
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            names.update(name for n in attr.g.node for name in _reads(n))
+            names.update(o.name for o in attr.g.output)
+    return names
+
+
+def _without_dead_nodes(nodes: list[onnx.NodeProto], needed: set[str]) -> list[onnx.NodeProto]:
+    """``nodes`` less those whose outputs nothing in ``needed`` (transitively) reads."""
+    live, keep = set(needed), []
+    for n in reversed(nodes):
+        if any(o in live for o in n.output):
+            keep.append(n)
+            live.update(_reads(n))
+    return keep[::-1]
+
+
+def _graph_keeping(graph: onnx.GraphProto, keep: list[int]) -> onnx.GraphProto:
+    """``graph`` returning only its outputs at positions ``keep``, its dead work removed."""
+    outputs = [graph.output[k] for k in keep]
+    nodes = _prune_nodes(list(graph.node), {o.name for o in outputs})
+    return helper.make_graph(nodes, graph.name, list(graph.input), outputs, initializer=list(graph.initializer))
+
+
+def _prune_nodes(nodes: list[onnx.NodeProto], needed: set[str]) -> list[onnx.NodeProto]:
+    """Dead-node removal that also drops unread ``Scan`` per-step outputs and ``If`` outputs."""
+    nodes = _without_dead_nodes(nodes, needed)
+    read = set(needed).union(*(_reads(n) for n in nodes))
+    pruned = []
+    for n in nodes:
+        attrs = {a.name: a for a in n.attribute}
+        if n.op_type == "Scan" and set(attrs) == {"body", "num_scan_inputs"}:
+            n_state = len(n.input) - attrs["num_scan_inputs"].i
+            keep = list(range(n_state)) + [k for k in range(n_state, len(n.output)) if n.output[k] in read]
+            if len(keep) < len(n.output):
+                body = _graph_keeping(attrs["body"].g, keep)
+                n = helper.make_node("Scan", list(n.input), [n.output[k] for k in keep], n.name or None,
+                                     num_scan_inputs=attrs["num_scan_inputs"].i, body=body)
+        elif n.op_type == "If":
+            keep = [k for k in range(len(n.output)) if n.output[k] in read]
+            if len(keep) < len(n.output):
+                n = helper.make_node("If", list(n.input), [n.output[k] for k in keep], n.name or None,
+                                     then_branch=_graph_keeping(attrs["then_branch"].g, keep),
+                                     else_branch=_graph_keeping(attrs["else_branch"].g, keep))
+        pruned.append(n)
+    return _without_dead_nodes(pruned, needed)
+
+
+def keep_outputs(fn: onnx.FunctionProto, count: int) -> onnx.FunctionProto:
+    """``fn`` returning only its first ``count`` outputs, with the work only the others needed removed.
+
+    A hidden layer's membrane is read by nothing after the neuron (the recurrence keeps
+    its own copy): the specialised body neither stacks the membrane's per-step operands
+    nor recomputes it after the scan.  The values returned are unchanged.
+    """
+    out = _with_nodes(fn, _prune_nodes(list(fn.node), set(fn.output[:count])))
+    del out.output[count:]
+    return out

@@ -268,13 +268,14 @@ class ExactNeuronOp(CustomOp):
         )
         scan_out = [outer.fresh() for _ in states] + outputs
         outer.nodes.append(helper.make_node("Scan", states + ["x"], scan_out, num_scan_inputs=1, body=graph))
-        from .linear import hoist_out_of_scan, recompute_sequence_identities
+        from .linear import carry_state_functions, hoist_out_of_scan, recompute_sequence_identities
 
         fn = make_function(node, outer.nodes, inputs, outputs, opset)
-        # fewer nodes per step, same floats (each pass's docstring): spikes etc. computed once
-        # over [T, ...] after the scan; the membrane recomputed after the scan from its
-        # per-step operands instead of an Identity copy
-        return recompute_sequence_identities(hoist_out_of_scan(fn))
+        # fewer nodes per step, same floats (each pass's docstring): a reset test that repeats
+        # the previous step's spike test carried as a state; spikes etc. computed once over
+        # [T, ...] after the scan; the membrane recomputed after the scan from its per-step
+        # operands instead of an Identity copy
+        return recompute_sequence_identities(hoist_out_of_scan(carry_state_functions(fn)))
 
 
 # ----------------------------------------------------------------------------- closed form

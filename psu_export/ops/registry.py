@@ -112,13 +112,36 @@ def _walk_nodes(graph: onnx.GraphProto):
                 yield from _walk_nodes(attr.g)
 
 
+#: op type suffix of a call whose only output read is the spikes (:func:`attach_functions`)
+SPIKES_ONLY = "_spikes"
+
+
+def _return_spikes_only(model: onnx.ModelProto) -> None:
+    """A ``psu`` node whose outputs after the spikes nothing reads returns the spikes only.
+
+    Its op type gets the :data:`SPIKES_ONLY` suffix: a function of its own, whose scan no
+    longer stacks the membrane (:func:`psu_export.ops.linear.keep_outputs`).
+    """
+    read = {o.name for o in model.graph.output}
+    for node in _walk_nodes(model.graph):
+        read.update(node.input)
+    for node in _walk_nodes(model.graph):
+        if node.domain == DOMAIN and len(node.output) > 1 and not read.intersection(node.output[1:]):
+            del node.output[1:]
+            node.op_type += SPIKES_ONLY
+
+
 def attach_functions(model: onnx.ModelProto) -> list[str]:
     """Add the body of every ``psu`` op used in ``model`` as a model-local function.
 
-    Returns the op types that were attached.  Idempotent.
+    A node whose outputs after the spikes are read by nothing is first specialised to
+    return its spikes only (:func:`_return_spikes_only`).  Returns the op types that were
+    attached.  Idempotent.
     """
     from . import neuron  # noqa: F401  (registers the ops)
+    from .linear import keep_outputs
 
+    _return_spikes_only(model)
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     have = {(f.domain, f.name) for f in model.functions}
     by_op_type: dict[str, CustomOp] = {}
@@ -132,7 +155,10 @@ def attach_functions(model: onnx.ModelProto) -> list[str]:
         prefix = node.op_type.split("_", 1)[0]
         if prefix not in by_op_type:
             raise KeyError(f"no psu op defines {node.op_type}")
-        model.functions.append(by_op_type[prefix].function(node, opset))
+        function = by_op_type[prefix].function(node, opset)
+        if len(node.output) < len(function.output):
+            function = keep_outputs(function, len(node.output))
+        model.functions.append(function)
         have.add((DOMAIN, node.op_type))
         attached.append(node.op_type)
     if not any(o.domain == DOMAIN for o in model.opset_import):
