@@ -206,8 +206,9 @@ def export_naive(module, neurons, layout, time_steps: int, path) -> tuple[float,
 
     target = StepDriver(module) if layout.kind == "step" else module
     x = layout.example(2, time_steps)
+    batch_axis = 0 if layout.kind == "static" else 1
     attempts = [
-        ("dynamo, dynamic batch", lambda: _export_dynamo(target, x, path, ({1: torch.export.Dim("batch")},))),
+        ("dynamo, dynamic batch", lambda: _export_dynamo(target, x, path, ({batch_axis: torch.export.Dim("batch")},))),
         ("dynamo, static batch", lambda: _export_dynamo(target, x, path, None)),
         ("torchscript", lambda: _export_torchscript(target, x, path)),
     ]
@@ -236,6 +237,9 @@ def export_bound(module, neurons, layout, path) -> float:
     """Export :func:`bound_model`; raises :class:`BaselineExportError` when it cannot be built."""
     import torch
 
+    if layout.kind == "static":
+        raise BaselineExportError(f"the model repeats one input {layout.time_steps} times in its own loop; with its neurons "
+                                  "replaced by activations it would still run every step, so no time-folded bound is built")
     try:
         model = bound_model(module, neurons, layout.kind)
         x = layout.example(2, 4)
@@ -337,6 +341,9 @@ def run_benchmark(
                 t0 = time.perf_counter()
                 with _quiet():
                     conv = pipeline.prepare(model, weights=weights, input_shape=tuple(input_shape), time_steps=steps)
+                    if conv.layout.kind == "static" and conv.layout.time_steps != steps:
+                        raise click.UsageError(f"{model} runs {conv.layout.time_steps} steps in its own loop over one static input; "
+                                               f"benchmark it with --time-steps {conv.layout.time_steps}")
                     if mode != "exact":
                         conv = _with_mode(conv, mode)
                     path = work / f"psu_{mode}_T{steps}.onnx"
@@ -391,8 +398,13 @@ def run_benchmark(
 
                     runners["eager"] = run_eager
                 for name, sess in sessions.items():
-                    inp = sess.get_inputs()[0].name
-                    runners[name] = lambda sess=sess, inp=inp: sess.run(None, {inp: feed})
+                    inp = sess.get_inputs()[0]
+                    fixed = inp.shape[0 if layout.kind == "static" else 1]
+                    if isinstance(fixed, int) and fixed != batch:  # a baseline exported with a static batch
+                        result.setdefault("baselines_unavailable", {})[f"{name} at T={steps}, batch {batch}"] = (
+                            f"exported with a fixed batch of {fixed} (torch.onnx.export failed with a dynamic batch)")
+                        continue
+                    runners[name] = lambda sess=sess, inp=inp.name: sess.run(None, {inp: feed})
                 # parity of ours against the naive export, on the spikes (first output)
                 agree = float(np.mean(runners["naive"]()[0] == runners["psu"]()[0])) if "naive" in runners else None
                 say(f"T={steps} B={batch}: timing {', '.join(runners)}")
@@ -563,7 +575,7 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.argument("model")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="State dict for a module:factory MODEL.")
 @click.option("--input-shape", required=True, help="One time step's sample shape, e.g. 1,28,28.")
-@click.option("--time-steps", "time_steps", default="16,64,256", show_default=True, help="Comma-separated T values to sweep.")
+@click.option("--time-steps", "time_steps", default="16,64,256", show_default=True, help="Comma-separated T values to sweep (a model that loops over one static input runs its own T: give that one).")
 @click.option("--batch", "batches", default="1,32", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="onnxruntime provider (cuda is skipped cleanly when unavailable).")
 @click.option("--threads", type=int, default=0, help="intra-op threads for onnxruntime and torch (0: their default).")

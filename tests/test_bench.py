@@ -76,6 +76,27 @@ def test_a_baseline_that_does_not_export_is_reported_not_fatal(monkeypatch):
     assert "bound" not in cell["times_ms"] and cell["psu_over_bound"] is None and cell["speedup_vs_naive"] > 0
 
 
+def test_a_static_input_model_is_benchmarked_at_its_own_time_steps():
+    """snnTorch tutorial 5 style: one input [B, ...] fed for the model's own num_steps.
+
+    The naive export gets a dynamic batch on axis 0 (batch 1 and 2 both run), the bound
+    is reported as not defined, and a T other than the model's is refused with the fix.
+    """
+    import click
+    from snn_models import IN, StaticLoop
+
+    from psu_export.bench import run_benchmark
+
+    model, steps = "snn_models:static_loop", StaticLoop.num_steps
+    result = run_benchmark(model, (IN,), time_steps=(steps,), batches=(1, 2), min_runs=1, max_runs=2, cell_budget_s=0.0, eager=False)
+    assert [c["batch"] for c in result["cells"]] == [1, 2]
+    for cell in result["cells"]:
+        assert {"naive", "psu"} <= set(cell["times_ms"]) and cell["spike_agreement_psu_vs_naive"] == 1.0
+    assert "its own loop" in result["baselines_unavailable"]["bound"]
+    with pytest.raises(click.UsageError, match=f"--time-steps {steps}"):
+        run_benchmark(model, (IN,), time_steps=(steps + 1,), batches=(1,), min_runs=1, max_runs=1, cell_budget_s=0.0, eager=False)
+
+
 def test_bound_model_is_the_network_with_activations():
     import torch
 
