@@ -1,7 +1,8 @@
 """Benchmarks: the converted model against what users run today, and against the ANN bound.
 
-For one model, in ONE run, with the variants interleaved (so that load on the machine hits
-them alike) and medians of repeated runs:
+For one model, in ONE run, with the onnxruntime variants interleaved (so that load on the
+machine hits them alike) and medians of repeated runs; PyTorch eager is timed in its own
+block after them (:data:`EAGER_SETTLE_S`):
 
 ``eager``   the original model in PyTorch eager mode (its own sequential time loop);
 ``naive``   ``torch.onnx.export(original, dynamo=True)``: the time loop unrolled over a
@@ -268,8 +269,18 @@ class Cell:
         return None
 
 
-def _interleaved(runners: dict, min_runs: int, max_runs: int, budget_s: float) -> tuple[dict, int]:
-    """Run every variant once per round, rounds until ``budget_s`` (at least ``min_runs``)."""
+#: pause after the eager block: PyTorch's OpenMP workers spin for a few ms after each call,
+#: and an onnxruntime run started meanwhile took twice as long (measured: ref MLP, T=16,
+#: batch 32, 4.3 instead of 2.3 ms when interleaved right after eager; 2.6 ms after 10 ms)
+EAGER_SETTLE_S = 0.05
+
+
+def _interleaved(runners: dict, min_runs: int, max_runs: int, budget_s: float, eager=None) -> tuple[dict, int]:
+    """Run every variant once per round, rounds until ``budget_s`` (at least ``min_runs``).
+
+    ``eager`` (the PyTorch run), if given, is timed for as many rounds in a block of its
+    own afterwards, then the process pauses :data:`EAGER_SETTLE_S` (see there).
+    """
     samples = {k: [] for k in runners}
     for fn in runners.values():  # warm-up
         fn()
@@ -281,6 +292,14 @@ def _interleaved(runners: dict, min_runs: int, max_runs: int, budget_s: float) -
             fn()
             samples[name].append(time.perf_counter() - t0)
         rounds += 1
+    if eager is not None:
+        eager()  # warm-up
+        samples["eager"] = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            eager()
+            samples["eager"].append(time.perf_counter() - t0)
+        time.sleep(EAGER_SETTLE_S)
     return {k: statistics.median(v) * 1e3 for k, v in samples.items()}, rounds
 
 
@@ -385,7 +404,7 @@ def run_benchmark(
             for batch in batches:
                 x = layout.example(batch, steps, torch.Generator().manual_seed(steps * 1000 + batch))
                 feed = x.numpy()
-                runners = {}
+                runners, run_eager = {}, None
                 if eager:
                     xd = x.to(device)
 
@@ -395,8 +414,6 @@ def run_benchmark(
                             (StepDriver(eager_model) if layout.kind == "step" else eager_model)(xd)
                         if device == "cuda":
                             torch.cuda.synchronize()
-
-                    runners["eager"] = run_eager
                 for name, sess in sessions.items():
                     inp = sess.get_inputs()[0]
                     fixed = inp.shape[0 if layout.kind == "static" else 1]
@@ -407,8 +424,8 @@ def run_benchmark(
                     runners[name] = lambda sess=sess, inp=inp.name: sess.run(None, {inp: feed})
                 # parity of ours against the naive export, on the spikes (first output)
                 agree = float(np.mean(runners["naive"]()[0] == runners["psu"]()[0])) if "naive" in runners else None
-                say(f"T={steps} B={batch}: timing {', '.join(runners)}")
-                times, rounds = _interleaved(runners, min_runs, max_runs, cell_budget_s)
+                say(f"T={steps} B={batch}: timing {', '.join(runners)}" + (", then eager" if run_eager else ""))
+                times, rounds = _interleaved(runners, min_runs, max_runs, cell_budget_s, run_eager)
                 cell = Cell(steps, batch, {k: round(v, 4) for k, v in times.items()}, rounds)
                 entry = asdict(cell)
                 entry["spike_agreement_psu_vs_naive"] = agree
