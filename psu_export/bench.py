@@ -113,6 +113,7 @@ def file_size(path) -> int:
 
 def _bound_classes():
     import torch
+    from torch.utils._pytree import tree_map
 
     class _Activation(torch.nn.Module):
         """A neuron replaced by Heaviside(x - threshold): stateless, elementwise."""
@@ -154,8 +155,10 @@ def _bound_classes():
                 out = self.net(folded.unsqueeze(0))  # one "step" carrying every step's batch
             else:
                 out = self.net(folded)
-            outs = out if isinstance(out, (tuple, list)) else (out,)
-            return tuple(o.reshape(steps, batch, *o.shape[(2 if self.kind == "sequence" else 1):]) for o in outs)
+            def unfold(o):  # SequentialState returns (output, [state or None per module])
+                return o.reshape(steps, batch, *o.shape[(2 if self.kind == "sequence" else 1):]) if isinstance(o, torch.Tensor) else o
+
+            return tuple(tree_map(unfold, out)) if isinstance(out, (tuple, list)) else (unfold(out),)
 
     return _Activation, BoundModel
 

@@ -113,6 +113,21 @@ def test_bound_model_is_the_network_with_activations():
     assert torch.equal(mem, cur) and torch.equal(spikes, (cur > 1.0).float())
 
 
+def test_bound_of_a_model_returning_nested_states(tmp_path):
+    """Norse's SequentialState returns (output, [state or None per module]): the bound
+    unfolds the tensors among them and exports."""
+    pytest.importorskip("norse")
+    import torch
+
+    from psu_export import pipeline
+    from psu_export.bench import bound_model, export_bound
+
+    conv = pipeline.prepare("psu_export.models.ref_norse:make_lif_sequence", input_shape=(16,), time_steps=4)
+    out = bound_model(conv.loaded.module, conv.neurons, conv.layout.kind)(torch.rand(5, 3, 16))
+    assert out[0].shape == (5, 3, 10)
+    assert export_bound(conv.loaded.module, conv.neurons, conv.layout, tmp_path / "bound.onnx") > 0
+
+
 def test_cuda_is_skipped_cleanly_when_unavailable():
     from psu_export.bench import provider_available, run_benchmark
 
