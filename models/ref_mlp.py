@@ -40,6 +40,28 @@ class RefMLP(nn.Module):
         return torch.stack(spk2_rec, dim=0), torch.stack(mem2_rec, dim=0)
 
 
+class RefStaticMLP(RefMLP):
+    """snnTorch tutorial 5 exactly: one input ``x[B, 784]`` fed to ``fc1`` at every one of
+    ``num_steps`` steps (T is fixed inside the model, as in the tutorial)."""
+
+    def __init__(self, num_steps: int):
+        super().__init__()
+        self.num_steps = num_steps
+
+    def forward(self, x):
+        mem1 = self.lif1.init_leaky()
+        mem2 = self.lif2.init_leaky()
+        spk2_rec, mem2_rec = [], []
+        for _ in range(self.num_steps):
+            cur1 = self.fc1(x)
+            spk1, mem1 = self.lif1(cur1, mem1)
+            cur2 = self.fc2(spk1)
+            spk2, mem2 = self.lif2(cur2, mem2)
+            spk2_rec.append(spk2)
+            mem2_rec.append(mem2)
+        return torch.stack(spk2_rec, dim=0), torch.stack(mem2_rec, dim=0)
+
+
 def _seeded(net: nn.Module, seed: int = 0, gain: float = 2.0) -> nn.Module:
     torch.manual_seed(seed)
     for m in net.modules():
@@ -63,3 +85,13 @@ def make_small_net(reset_mechanism: str = "subtract") -> RefMLP:
 def make_small_reset_free_net() -> RefMLP:
     """The narrow variant without reset (``reset_mechanism="none"``): a linear membrane, closed form."""
     return make_small_net(reset_mechanism="none")
+
+
+def make_static_net() -> RefStaticMLP:
+    """Tutorial 5 as published, 25 steps (input shape 784; ``--time-steps 25``)."""
+    return _seeded(RefStaticMLP(25))
+
+
+def make_static_net_long() -> RefStaticMLP:
+    """Tutorial 5 with 256 steps (input shape 784; ``--time-steps 256``)."""
+    return _seeded(RefStaticMLP(256))

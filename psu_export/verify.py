@@ -30,8 +30,12 @@ from .runtime import PROVIDERS, make_session, provider_available
 SCHEMA_VERSION = 1
 #: relative tolerance for non-spike outputs (membranes, logits)
 OUTPUT_RTOL = 1e-4
-#: |v - threshold| below this (relative) makes a differing spike a float tie
-TIE_RTOL = 1e-5
+#: |v - threshold| below this (relative) makes a differing spike a float tie.  The synaptic
+#: layers may differ by an ulp (about 6e-8 relative) between torch and onnxruntime, and a
+#: static input repeats the same difference every step: the membrane accumulates it over
+#: about 1 / (1 - decay) steps, times the current's size (measured: 1.2e-5 for snnTorch
+#: tutorial 5 at T = 256, decay 0.95); 1e-4 leaves a margin.
+TIE_RTOL = 1e-4
 
 
 # ------------------------------------------------------------------ running the three models
