@@ -139,16 +139,17 @@ def _scan_body(function):
     return next(a.g for a in scan.attribute if a.name == "body")
 
 
+@pytest.mark.parametrize("threshold", [1.0, 0.5])
 @pytest.mark.parametrize("reset", ["subtract", "zero"])
-def test_snntorch_reset_test_is_carried_not_recomputed(reset):
+def test_snntorch_reset_test_is_carried_not_recomputed(reset, threshold):
     """snnTorch's reset test of step t is its spike test of step t-1: evaluated once per step.
 
     The hidden-layer (spikes-only) body returns per step only the spike decisions (bool),
-    not the membrane's operands.
+    not the membrane's operands; a threshold of exactly 1 saves the reset's multiply.
     """
     import onnx
 
-    spec = CONVERTER.to_spec(snn.Leaky(beta=0.5, reset_mechanism=reset))
+    spec = CONVERTER.to_spec(snn.Leaky(beta=0.5, reset_mechanism=reset, threshold=threshold))
     o = StepOptions.of(spec)
     ranks = tuple(getattr(spec, n).dim() for n in o.param_names)
     full = _scan_body(one_node_model(o.key(), ranks).functions[0])
@@ -159,3 +160,5 @@ def test_snntorch_reset_test_is_carried_not_recomputed(reset):
     n_states = len(body.input) - 1
     per_step = body.output[n_states:]
     assert [v.type.tensor_type.elem_type for v in per_step] == [onnx.TensorProto.BOOL]
+    if reset == "subtract":  # charge (Mul, Add), reset (Mul unless threshold 1, Sub), spike test (Greater, Cast)
+        assert len(body.node) == (5 if threshold == 1.0 else 6)

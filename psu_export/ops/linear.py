@@ -146,14 +146,7 @@ def hoist_out_of_scan(fn: onnx.FunctionProto) -> onnx.FunctionProto:
             new_body_nodes.append(helper.make_node("Identity", [leaf], [leaf_out[leaf]]))
         else:  # a node output: returned per step as it is (no copy node)
             leaf_out[leaf] = leaf
-    # a state returned through an Identity of a body value: return the value itself (one copy less per step)
-    output_names = {o.name for o in outputs} | set(leaf_out.values())
-    for k in range(n_state):
-        node = producer.get(outputs[k].name)
-        if node is not None and node.op_type == "Identity" and node.input[0] in producer and node.input[0] not in output_names:
-            new_body_nodes.remove(node)
-            output_names.add(node.input[0])
-            outputs[k] = helper.make_tensor_value_info(node.input[0], TensorProto.FLOAT, None)
+    new_body_nodes, outputs = _states_without_copies(new_body_nodes, outputs, n_state, set(leaf_out.values()))
     outputs += [helper.make_tensor_value_info(leaf_out[leaf], TensorProto.BOOL if producer[leaf].op_type in _BOOL_OPS else TensorProto.FLOAT, None)
                 for leaf in leaf_list]
     new_body = helper.make_graph(new_body_nodes, body.name, list(body.input), outputs)
@@ -384,7 +377,7 @@ def carry_state_functions(fn: onnx.FunctionProto) -> onnx.FunctionProto:
         for i in n.input:
             readers.setdefault(i, []).append(n)
     carried = [n.output[0] for n in chain
-               if any(id(r) not in in_chain for r in readers.get(n.output[0], [])) and mapping[n.output[0]] not in outputs]
+               if any(id(r) not in in_chain for r in readers.get(n.output[0], [])) and mapping[n.output[0]] not in outputs[:n_state]]
     carried = list(dict.fromkeys(carried))
     if not carried or len({mapping[c] for c in carried}) != len(carried):
         return fn
@@ -398,11 +391,19 @@ def carry_state_functions(fn: onnx.FunctionProto) -> onnx.FunctionProto:
         new.input.extend(carry_in.get(i, i) for i in n.input)
         nodes.append(new)
     nodes = _without_dead_nodes(nodes, set(outputs) | {mapping[c] for c in carried})
+    # a next value that is also a per-step output (the spike, with no scale to multiply by)
+    # is returned per step through a copy: a name is either a state or a per-step output;
+    # recompute_sequence_identities later replaces the copy
+    seq_outputs = list(body.output[n_state:])
+    for k, value in enumerate(seq_outputs):
+        if value.name in {mapping[c] for c in carried}:
+            nodes.append(helper.make_node("Identity", [value.name], [f"seq_{value.name}"]))
+            seq_outputs[k] = helper.make_tensor_value_info(f"seq_{value.name}", value.type.tensor_type.elem_type, None)
     elem = {c: TensorProto.BOOL if producer[c].op_type in _BOOL_OPS else TensorProto.FLOAT for c in carried}
     graph = helper.make_graph(
         nodes, body.name,
         list(body.input[:n_state]) + [helper.make_tensor_value_info(carry_in[c], elem[c], None) for c in carried] + list(body.input[n_state:]),
-        list(body.output[:n_state]) + [helper.make_tensor_value_info(mapping[c], elem[c], None) for c in carried] + list(body.output[n_state:]),
+        list(body.output[:n_state]) + [helper.make_tensor_value_info(mapping[c], elem[c], None) for c in carried] + seq_outputs,
     )
     # before the scan: the chain applied to the initial states
     before, initial = [], dict(initial_of)
@@ -443,10 +444,32 @@ def _without_dead_nodes(nodes: list[onnx.NodeProto], needed: set[str]) -> list[o
     return keep[::-1]
 
 
-def _graph_keeping(graph: onnx.GraphProto, keep: list[int]) -> onnx.GraphProto:
-    """``graph`` returning only its outputs at positions ``keep``, its dead work removed."""
+def _states_without_copies(nodes: list, outputs: list, n_state: int, other_names=frozenset()) -> tuple[list, list]:
+    """A ``Scan`` body's state returned as ``Identity(v)`` returns ``v`` itself (one copy less a step).
+
+    Only where ``v`` is computed by the body and returned by no other output (a name is
+    either a state or a per-step output); ``other_names``: outputs about to be added.
+    """
+    producer = {o: n for n in nodes for o in n.output}
+    outputs, taken = list(outputs), {o.name for o in outputs} | set(other_names)
+    for k in range(n_state):
+        node = producer.get(outputs[k].name)
+        if node is not None and node.op_type == "Identity" and node.input[0] in producer and node.input[0] not in taken:
+            nodes = [n for n in nodes if n is not node]
+            taken.add(node.input[0])
+            outputs[k] = helper.make_tensor_value_info(node.input[0], outputs[k].type.tensor_type.elem_type, None)
+    return nodes, outputs
+
+
+def _graph_keeping(graph: onnx.GraphProto, keep: list[int], n_state: int = 0) -> onnx.GraphProto:
+    """``graph`` returning only its outputs at positions ``keep``, its dead work removed.
+
+    ``n_state``: the graph is a ``Scan`` body with that many states (the first outputs),
+    whose copies are dropped where no per-step output needs them any more.
+    """
     outputs = [graph.output[k] for k in keep]
     nodes = _prune_nodes(list(graph.node), {o.name for o in outputs})
+    nodes, outputs = _states_without_copies(nodes, outputs, n_state)
     return helper.make_graph(nodes, graph.name, list(graph.input), outputs, initializer=list(graph.initializer))
 
 
@@ -461,7 +484,7 @@ def _prune_nodes(nodes: list[onnx.NodeProto], needed: set[str]) -> list[onnx.Nod
             n_state = len(n.input) - attrs["num_scan_inputs"].i
             keep = list(range(n_state)) + [k for k in range(n_state, len(n.output)) if n.output[k] in read]
             if len(keep) < len(n.output):
-                body = _graph_keeping(attrs["body"].g, keep)
+                body = _graph_keeping(attrs["body"].g, keep, n_state)
                 n = helper.make_node("Scan", list(n.input), [n.output[k] for k in keep], n.name or None,
                                      num_scan_inputs=attrs["num_scan_inputs"].i, body=body)
         elif n.op_type == "If":

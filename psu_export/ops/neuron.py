@@ -27,6 +27,9 @@ from .builders import OnnxBuilder, TorchBuilder
 from .registry import CustomOp, emit_node, make_function, register
 
 _RESET_CODE = {"subtract": "sub", "zero": "zero", "none": "noreset"}
+#: parameters a layer may have exactly 1.0 everywhere (StepOptions.unit_params), with their
+#: op type suffix: a threshold of 1 (the frameworks' default) and ungraded spikes
+UNIT_PARAMS = {"threshold": "th1", "spike_scale": "g1"}
 _TIMING_CODE = {"previous_step": "prev", "same_step_guarded": "guard", "same_step": "same"}
 _SCOPE_CODE = {"membrane": "mem", "total": "all"}
 
@@ -42,10 +45,18 @@ class StepOptions:
     two_state: bool
     charge: str = "leaky"
     reset_form: str = "standard"
+    #: parameters the layer has exactly 1.0 everywhere (``+``-joined, of :data:`UNIT_PARAMS`):
+    #: the step skips multiplying by them (``x * 1 == x`` bit for bit), one node less each
+    unit_params: str = ""
 
     @classmethod
     def of(cls, spec: NeuronSpec) -> "StepOptions":
-        return cls(spec.reset, spec.reset_timing, spec.compare, spec.zero_scope, spec.two_state, spec.charge, spec.reset_form)
+        units = "+".join(name for name in UNIT_PARAMS if bool(torch.all(getattr(spec, name) == 1.0)))
+        return cls(spec.reset, spec.reset_timing, spec.compare, spec.zero_scope, spec.two_state, spec.charge, spec.reset_form, units)
+
+    @property
+    def units(self) -> set[str]:
+        return set(self.unit_params.split("+")) - {""}
 
     @property
     def variant(self) -> str:
@@ -58,6 +69,7 @@ class StepOptions:
             parts.append(self.charge)
         if self.reset_form != "standard":
             parts.append(self.reset_form)
+        parts.extend(UNIT_PARAMS[name] for name in UNIT_PARAMS if name in self.units)
         return "_".join(parts)
 
     @property
@@ -86,20 +98,21 @@ class StepOptions:
             "two_state": int(self.two_state),
             "charge": self.charge,
             "reset_form": self.reset_form,
+            "unit_params": self.unit_params,
         }
 
     @classmethod
     def parse(cls, key: str) -> "StepOptions":
         fields = dict(item.split("=", 1) for item in key.split(","))
         return cls(fields["reset"], fields["reset_timing"], fields["compare"], fields["zero_scope"], fields["two_state"] == "1",
-                   fields.get("charge", "leaky"), fields.get("reset_form", "standard"))
+                   fields.get("charge", "leaky"), fields.get("reset_form", "standard"), fields.get("unit_params", ""))
 
     @classmethod
     def from_node(cls, node: onnx.NodeProto) -> "StepOptions":
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         text = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items() if k != "layer"}
         return cls(text["reset"], text["reset_timing"], text["compare"], text["zero_scope"], bool(text["two_state"]),
-                   text.get("charge", "leaky"), text.get("reset_form", "standard"))
+                   text.get("charge", "leaky"), text.get("reset_form", "standard"), text.get("unit_params", ""))
 
 
 def exact_step(b, o: StepOptions, p: dict, v_prev, i_prev, x):
@@ -108,6 +121,10 @@ def exact_step(b, o: StepOptions, p: dict, v_prev, i_prev, x):
     ``b`` is a :class:`TorchBuilder` or :class:`OnnxBuilder`; returns ``(v, i, spike)``.
     """
     theta = p["threshold"]
+
+    def times(value, name):  # value * p[name], skipped for a parameter that is exactly 1
+        return value if name in o.units else b.mul(value, p[name])
+
     if o.charge == "norse_lif":
         drive = b.add(i_prev, x)  # the input jumps the synaptic current
         i = b.add(drive, b.mul(p["syn_gain"], drive))
@@ -123,11 +140,11 @@ def exact_step(b, o: StepOptions, p: dict, v_prev, i_prev, x):
     if o.reset_timing == "same_step":
         h = charge(v_prev)
         fired = b.step(h, theta, o.compare)
-        spike = b.mul(fired, p["spike_scale"])
+        spike = times(fired, "spike_scale")
         if o.reset == "subtract" and o.reset_form == "blend":
             v = b.add(b.mul(b.sub(b.const(1.0), fired), h), b.mul(fired, b.sub(h, theta)))
         elif o.reset == "subtract":
-            v = b.sub(h, b.mul(fired, theta))
+            v = b.sub(h, times(fired, "threshold"))
         elif o.reset == "zero":
             v = b.add(b.mul(fired, p["reset_value"]), b.mul(b.sub(b.const(1.0), fired), h))
         else:
@@ -137,7 +154,7 @@ def exact_step(b, o: StepOptions, p: dict, v_prev, i_prev, x):
     # snnTorch: the reset is decided from the stored membrane of the previous step
     r = b.step(v_prev, theta, o.compare)
     if o.reset == "subtract":
-        v = b.sub(charge(v_prev), b.mul(r, theta))
+        v = b.sub(charge(v_prev), times(r, "threshold"))
     elif o.reset == "zero" and o.zero_scope == "membrane":
         v = charge(b.mul(b.sub(b.const(1.0), r), v_prev))
     elif o.reset == "zero":
@@ -145,7 +162,7 @@ def exact_step(b, o: StepOptions, p: dict, v_prev, i_prev, x):
         v = b.sub(u, b.mul(u, r))
     else:
         v = charge(v_prev)
-    spike = b.mul(b.step(v, theta, o.compare), p["spike_scale"])
+    spike = times(b.step(v, theta, o.compare), "spike_scale")
     if o.reset_timing == "same_step_guarded" and o.reset != "none":
         delta = b.sub(b.div(spike, p["spike_scale"]), r)
         v = b.sub(v, b.mul(delta, theta if o.reset == "subtract" else v))
