@@ -244,9 +244,8 @@ def recompute_sequence_identities(fn: onnx.FunctionProto) -> onnx.FunctionProto:
     for n in body.node:
         for i in n.input:
             consumers[i] = consumers.get(i, 0) + 1
-    # states returned as Identity(v): v, when v ends up returned by no other output
-    state_copy = {producer[o.name].input[0]: k for k, o in enumerate(outputs[:n_state])
-                  if o.name in producer and producer[o.name].op_type == "Identity"}
+    # values v of the states returned as Identity(v)
+    state_copy = {producer[o.name].input[0] for o in outputs[:n_state] if o.name in producer and producer[o.name].op_type == "Identity"}
     for j in range(n_state, len(outputs)):
         value = outputs[j].name
         ident = producer.get(value)
@@ -302,18 +301,10 @@ def recompute_sequence_identities(fn: onnx.FunctionProto) -> onnx.FunctionProto:
     keep = [j for j in range(n_state, len(outputs)) if j not in replace]
     new_outputs = outputs[:n_state] + [outputs[j] for j in keep]
     # a state copied by Identity(v) returns v itself once v is no longer a per-step output
-    returned = {o.name for o in new_outputs[n_state:]} | set(new_seq)
-    for v, k in state_copy.items():
-        if v not in returned and v in producer and consumers.get(outputs[k].name, 0) == 0:
-            remove.add(id(producer[outputs[k].name]))
-            new_outputs[k] = helper.make_tensor_value_info(v, TensorProto.FLOAT, None)
-            returned.add(v)
-    types = {}
+    body_nodes, new_outputs = _states_without_copies([n for n in body.node if id(n) not in remove], new_outputs, n_state, set(new_seq))
     for name in new_seq:
-        elem = TensorProto.BOOL if producer[name].op_type in _BOOL_OPS else TensorProto.FLOAT
-        types[name] = elem
-        new_outputs.append(helper.make_tensor_value_info(name, elem, None))
-    graph = helper.make_graph([n for n in body.node if id(n) not in remove], body.name, list(body.input), new_outputs)
+        new_outputs.append(helper.make_tensor_value_info(name, TensorProto.BOOL if producer[name].op_type in _BOOL_OPS else TensorProto.FLOAT, None))
+    graph = helper.make_graph(body_nodes, body.name, list(body.input), new_outputs)
     scan_out = list(scan.output[:n_state]) + [scan.output[j] for j in keep] + [stacked[name] for name in new_seq]
     new_scan = helper.make_node("Scan", list(scan.input), scan_out, num_scan_inputs=n_scan_in, body=graph)
     nodes = []
@@ -448,13 +439,16 @@ def _states_without_copies(nodes: list, outputs: list, n_state: int, other_names
     """A ``Scan`` body's state returned as ``Identity(v)`` returns ``v`` itself (one copy less a step).
 
     Only where ``v`` is computed by the body and returned by no other output (a name is
-    either a state or a per-step output); ``other_names``: outputs about to be added.
+    either a state or a per-step output) and no body node reads the copy; ``other_names``:
+    outputs about to be added.
     """
     producer = {o: n for n in nodes for o in n.output}
+    read = {i for n in nodes for i in n.input}
     outputs, taken = list(outputs), {o.name for o in outputs} | set(other_names)
     for k in range(n_state):
         node = producer.get(outputs[k].name)
-        if node is not None and node.op_type == "Identity" and node.input[0] in producer and node.input[0] not in taken:
+        if (node is not None and node.op_type == "Identity" and node.input[0] in producer and node.input[0] not in taken
+                and node.output[0] not in read):
             nodes = [n for n in nodes if n is not node]
             taken.add(node.input[0])
             outputs[k] = helper.make_tensor_value_info(node.input[0], outputs[k].type.tensor_type.elem_type, None)

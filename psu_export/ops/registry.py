@@ -125,6 +125,7 @@ def _return_spikes_only(model: onnx.ModelProto) -> None:
     read = {o.name for o in model.graph.output}
     for node in _walk_nodes(model.graph):
         read.update(node.input)
+        read.update(o.name for a in node.attribute if a.type == onnx.AttributeProto.GRAPH for o in a.g.output)
     for node in _walk_nodes(model.graph):
         if node.domain == DOMAIN and len(node.output) > 1 and not read.intersection(node.output[1:]):
             del node.output[1:]
