@@ -159,3 +159,17 @@ def test_cli_convert(tmp_path):
     data = json.loads(report.read_text())
     assert data["passed"] and data["spike_agreement"] == 1.0
     assert {s["source_class"] for s in data["neuron_sites"]} == {"spikingjelly.LIFNode"}
+
+
+@pytest.mark.parametrize("v_reset, skipped", [(0.0, True), (-0.0, False), (0.5, False)])
+def test_a_v_rest_of_plus_zero_is_not_subtracted(v_reset, skipped):
+    """``v - v_rest`` is ``v`` bit for bit only for v_rest = +0.0 (``-0 - (-0)`` is +0)."""
+    from spikingjelly.activation_based import neuron
+
+    from psu_export.converters.spikingjelly import SpikingJellyConverter
+    from psu_export.ops.neuron import StepOptions
+
+    spec = SpikingJellyConverter().to_spec(neuron.LIFNode(tau=2.0, v_reset=v_reset, step_mode="m"))
+    options = StepOptions.of(spec)
+    assert ("v_rest" in options.identities) == skipped
+    assert options.variant.endswith("_vr0") == skipped

@@ -16,6 +16,7 @@ framework reports it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import onnx
@@ -27,9 +28,16 @@ from .builders import OnnxBuilder, TorchBuilder
 from .registry import CustomOp, emit_node, make_function, register
 
 _RESET_CODE = {"subtract": "sub", "zero": "zero", "none": "noreset"}
-#: parameters a layer may have exactly 1.0 everywhere (StepOptions.unit_params), with their
-#: op type suffix: a threshold of 1 (the frameworks' default) and ungraded spikes
-UNIT_PARAMS = {"threshold": "th1", "spike_scale": "g1"}
+#: parameters whose operation in the step is an identity when the layer has this exact
+#: value everywhere (StepOptions.identity_params), with their op type suffix: a threshold
+#: of 1 (the frameworks' default) and ungraded spikes multiply by 1, SpikingJelly's
+#: ``v_rest`` of +0.0 is subtracted (``v - (+0) == v`` bit for bit, -0 included)
+IDENTITY_PARAMS = {"threshold": (1.0, "th1"), "spike_scale": (1.0, "g1"), "v_rest": (0.0, "vr0")}
+
+
+def _is_exactly(t: torch.Tensor, value: float) -> bool:
+    """Every element equals ``value``; a zero must be +0.0 (``v - (-0)`` turns -0 into +0)."""
+    return bool(torch.all(t == value)) and not (value == 0.0 and bool(torch.signbit(t).any()))
 _TIMING_CODE = {"previous_step": "prev", "same_step_guarded": "guard", "same_step": "same"}
 _SCOPE_CODE = {"membrane": "mem", "total": "all"}
 
@@ -45,18 +53,21 @@ class StepOptions:
     two_state: bool
     charge: str = "leaky"
     reset_form: str = "standard"
-    #: parameters the layer has exactly 1.0 everywhere (``+``-joined, of :data:`UNIT_PARAMS`):
-    #: the step skips multiplying by them (``x * 1 == x`` bit for bit), one node less each
-    unit_params: str = ""
+    #: parameters with their identity value everywhere (``+``-joined, of :data:`IDENTITY_PARAMS`):
+    #: the step skips the multiply or subtraction by them (bit for bit), one node less each
+    identity_params: str = ""
 
     @classmethod
     def of(cls, spec: NeuronSpec) -> "StepOptions":
-        units = "+".join(name for name in UNIT_PARAMS if bool(torch.all(getattr(spec, name) == 1.0)))
-        return cls(spec.reset, spec.reset_timing, spec.compare, spec.zero_scope, spec.two_state, spec.charge, spec.reset_form, units)
+        base = cls(spec.reset, spec.reset_timing, spec.compare, spec.zero_scope, spec.two_state, spec.charge, spec.reset_form)
+        subtracts_v_rest = base.charge.startswith("sj_")  # Norse's charge computes v_rest - v: no identity
+        names = [n for n, (value, _) in IDENTITY_PARAMS.items()
+                 if n in base.param_names and (n != "v_rest" or subtracts_v_rest) and _is_exactly(getattr(spec, n), value)]
+        return dataclasses.replace(base, identity_params="+".join(names))
 
     @property
-    def units(self) -> set[str]:
-        return set(self.unit_params.split("+")) - {""}
+    def identities(self) -> set[str]:
+        return set(self.identity_params.split("+")) - {""}
 
     @property
     def variant(self) -> str:
@@ -69,7 +80,7 @@ class StepOptions:
             parts.append(self.charge)
         if self.reset_form != "standard":
             parts.append(self.reset_form)
-        parts.extend(UNIT_PARAMS[name] for name in UNIT_PARAMS if name in self.units)
+        parts.extend(suffix for name, (_, suffix) in IDENTITY_PARAMS.items() if name in self.identities)
         return "_".join(parts)
 
     @property
@@ -98,21 +109,21 @@ class StepOptions:
             "two_state": int(self.two_state),
             "charge": self.charge,
             "reset_form": self.reset_form,
-            "unit_params": self.unit_params,
+            "identity_params": self.identity_params,
         }
 
     @classmethod
     def parse(cls, key: str) -> "StepOptions":
         fields = dict(item.split("=", 1) for item in key.split(","))
         return cls(fields["reset"], fields["reset_timing"], fields["compare"], fields["zero_scope"], fields["two_state"] == "1",
-                   fields.get("charge", "leaky"), fields.get("reset_form", "standard"), fields.get("unit_params", ""))
+                   fields.get("charge", "leaky"), fields.get("reset_form", "standard"), fields.get("identity_params", ""))
 
     @classmethod
     def from_node(cls, node: onnx.NodeProto) -> "StepOptions":
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         text = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items() if k != "layer"}
         return cls(text["reset"], text["reset_timing"], text["compare"], text["zero_scope"], bool(text["two_state"]),
-                   text.get("charge", "leaky"), text.get("reset_form", "standard"), text.get("unit_params", ""))
+                   text.get("charge", "leaky"), text.get("reset_form", "standard"), text.get("identity_params", ""))
 
 
 def exact_step(b, o: StepOptions, p: dict, v_prev, i_prev, x):
@@ -123,7 +134,7 @@ def exact_step(b, o: StepOptions, p: dict, v_prev, i_prev, x):
     theta = p["threshold"]
 
     def times(value, name):  # value * p[name], skipped for a parameter that is exactly 1
-        return value if name in o.units else b.mul(value, p[name])
+        return value if name in o.identities else b.mul(value, p[name])
 
     if o.charge == "norse_lif":
         drive = b.add(i_prev, x)  # the input jumps the synaptic current
@@ -135,7 +146,7 @@ def exact_step(b, o: StepOptions, p: dict, v_prev, i_prev, x):
         i, drive = None, x
 
     def charge(v):
-        return _charge(b, o.charge, p, v, drive)
+        return _charge(b, o.charge, p, v, drive, o.identities)
 
     if o.reset_timing == "same_step":
         h = charge(v_prev)
@@ -169,18 +180,24 @@ def exact_step(b, o: StepOptions, p: dict, v_prev, i_prev, x):
     return v, i, spike
 
 
-def _charge(b, form: str, p: dict, v, d):
-    """The charge ``C(v, d)`` of one step in the framework's own operation order (spec docstring)."""
+def _charge(b, form: str, p: dict, v, d, identities=frozenset()):
+    """The charge ``C(v, d)`` of one step in the framework's own operation order (spec docstring).
+
+    ``identities``: :attr:`StepOptions.identities` (``v - v_rest`` is ``v`` for ``v_rest`` +0).
+    """
+    def rested():  # v - v_rest
+        return v if "v_rest" in identities else b.sub(v, p["v_rest"])
+
     if form == "leaky":
         return b.add(b.mul(p["decay"], v), d)
     if form == "if":
         return b.add(v, d)
     if form in ("sj_decay_input", "sj_decay_input_mul"):
-        inner = b.sub(d, b.sub(v, p["v_rest"]))
+        inner = b.sub(d, rested())
         scaled = b.div(inner, p["tau"]) if form == "sj_decay_input" else b.mul(inner, p["inv_tau"])
         return b.add(v, scaled)
     if form in ("sj_no_decay_input", "sj_no_decay_input_mul"):
-        leak = b.sub(v, p["v_rest"])
+        leak = rested()
         leak = b.div(leak, p["tau"]) if form == "sj_no_decay_input" else b.mul(leak, p["inv_tau"])
         return b.add(b.sub(v, leak), d)
     if form == "norse_lif":
@@ -219,7 +236,7 @@ def charged_values(o: StepOptions, params: list[torch.Tensor], x: torch.Tensor, 
         drive = b.add(b.mul(p["syn_decay"], torch.cat([i0.unsqueeze(0), outputs[2][:-1]])), x)
     else:
         drive = x
-    return _charge(b, o.charge, p, v_prev, drive)
+    return _charge(b, o.charge, p, v_prev, drive, o.identities)
 
 
 # ----------------------------------------------------------------------------- exact (Scan)
