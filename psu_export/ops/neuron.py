@@ -28,6 +28,9 @@ from .builders import OnnxBuilder, TorchBuilder
 from .registry import CustomOp, emit_node, make_function, register
 
 _RESET_CODE = {"subtract": "sub", "zero": "zero", "none": "noreset"}
+_TIMING_CODE = {"previous_step": "prev", "same_step_guarded": "guard", "same_step": "same"}
+_SCOPE_CODE = {"membrane": "mem", "total": "all"}
+
 #: parameters whose operation in the step is an identity when the layer has this exact
 #: value everywhere (StepOptions.identity_params), with their op type suffix: a threshold
 #: of 1 (the frameworks' default) and ungraded spikes multiply by 1, SpikingJelly's
@@ -38,8 +41,6 @@ IDENTITY_PARAMS = {"threshold": (1.0, "th1"), "spike_scale": (1.0, "g1"), "v_res
 def _is_exactly(t: torch.Tensor, value: float) -> bool:
     """Every element equals ``value``; a zero must be +0.0 (``v - (-0)`` turns -0 into +0)."""
     return bool(torch.all(t == value)) and not (value == 0.0 and bool(torch.signbit(t).any()))
-_TIMING_CODE = {"previous_step": "prev", "same_step_guarded": "guard", "same_step": "same"}
-_SCOPE_CODE = {"membrane": "mem", "total": "all"}
 
 
 @dataclass(frozen=True)
