@@ -65,6 +65,32 @@ def choose_on_steps(node: onnx.NodeProto, short: onnx.FunctionProto, long: onnx.
     return make_function(node, b.nodes, list(short.input), outputs, opset)
 
 
+def _single_scan(fn: onnx.FunctionProto):
+    """``(scan, body, n_scan_inputs, n_states)`` of ``fn``'s only ``Scan``; None when there is
+    not exactly one, or it has axes / directions (the passes keep to the simple case)."""
+    scans = [n for n in fn.node if n.op_type == "Scan"]
+    if len(scans) != 1:
+        return None
+    attrs = {a.name: a for a in scans[0].attribute}
+    if set(attrs) - {"body", "num_scan_inputs"}:
+        return None
+    n_scan_in = attrs["num_scan_inputs"].i
+    return scans[0], attrs["body"].g, n_scan_in, len(scans[0].input) - n_scan_in
+
+
+def _with_nodes(fn: onnx.FunctionProto, nodes) -> onnx.FunctionProto:
+    out = onnx.FunctionProto()
+    out.CopyFrom(fn)
+    del out.node[:]
+    out.node.extend(nodes)
+    return out
+
+
+def _with_scan_replaced(fn: onnx.FunctionProto, scan: onnx.NodeProto, nodes: list) -> onnx.FunctionProto:
+    """``fn`` with ``nodes`` in place of its node ``scan``."""
+    return _with_nodes(fn, [m for n in fn.node for m in (nodes if n is scan else [n])])
+
+
 # ----------------------------------------------------------------------------- hoisting out of the scan
 
 #: elementwise ops whose per-step application equals one application over the stacked steps
@@ -82,16 +108,10 @@ def hoist_out_of_scan(fn: onnx.FunctionProto) -> onnx.FunctionProto:
     results), but 3 fewer nodes per step, and onnxruntime's per-node overhead is what the
     scan costs on small layers.  Returns ``fn`` unchanged when nothing can be hoisted.
     """
-    scans = [n for n in fn.node if n.op_type == "Scan"]
-    if len(scans) != 1:
+    found = _single_scan(fn)
+    if found is None:
         return fn
-    scan = scans[0]
-    attrs = {a.name: a for a in scan.attribute}
-    if set(attrs) - {"body", "num_scan_inputs"}:
-        return fn  # axes / directions: keep the simple case only
-    body = attrs["body"].g
-    n_scan_in = attrs["num_scan_inputs"].i
-    n_state = len(scan.input) - n_scan_in
+    scan, body, n_scan_in, n_state = found
     state_out = [o.name for o in body.output[:n_state]]
     seq_out = [o.name for o in body.output[n_state:]]
     body_inputs = {i.name for i in body.input}
@@ -179,38 +199,13 @@ def hoist_out_of_scan(fn: onnx.FunctionProto) -> onnx.FunctionProto:
     for j in hoisted_outputs:
         after.append(helper.make_node("Identity", [f"h_{seq_out[j]}"], [outer_seq[j]]))
 
-    nodes = []
-    for n in fn.node:
-        nodes.extend([new_scan] + after if n is scan else [n])
-    out = onnx.FunctionProto()
-    out.CopyFrom(fn)
-    del out.node[:]
-    out.node.extend(nodes)
-    return out
+    return _with_scan_replaced(fn, scan, [new_scan] + after)
 
 
 # ----------------------------------------------------------------------------- fewer nodes per step
 
 _COMPARISONS = {"Greater", "GreaterOrEqual", "Less", "LessOrEqual", "Equal"}
 _BOOL_OPS = _COMPARISONS | {"Not", "And", "Or", "Xor"}
-
-
-def _single_scan(fn: onnx.FunctionProto):
-    scans = [n for n in fn.node if n.op_type == "Scan"]
-    if len(scans) != 1:
-        return None
-    attrs = {a.name: a for a in scans[0].attribute}
-    if set(attrs) - {"body", "num_scan_inputs"}:
-        return None
-    return scans[0], attrs["body"].g, attrs["num_scan_inputs"].i
-
-
-def _with_nodes(fn: onnx.FunctionProto, nodes) -> onnx.FunctionProto:
-    out = onnx.FunctionProto()
-    out.CopyFrom(fn)
-    del out.node[:]
-    out.node.extend(nodes)
-    return out
 
 
 def recompute_sequence_identities(fn: onnx.FunctionProto) -> onnx.FunctionProto:
@@ -228,8 +223,7 @@ def recompute_sequence_identities(fn: onnx.FunctionProto) -> onnx.FunctionProto:
     found = _single_scan(fn)
     if found is None:
         return fn
-    scan, body, n_scan_in = found
-    n_state = len(scan.input) - n_scan_in
+    scan, body, n_scan_in, n_state = found
     producer = {o: n for n in body.node for o in n.output}
     body_input_names = [i.name for i in body.input]
     state_in = set(body_input_names[:n_state])
@@ -307,10 +301,7 @@ def recompute_sequence_identities(fn: onnx.FunctionProto) -> onnx.FunctionProto:
     graph = helper.make_graph(body_nodes, body.name, list(body.input), new_outputs)
     scan_out = list(scan.output[:n_state]) + [scan.output[j] for j in keep] + [stacked[name] for name in new_seq]
     new_scan = helper.make_node("Scan", list(scan.input), scan_out, num_scan_inputs=n_scan_in, body=graph)
-    nodes = []
-    for n in fn.node:
-        nodes.extend([new_scan] + after if n is scan else [n])
-    return _with_nodes(fn, nodes)
+    return _with_scan_replaced(fn, scan, [new_scan] + after)
 
 
 # ----------------------------------------------------------------------------- carrying a repeated state function
@@ -337,8 +328,7 @@ def carry_state_functions(fn: onnx.FunctionProto) -> onnx.FunctionProto:
     found = _single_scan(fn)
     if found is None:
         return fn
-    scan, body, n_scan_in = found
-    n_state = len(scan.input) - n_scan_in
+    scan, body, n_scan_in, n_state = found
     producer = {o: n for n in body.node for o in n.output}
     body_inputs = [i.name for i in body.input]
     outputs = [o.name for o in body.output]
@@ -409,10 +399,7 @@ def carry_state_functions(fn: onnx.FunctionProto) -> onnx.FunctionProto:
     scan_inputs = list(scan.input[:n_state]) + [initial[c] for c in carried] + list(scan.input[n_state:])
     scan_outputs = list(scan.output[:n_state]) + [f"carry_last_{c}" for c in carried] + list(scan.output[n_state:])
     new_scan = helper.make_node("Scan", scan_inputs, scan_outputs, num_scan_inputs=n_scan_in, body=graph)
-    result = []
-    for n in fn.node:
-        result.extend(before + [new_scan] if n is scan else [n])
-    return _with_nodes(fn, result)
+    return _with_scan_replaced(fn, scan, before + [new_scan])
 
 
 def _reads(node: onnx.NodeProto) -> set[str]:
