@@ -44,8 +44,8 @@ class RefStaticMLP(RefMLP):
     """snnTorch tutorial 5 exactly: one input ``x[B, 784]`` fed to ``fc1`` at every one of
     ``num_steps`` steps (T is fixed inside the model, as in the tutorial)."""
 
-    def __init__(self, num_steps: int):
-        super().__init__()
+    def __init__(self, num_steps: int, **sizes):
+        super().__init__(**sizes)
         self.num_steps = num_steps
 
     def forward(self, x):

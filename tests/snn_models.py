@@ -7,6 +7,8 @@ from torch import nn
 
 import snntorch as snn
 
+from psu_export.models.ref_mlp import RefStaticMLP
+
 IN, HID, OUT = 12, 24, 5
 
 
@@ -61,30 +63,13 @@ def per_channel_beta() -> nn.Module:
     return _scaled(LoopNet(snn.Leaky(beta=beta, threshold=threshold), snn.Leaky(beta=0.7)))
 
 
-class StaticLoop(nn.Module):
+class StaticLoop(RefStaticMLP):
     """A static input [B, IN] fed for num_steps steps (snnTorch tutorial 5 style)."""
 
     num_steps = 9
 
     def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(IN, HID)
-        self.lif1 = snn.Leaky(beta=0.95)
-        self.fc2 = nn.Linear(HID, OUT)
-        self.lif2 = snn.Leaky(beta=0.95)
-
-    def forward(self, x):
-        mem1 = self.lif1.init_leaky()
-        mem2 = self.lif2.init_leaky()
-        spk2_rec, mem2_rec = [], []
-        for _ in range(self.num_steps):
-            cur1 = self.fc1(x)
-            spk1, mem1 = self.lif1(cur1, mem1)
-            cur2 = self.fc2(spk1)
-            spk2, mem2 = self.lif2(cur2, mem2)
-            spk2_rec.append(spk2)
-            mem2_rec.append(mem2)
-        return torch.stack(spk2_rec), torch.stack(mem2_rec)
+        super().__init__(self.num_steps, inputs=IN, hidden=HID, outputs=OUT)
 
 
 def static_loop() -> nn.Module:
