@@ -30,8 +30,8 @@ class RefMLP(nn.Module):
         mem1 = self.lif1.init_leaky()
         mem2 = self.lif2.init_leaky()
         spk2_rec, mem2_rec = [], []
-        for step in range(x.shape[0]):
-            cur1 = self.fc1(x[step])
+        for step in range(self.time_steps(x)):
+            cur1 = self.fc1(self.step_input(x, step))
             spk1, mem1 = self.lif1(cur1, mem1)
             cur2 = self.fc2(spk1)
             spk2, mem2 = self.lif2(cur2, mem2)
@@ -39,27 +39,26 @@ class RefMLP(nn.Module):
             mem2_rec.append(mem2)
         return torch.stack(spk2_rec, dim=0), torch.stack(mem2_rec, dim=0)
 
+    def time_steps(self, x) -> int:
+        return x.shape[0]
+
+    def step_input(self, x, step: int):
+        return x[step]
+
 
 class RefStaticMLP(RefMLP):
-    """snnTorch tutorial 5 exactly: one input ``x[B, 784]`` fed to ``fc1`` at every one of
+    """snnTorch tutorial 5's network and loop: one input ``x[B, 784]`` fed to ``fc1`` at every one of
     ``num_steps`` steps (T is fixed inside the model, as in the tutorial)."""
 
     def __init__(self, num_steps: int, **sizes):
         super().__init__(**sizes)
         self.num_steps = num_steps
 
-    def forward(self, x):
-        mem1 = self.lif1.init_leaky()
-        mem2 = self.lif2.init_leaky()
-        spk2_rec, mem2_rec = [], []
-        for _ in range(self.num_steps):
-            cur1 = self.fc1(x)
-            spk1, mem1 = self.lif1(cur1, mem1)
-            cur2 = self.fc2(spk1)
-            spk2, mem2 = self.lif2(cur2, mem2)
-            spk2_rec.append(spk2)
-            mem2_rec.append(mem2)
-        return torch.stack(spk2_rec, dim=0), torch.stack(mem2_rec, dim=0)
+    def time_steps(self, x) -> int:
+        return self.num_steps
+
+    def step_input(self, x, step: int):
+        return x  # the same input at every step
 
 
 def _seeded(net: nn.Module, seed: int = 0, gain: float = 2.0) -> nn.Module:
