@@ -13,10 +13,13 @@ Profiles: ``HYPOTHESIS_PROFILE=ci`` (default, 150 examples per test) or ``nightl
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 import os
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -162,3 +165,45 @@ def test_snntorch_reset_test_is_carried_not_recomputed(reset, threshold):
     assert [v.type.tensor_type.elem_type for v in per_step] == [onnx.TensorProto.BOOL]
     if reset == "subtract":  # charge (Mul, Add), reset (Mul unless threshold 1, Sub), spike test (Greater, Cast)
         assert len(body.node) == (5 if threshold == 1.0 else 6)
+
+
+def _bits(a) -> np.ndarray:
+    return np.asarray(a, dtype=np.float32).view(np.int32)
+
+
+@pytest.mark.parametrize("reset_value", [0.0, -0.0, 0.5])
+def test_zero_reset_to_plus_zero_keeps_every_bit(reset_value):
+    """A ``v_reset`` of +0 drops ``spike * v_reset`` but still adds +0: ``-0 + (+0)`` is +0.
+
+    Integrate-and-fire from ``v_init`` = -0 with inputs of -0 charges to -0 (no spike); the
+    framework's ``spike * v_reset + (1 - spike) * h`` then gives +0, which the shortcut
+    must reproduce (an inputs-only check would miss it: spikes agree either way).
+    """
+    from psu_export.spec import NeuronSpec
+
+    spec = NeuronSpec(decay=1.0, threshold=1.0, reset="zero", reset_value=reset_value, v_init=-0.0)
+    o = StepOptions.of(spec)
+    assert ("reset_value" in o.identities) == (str(reset_value) == "0.0")
+    plain = dataclasses.replace(o, identity_params="")
+    x = torch.tensor([[-0.0, 0.3, -0.0, 0.9, -0.0]]).T.reshape(5, 1, 1).repeat(1, 2, 3)
+    x[:, 1] = torch.tensor([-0.0, -0.0, 1.5, -0.0, -0.0]).reshape(5, 1)
+    params = [getattr(spec, n) for n in o.param_names]
+    expected = exact_neuron(x, params, plain.key(), "l")
+    got = exact_neuron(x, params, o.key(), "l")
+    # step 0 charges -0 + (-0) = -0 without a spike; the reset sum gives 0 * v_reset + (-0)
+    assert bool(torch.signbit(expected[1][0, 0, 0])) == (math.copysign(1.0, reset_value) < 0 and reset_value == 0)
+    np.testing.assert_array_equal(_bits(got[1]), _bits(expected[1]))
+    np.testing.assert_array_equal(_bits(got[0]), _bits(expected[0]))
+    # parameters as initializers, as in a converted model: onnxruntime then rewrites an
+    # Add of a zero initializer to the other operand (NoopElimination)
+    import onnxruntime as ort
+
+    model = one_node_model(o.key(), tuple(p.dim() for p in params))
+    model.graph.initializer.extend(onnx.numpy_helper.from_array(p.numpy(), n) for n, p in zip(o.param_names, params))
+    kept = [i for i in model.graph.input if i.name == "x"]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    onnx_out = session.run(None, {"x": x.numpy()})
+    np.testing.assert_array_equal(_bits(onnx_out[1]), _bits(expected[1]))
+    np.testing.assert_array_equal(_bits(onnx_out[0]), _bits(expected[0]))

@@ -26,6 +26,10 @@ class TorchBuilder:
     def add(self, a, b):
         return a + b
 
+    def add_zero_safe(self, a, b):
+        """``a + b`` also where an operand is a constant zero (see :meth:`OnnxBuilder.add_zero_safe`)."""
+        return a + b
+
     def sub(self, a, b):
         return a - b
 
@@ -68,6 +72,11 @@ class OnnxBuilder:
 
     def add(self, a, b):
         return self.node("Add", [a, b])
+
+    def add_zero_safe(self, a, b):
+        """``a + b`` as ``Sum``: onnxruntime rewrites ``Add(x, zero initializer)`` to ``x``
+        (NoopElimination), which keeps a -0 that the addition turns into +0; ``Sum`` is kept."""
+        return self.node("Sum", [a, b])
 
     def sub(self, a, b):
         return self.node("Sub", [a, b])

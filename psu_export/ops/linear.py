@@ -94,7 +94,7 @@ def _with_scan_replaced(fn: onnx.FunctionProto, scan: onnx.NodeProto, nodes: lis
 # ----------------------------------------------------------------------------- hoisting out of the scan
 
 #: elementwise ops whose per-step application equals one application over the stacked steps
-_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "Equal", "Cast",
+_ELEMENTWISE = {"Add", "Sum", "Sub", "Mul", "Div", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "Equal", "Cast",
                 "Where", "Identity", "Sigmoid", "Neg", "Not", "And", "Or", "Constant"}
 
 

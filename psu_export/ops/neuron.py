@@ -31,11 +31,13 @@ _RESET_CODE = {"subtract": "sub", "zero": "zero", "none": "noreset"}
 _TIMING_CODE = {"previous_step": "prev", "same_step_guarded": "guard", "same_step": "same"}
 _SCOPE_CODE = {"membrane": "mem", "total": "all"}
 
-#: parameters whose operation in the step is an identity when the layer has this exact
-#: value everywhere (StepOptions.identity_params), with their op type suffix: a threshold
-#: of 1 (the frameworks' default) and ungraded spikes multiply by 1, SpikingJelly's
-#: ``v_rest`` of +0.0 is subtracted (``v - (+0) == v`` bit for bit, -0 included)
-IDENTITY_PARAMS = {"threshold": (1.0, "th1"), "spike_scale": (1.0, "g1"), "v_rest": (0.0, "vr0")}
+#: parameters whose operation in the step simplifies when the layer has this exact value
+#: everywhere (StepOptions.identity_params), with their op type suffix: a threshold of 1
+#: (the frameworks' default) and ungraded spikes multiply by 1, SpikingJelly's ``v_rest``
+#: of +0.0 is subtracted (``v - (+0) == v`` bit for bit, -0 included), and a zero reset's
+#: ``v_reset`` of +0.0 (SpikingJelly's and Norse's default) makes ``spike * v_reset`` the
+#: constant +0 for spikes in {0, 1}
+IDENTITY_PARAMS = {"threshold": (1.0, "th1"), "spike_scale": (1.0, "g1"), "v_rest": (0.0, "vr0"), "reset_value": (0.0, "vz0")}
 
 
 def _is_exactly(t: torch.Tensor, value: float) -> bool:
@@ -61,9 +63,12 @@ class StepOptions:
     @classmethod
     def of(cls, spec: NeuronSpec) -> "StepOptions":
         base = cls(spec.reset, spec.reset_timing, spec.compare, spec.zero_scope, spec.two_state, spec.charge, spec.reset_form)
-        subtracts_v_rest = base.charge.startswith("sj_")  # Norse's charge computes v_rest - v: no identity
+        applies = {
+            "v_rest": base.charge.startswith("sj_"),  # Norse's charge computes v_rest - v: no identity
+            "reset_value": base.reset == "zero" and base.reset_timing == "same_step",  # the only step that reads it
+        }
         names = [n for n, (value, _) in IDENTITY_PARAMS.items()
-                 if n in base.param_names and (n != "v_rest" or subtracts_v_rest) and _is_exactly(getattr(spec, n), value)]
+                 if n in base.param_names and applies.get(n, True) and _is_exactly(getattr(spec, n), value)]
         return dataclasses.replace(base, identity_params="+".join(names))
 
     @property
@@ -158,7 +163,13 @@ def exact_step(b, o: StepOptions, p: dict, v_prev, i_prev, x):
         elif o.reset == "subtract":
             v = b.sub(h, times(fired, "threshold"))
         elif o.reset == "zero":
-            v = b.add(b.mul(fired, p["reset_value"]), b.mul(b.sub(b.const(1.0), fired), h))
+            # spike * v_reset + (1 - spike) * h; for v_reset +0 the product is +0, still added:
+            # x + (+0) turns a -0 membrane into +0, as the framework's sum does
+            kept = b.mul(b.sub(b.const(1.0), fired), h)
+            if "reset_value" in o.identities:
+                v = b.add_zero_safe(p["reset_value"], kept)
+            else:
+                v = b.add(b.mul(fired, p["reset_value"]), kept)
         else:
             v = h
         return v, i, spike
