@@ -10,6 +10,8 @@ Factories for ``psu-export`` (random weights, seeded; no download)::
 * :func:`make_mlp` and its named variants (``make_mlp_if_hard`` ...): one neuron class
   and option per factory, in either step mode; input ``[T, B, 16]`` (``'m'``) or a
   single step ``[B, 16]`` driven over time by the converter (``'s'``).
+* :func:`make_repeating_csnn`: SpikingJelly's conv Fashion-MNIST tutorial network, which
+  repeats one image ``[B, 1, 28, 28]`` over its own T inside ``forward``.
 * :func:`make_single_step_loop`: ``step_mode='s'`` neurons called in a Python loop over
   ``x[t]`` inside ``forward`` (``functional.reset_net`` at the start).
 * :func:`make_sew_resnet18`, :func:`make_spiking_resnet18`, :func:`make_spiking_vgg`:
@@ -94,6 +96,51 @@ def make_conv() -> nn.Module:
 def make_conv_soft() -> nn.Module:
     with _seeded(1):
         return ConvNet(v_reset=None)
+
+
+class RepeatingCSNN(nn.Module):
+    """SpikingJelly's conv Fashion-MNIST tutorial network (``CSNN``), multi-step, as published:
+    one image ``[B, 1, 28, 28]`` repeated over ``T`` steps inside ``forward``, IF neurons, the
+    firing rates ``mean(0)`` out.  ``channels`` is 128 in the tutorial."""
+
+    def __init__(self, time_steps: int = 4, channels: int = 8, gain: float = 3.0):
+        super().__init__()
+        from spikingjelly.activation_based import functional, layer, neuron, surrogate
+
+        self.T = time_steps
+        self.conv_fc = nn.Sequential(
+            layer.Conv2d(1, channels, kernel_size=3, padding=1, bias=False),
+            layer.BatchNorm2d(channels),
+            neuron.IFNode(surrogate_function=surrogate.ATan()),
+            layer.MaxPool2d(2, 2),
+            layer.Conv2d(channels, channels, kernel_size=3, padding=1, bias=False),
+            layer.BatchNorm2d(channels),
+            neuron.IFNode(surrogate_function=surrogate.ATan()),
+            layer.MaxPool2d(2, 2),
+            layer.Flatten(),
+            layer.Linear(channels * 7 * 7, channels * 4 * 4, bias=False),
+            neuron.IFNode(surrogate_function=surrogate.ATan()),
+            layer.Linear(channels * 4 * 4, 10, bias=False),
+            neuron.IFNode(surrogate_function=surrogate.ATan()),
+        )
+        functional.set_step_mode(self, step_mode="m")
+        with torch.no_grad():  # as after training: non-trivial running statistics, every layer firing
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_mean.uniform_(-0.2, 0.2)
+                    m.running_var.uniform_(0.5, 1.5)
+                elif isinstance(m, (nn.Conv2d, nn.Linear)):
+                    m.weight.mul_(gain)
+
+    def forward(self, x):
+        x_seq = x.unsqueeze(0).repeat(self.T, 1, 1, 1, 1)
+        return self.conv_fc(x_seq).mean(0)
+
+
+def make_repeating_csnn(time_steps: int = 4, channels: int = 8) -> nn.Module:
+    """The tutorial CSNN (input shape ``1,28,28``, no time axis: the model repeats it ``time_steps`` times)."""
+    with _seeded(4):
+        return RepeatingCSNN(time_steps, channels).eval()
 
 
 class MLP(nn.Module):

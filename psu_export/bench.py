@@ -172,6 +172,8 @@ def bound_model(module, neurons, kind: str):
         parent = net.get_submodule(parent_name) if parent_name else net
         threshold = float(n.spec.threshold.reshape(-1)[0]) if n.spec is not None else 1.0
         setattr(parent, attr, _Activation(threshold, kind == "sequence"))
+    if kind == "static":  # multi-step neurons on an input the model repeats itself: time is folded already
+        return net.eval()
     return BoundModel(net.eval(), kind)
 
 
@@ -241,14 +243,17 @@ def export_bound(module, neurons, layout, path) -> float:
     """Export :func:`bound_model`; raises :class:`BaselineExportError` when it cannot be built."""
     import torch
 
-    if layout.kind == "static":
+    from .capture import is_multi_step
+
+    if layout.kind == "static" and not is_multi_step(neurons):
         raise BaselineExportError(f"the model repeats one input {layout.time_steps} times in its own loop; with its neurons "
                                   "replaced by activations it would still run every step, so no time-folded bound is built")
     try:
         model = bound_model(module, neurons, layout.kind)
         x = layout.example(2, 4)
+        axes = {0: torch.export.Dim("batch")} if layout.kind == "static" else {0: torch.export.Dim("T"), 1: torch.export.Dim("batch")}
         t0 = time.perf_counter()
-        _export_dynamo(model, x, path, ({0: torch.export.Dim("T"), 1: torch.export.Dim("batch")},))
+        _export_dynamo(model, x, path, (axes,))
     except Exception as exc:  # noqa: BLE001 - e.g. the model reads neuron state the activation lacks
         raise BaselineExportError(f"the bound (neurons replaced by activations) does not export ({_root_cause(exc)})") from exc
     return time.perf_counter() - t0

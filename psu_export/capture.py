@@ -240,28 +240,50 @@ def probe_input_kind(model: torch.nn.Module, neurons: list[NeuronModule], sample
 
 
 def _probe_multi_step(model, neurons, whole, sample_shape, time_steps, kind) -> InputLayout:
-    """Multi-step neurons (one call per sequence): the model takes ``[T, B, ...]``, any T."""
+    """Multi-step neurons (one call per sequence): the model takes ``[T, B, ...]`` (any T), or
+    one input ``[B, ...]`` that it repeats over its own T (SpikingJelly's tutorials:
+    ``x.unsqueeze(0).repeat(T, 1, 1, 1, 1)``), read from the sequence its neurons receive."""
     if len(whole) != len(neurons):
         single = [n.name for n in neurons if n not in whole]
         raise NotConvertibleError({name: "single-step neuron in a model whose other neurons take the whole sequence (multi-step); use one step mode" for name in single})
-    if kind not in ("auto", "sequence"):
-        raise UsageError(f"--input-kind {kind}: the model's neurons take the whole sequence [T, B, ...] (multi-step); use --input-kind sequence.")
+    if kind == "step":
+        raise UsageError("--input-kind step: the model's neurons take the whole sequence [T, B, ...] (multi-step); use --input-kind sequence or static.")
+    attempts = {"sequence": (time_steps, 3, *sample_shape), "static": (3, *sample_shape)}
+    errors = []
+    for name, shape in attempts.items():
+        if kind not in ("auto", name):
+            continue
+        try:
+            counts, steps = _multi_step_calls(model, neurons, torch.rand(shape))
+        except Exception as exc:  # noqa: BLE001 - the other input kind may fit
+            errors.append(f"as [{'T, ' if name == 'sequence' else ''}B, {', '.join(map(str, sample_shape))}]: {type(exc).__name__}: {exc}")
+            continue
+        if counts != {1}:
+            raise NotConvertibleError({"model": f"multi-step neuron layers must run once per forward; they ran {sorted(counts)} times"})
+        if name == "static":
+            return InputLayout("static", steps, False, sample_shape)
+        # IPSU / RPSU learn T x T matrices: T is fixed to --time-steps (at most their max_steps)
+        limits = [n.converter.call_convention(n.module).max_time_steps for n in neurons]
+        limits = [m for m in limits if m is not None]
+        if limits and time_steps > min(limits):
+            raise UsageError(f"--time-steps {time_steps} is longer than the {min(limits)} steps the model's learned T x T time matrices cover (IPSU / RPSU max_steps).")
+        return InputLayout("sequence", time_steps, not limits, sample_shape)
+    raise UsageError(
+        "The model's neurons take the whole sequence, but the model ran neither on a sequence [T, B, ...] nor on one "
+        f"input [B, ...] that it repeats itself, with T={time_steps} and B=3: " + "; ".join(errors)
+        + ". Check --input-shape (one time step's sample, without batch and time)."
+    )
+
+
+def _multi_step_calls(model, neurons, x) -> tuple[set[int], int]:
+    """(calls per neuron, T of the first neuron's input) of one eager forward on ``x``."""
+    seen = []
+    handle = neurons[0].module.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
     try:
-        counts = set(_run_counting(model, neurons, torch.rand(time_steps, 3, *sample_shape)).values())
-    except Exception as exc:
-        raise UsageError(
-            f"The model's neurons take the whole sequence, but it did not run on an input of shape "
-            f"[T={time_steps}, B=3, {', '.join(map(str, sample_shape))}] ({type(exc).__name__}: {exc}). "
-            "Check --input-shape (one time step's sample, without batch and time)."
-        ) from exc
-    if counts != {1}:
-        raise NotConvertibleError({"model": f"multi-step neuron layers must run once per forward; they ran {sorted(counts)} times"})
-    # IPSU / RPSU learn T x T matrices: T is fixed to --time-steps (at most their max_steps)
-    limits = [n.converter.call_convention(n.module).max_time_steps for n in neurons]
-    limits = [m for m in limits if m is not None]
-    if limits and time_steps > min(limits):
-        raise UsageError(f"--time-steps {time_steps} is longer than the {min(limits)} steps the model's learned T x T time matrices cover (IPSU / RPSU max_steps).")
-    return InputLayout("sequence", time_steps, not limits, sample_shape)
+        counts = set(_run_counting(model, neurons, x).values())
+    finally:
+        handle.remove()
+    return counts, (seen[0] if seen else 0)
 
 
 def is_multi_step(neurons: list[NeuronModule]) -> bool:
@@ -297,12 +319,14 @@ def capture(model: torch.nn.Module, neurons: list[NeuronModule], layout: InputLa
             if is_multi_step(neurons):  # T is a symbolic size of the graph itself (no loop to re-roll);
                 # DYNAMIC lets export refine the ranges (reshapes of T*B give guards a named Dim refuses)
                 axes = {0: torch.export.Dim.DYNAMIC, batch_dim: torch.export.Dim.DYNAMIC}
+                if layout.kind == "static":  # the model repeats x over its own, fixed T
+                    axes = {batch_dim: torch.export.Dim.DYNAMIC}
             ep = torch.export.export(target, (x,), dynamic_shapes=(axes,), strict=False)
             dynamic_batch = True
         except Exception as exc:
             notes.append(f"batch size fixed at export: dynamic batch failed ({one_line(exc, 200)})")
             try:
-                time_only = ({0: torch.export.Dim.DYNAMIC},) if is_multi_step(neurons) else None
+                time_only = ({0: torch.export.Dim.DYNAMIC},) if is_multi_step(neurons) and layout.kind != "static" else None
                 ep = torch.export.export(target, (x,), dynamic_shapes=time_only, strict=False)
             except Exception as exc2:
                 raise CaptureError(f"torch.export could not capture the model: {type(exc2).__name__}: {exc2}") from exc2

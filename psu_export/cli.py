@@ -37,7 +37,7 @@ def handle_errors(func):
 def model_options(func):
     func = click.option("--trust-model", is_flag=True, help="Allow unpickling arbitrary classes from a .pt model (runs code from the file).")(func)
     func = click.option("--input-kind", type=click.Choice(["auto", "sequence", "static", "step"]), default="auto", show_default=True,
-                        help="How the model takes time: sequence [T,B,...], static [B,...] looped inside, or single step.")(func)
+                        help="How the model takes time: sequence [T,B,...], static [B,...] looped or repeated over T inside, or single step.")(func)
     func = click.option("--input-shape", help="One time step's sample shape, without batch and time, e.g. 1,28,28.")(func)
     func = click.option("--time-steps", "-T", type=int, default=25, show_default=True, help="Number of time steps T.")(func)
     func = click.option("--weights", type=click.Path(dir_okay=False), help="State dict for a module:factory MODEL.")(func)

@@ -148,3 +148,16 @@ def test_cli_bench_help_and_cuda_skip():
         out = runner.invoke(cli, ["bench", SMALL, "--input-shape", "64", "--provider", "cuda", "--quick"])
         assert out.exit_code == 0, out.output
         assert "skipped" in out.output
+
+
+def test_a_multi_step_model_repeating_its_input_has_a_bound():
+    """SpikingJelly's tutorial CSNN repeats one image over its own T: its layers run over
+    all steps at once already, so the bound is the model with activations, fed the image."""
+    pytest.importorskip("spikingjelly.activation_based.neuron")
+    from psu_export.bench import run_benchmark
+
+    model = "psu_export.models.ref_spikingjelly:make_repeating_csnn"
+    result = run_benchmark(model, (1, 28, 28), time_steps=(4,), batches=(1, 2), min_runs=1, max_runs=2, cell_budget_s=0.0, eager=False)
+    assert "bound" not in result.get("baselines_unavailable", {})
+    for cell in result["cells"]:
+        assert {"naive", "psu", "bound"} <= set(cell["times_ms"]) and cell["spike_agreement_psu_vs_naive"] == 1.0

@@ -82,6 +82,28 @@ def test_multi_step_conv_net_layers(tmp_path):
     assert all(check["passed"] for check in report.to_json().get("extra_checks", report.extra_checks))
 
 
+def test_multi_step_model_that_repeats_one_input(tmp_path):
+    """SpikingJelly's tutorial CSNN takes ``[B, 1, 28, 28]`` and repeats it over T itself."""
+    from psu_export.errors import UsageError
+
+    model = R.make_repeating_csnn(time_steps=5)
+    conversion = prepare(model, input_shape=(1, 28, 28))
+    assert (conversion.layout.kind, conversion.layout.time_steps) == ("static", 5)
+    path = tmp_path / "m.onnx"
+    conversion.export(path)
+    x = torch.rand(3, 1, 28, 28) * 2
+    last = []
+    handle = model.conv_fc[-1].register_forward_hook(lambda module, args, out: last.append(out))
+    ref = reference_outputs(model, x, "static")[0]
+    handle.remove()
+    assert 0.0 < float(last[0].mean()) < 1.0  # the output layer spikes, not always
+    np.testing.assert_array_equal(run_onnx(path, x)[0], ref.numpy())  # rates of identical spikes
+    report = conversion.verify(path, providers=("cpu",))
+    assert report.passed and report.to_json()["spike_agreement"] == 1.0
+    with pytest.raises(UsageError, match=r"neither on a sequence \[T, B, \.\.\.\] nor on one input"):
+        prepare(model, input_shape=(1, 28, 28), input_kind="sequence")
+
+
 def test_multi_step_conv_soft_reset(tmp_path):
     _check("make_conv_soft", (1, 12, 12), 5, tmp_path, other_steps=(9,))
 
