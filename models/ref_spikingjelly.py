@@ -143,6 +143,16 @@ def make_repeating_csnn(time_steps: int = 4, channels: int = 8) -> nn.Module:
         return RepeatingCSNN(time_steps, channels).eval()
 
 
+def make_csnn_tutorial() -> nn.Module:
+    """The tutorial CSNN at its published size: 128 channels, T = 4."""
+    return make_repeating_csnn(4, 128)
+
+
+def make_csnn_tutorial_long() -> nn.Module:
+    """The tutorial CSNN, 128 channels, T = 64 (for benchmarks at a longer T)."""
+    return make_repeating_csnn(64, 128)
+
+
 class MLP(nn.Module):
     """``Linear -> neuron -> Linear -> neuron``; in ``'m'`` over ``[T, B, 16]``, in ``'s'`` one step."""
 

@@ -207,3 +207,33 @@ def test_zero_reset_to_plus_zero_keeps_every_bit(reset_value):
     onnx_out = session.run(None, {"x": x.numpy()})
     np.testing.assert_array_equal(_bits(onnx_out[1]), _bits(expected[1]))
     np.testing.assert_array_equal(_bits(onnx_out[0]), _bits(expected[0]))
+
+
+@pytest.mark.parametrize("drive_batch", [3, 1])
+def test_a_repeated_drive_is_read_once_with_the_same_bits(drive_batch):
+    """``Expand(Unsqueeze(drive, [0]), [T, B, N])`` into a neuron becomes the ``_static``
+    function, which reads the drive at every step instead (also a drive that broadcasts
+    over the batch): same outputs, bit for bit, as the neuron over the expanded input."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    spec = CONVERTER.to_spec(snn.Leaky(beta=0.9, threshold=0.5))
+    o = StepOptions.of(spec)
+    params = [getattr(spec, n) for n in o.param_names]
+    steps, batch, n = 40, 3, 5
+    node = helper.make_node(f"LIF_{o.variant}", ["x", *o.param_names], ["spikes", "membrane"], domain="psu", layer="l", **o.attributes())
+    expand = [helper.make_node("Unsqueeze", ["drive", "axes"], ["lifted"]), helper.make_node("Expand", ["lifted", "shape"], ["x"])]
+    inits = [onnx.numpy_helper.from_array(np.array([0], np.int64), "axes"), onnx.numpy_helper.from_array(np.array([steps, batch, n], np.int64), "shape")]
+    inits += [onnx.numpy_helper.from_array(p.numpy(), name) for name, p in zip(o.param_names, params)]
+    graph = helper.make_graph(expand + [node], "g", [helper.make_tensor_value_info("drive", TensorProto.FLOAT, [drive_batch, n])],
+                              [helper.make_tensor_value_info(v, TensorProto.FLOAT, [steps, batch, n]) for v in node.output], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    attach_functions(model)
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node] == [f"LIF_{o.variant}_static"]
+    drive = torch.rand(drive_batch, n) * 0.6
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"drive": drive.numpy()})
+    expected = exact_neuron(drive.expand(steps, batch, n).contiguous(), params, o.key(), "l")
+    assert 0 < float(expected[0].mean()) < 1
+    for g, e in zip(got, expected):
+        np.testing.assert_array_equal(_bits(g), _bits(e))

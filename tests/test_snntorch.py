@@ -70,8 +70,13 @@ def test_per_channel_beta_and_threshold(tmp_path):
 
 
 def test_static_input_loop(tmp_path):
-    conversion, _ = _check(M.static_loop(), (M.IN,), M.StaticLoop.num_steps, tmp_path)
+    import onnx
+
+    conversion, path = _check(M.static_loop(), (M.IN,), M.StaticLoop.num_steps, tmp_path)
     assert conversion.layout.kind == "static" and not conversion.layout.dynamic_time
+    graph = onnx.load(path).graph  # the first layer reads its one-step drive: nothing expands it over time
+    assert graph.node[[n.domain for n in graph.node].index("psu")].op_type.endswith("_static")
+    assert "Expand" not in [n.op_type for n in graph.node]
 
 
 def test_tutorial_5_at_256_steps_verifies_with_its_float_ties(tmp_path):

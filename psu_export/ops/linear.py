@@ -13,6 +13,8 @@
 * :func:`carry_state_functions`: a function of the state that step t+1 recomputes from the
   state step t already applied it to (snnTorch's reset test ``H(v_{t-1} - theta)`` is the
   spike test of step t-1) is carried as a state instead (bit-identical, fewer nodes per step).
+* :func:`read_static_drive`: a layer fed one step's input at every step reads that step
+  from the outer scope instead of a stacked ``[T, B, ...]`` copy.
 
 Measured and dropped (benchmarks on the 2-core CPU): unrolling K steps per ``Scan``
 iteration (14-36% slower at batch 1), and ``Where`` instead of ``Cast`` x parameter in the
@@ -487,4 +489,50 @@ def keep_outputs(fn: onnx.FunctionProto, count: int) -> onnx.FunctionProto:
     """
     out = _with_nodes(fn, _prune_nodes(list(fn.node), set(fn.output[:count])))
     del out.output[count:]
+    return out
+
+
+def _renamed(node: onnx.NodeProto, old: str, new: str) -> onnx.NodeProto:
+    """A copy of ``node`` reading ``new`` wherever it read ``old``."""
+    out = onnx.NodeProto()
+    out.CopyFrom(node)
+    del out.input[:]
+    out.input.extend(new if i == old else i for i in node.input)
+    return out
+
+
+def read_static_drive(fn: onnx.FunctionProto) -> onnx.FunctionProto | None:
+    """``fn`` for an input that is one step's drive repeated over time, read once, not stacked.
+
+    A layer fed the same input at every step (snnTorch tutorial 5's ``fc1(x)``) would get
+    ``x = Expand(drive, [T, B, ...])``: T copies written and read back, 32 MB a call for
+    tutorial 5 at batch 32 and T = 256.  The specialised function takes ``drive`` (one step,
+    ``[B, ...]`` or broadcasting to it) and ``x_shape`` (the shape it was expanded to); its body reads
+    ``drive`` from the outer scope at every step and the scan runs over a ``[T]`` placeholder.
+    The floats are unchanged.  ``None`` when ``fn`` reads ``x`` other than through its scan
+    and the step shape (``Shape(x, start=1)``).
+    """
+    found = _single_scan(fn)
+    if found is None or "x" not in fn.input:
+        return None
+    scan, body, n_scan_in, n_state = found
+    if list(scan.input[n_state:]) != ["x"]:
+        return None
+    readers = [n for n in fn.node if "x" in _reads(n)]
+    step_shapes = [n for n in readers if n.op_type == "Shape" and {a.name: a.i for a in n.attribute} == {"start": 1}]
+    if any(n is not scan and n not in step_shapes for n in readers) or any("x" in _reads(n) for n in body.node):
+        return None
+    x_t = body.input[n_state].name
+    b = OnnxBuilder("sd")
+    steps = b.node("Slice", ["x_shape", _i64(b, [0]), _i64(b, [1])])
+    placeholder = b.node("ConstantOfShape", [steps])  # [T] zeros: the scan's length
+    step_shape = b.node("Slice", ["x_shape", _i64(b, [1]), _i64(b, [np.iinfo(np.int64).max])])  # the drive may broadcast
+    new_body = helper.make_graph([_renamed(n, x_t, "drive") for n in body.node], body.name, list(body.input), list(body.output),
+                                 initializer=list(body.initializer))
+    new_scan = helper.make_node("Scan", list(scan.input[:n_state]) + [placeholder], list(scan.output), num_scan_inputs=n_scan_in, body=new_body)
+    nodes = b.nodes + [helper.make_node("Identity", [step_shape], list(n.output)) for n in step_shapes]
+    nodes += [new_scan if n is scan else n for n in fn.node if n not in step_shapes]
+    out = _with_nodes(fn, nodes)
+    del out.input[:]
+    out.input.extend(["drive", "x_shape"] + [i for i in fn.input if i != "x"])
     return out

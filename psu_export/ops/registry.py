@@ -112,6 +112,15 @@ def _walk_nodes(graph: onnx.GraphProto):
                 yield from _walk_nodes(attr.g)
 
 
+def _names_read(model: onnx.ModelProto) -> set[str]:
+    """Every name read by a node (at any depth) or returned by the model or a subgraph."""
+    read = {o.name for o in model.graph.output}
+    for node in _walk_nodes(model.graph):
+        read.update(node.input)
+        read.update(o.name for a in node.attribute if a.type == onnx.AttributeProto.GRAPH for o in a.g.output)
+    return read
+
+
 #: op type suffix of a call whose only output read is the spikes (:func:`attach_functions`)
 SPIKES_ONLY = "_spikes"
 
@@ -122,25 +131,58 @@ def _return_spikes_only(model: onnx.ModelProto) -> None:
     Its op type gets the :data:`SPIKES_ONLY` suffix: a function of its own, whose scan no
     longer stacks the membrane (:func:`psu_export.ops.linear.keep_outputs`).
     """
-    read = {o.name for o in model.graph.output}
-    for node in _walk_nodes(model.graph):
-        read.update(node.input)
-        read.update(o.name for a in node.attribute if a.type == onnx.AttributeProto.GRAPH for o in a.g.output)
+    read = _names_read(model)
     for node in _walk_nodes(model.graph):
         if node.domain == DOMAIN and len(node.output) > 1 and not read.intersection(node.output[1:]):
             del node.output[1:]
             node.op_type += SPIKES_ONLY
 
 
+#: op type suffix of a call whose input is one step's drive repeated over time (:func:`attach_functions`)
+STATIC_DRIVE = "_static"
+
+
+def _repeated_drive(node: onnx.NodeProto, producer: dict, initializers: dict) -> tuple[str, str] | None:
+    """``(drive, shape)`` when ``node``'s input is ``Expand(Unsqueeze(drive, [0]), shape)`` (in
+    the main graph, axes an initializer): one step's input repeated over time; else None."""
+    expand = producer.get(node.input[0])
+    unsqueeze = producer.get(expand.input[0]) if expand is not None and expand.op_type == "Expand" else None
+    if unsqueeze is None or unsqueeze.op_type != "Unsqueeze" or len(unsqueeze.input) != 2:
+        return None
+    axes = initializers.get(unsqueeze.input[1])
+    if axes is None or onnx.numpy_helper.to_array(axes).reshape(-1).tolist() != [0]:
+        return None
+    return unsqueeze.input[0], expand.input[1]
+
+
+def _remove_unread(model: onnx.ModelProto, values: list[str]) -> None:
+    """Remove what produces ``values`` in the main graph (nodes, in turn their inputs'
+    producers, initializers) once nothing reads it: the ``Expand`` / ``Unsqueeze`` of a
+    repeated drive and their shape constants."""
+    pending = list(values)
+    while pending:
+        name = pending.pop()
+        read = _names_read(model)
+        node = next((n for n in model.graph.node if name in n.output), None)
+        if node is not None and not read.intersection(node.output):
+            model.graph.node.remove(node)
+            pending.extend(node.input)
+        initializer = next((t for t in model.graph.initializer if t.name == name), None)
+        if initializer is not None and name not in read:
+            model.graph.initializer.remove(initializer)
+
+
 def attach_functions(model: onnx.ModelProto) -> list[str]:
     """Add the body of every ``psu`` op used in ``model`` as a model-local function.
 
     A node whose outputs after the spikes are read by nothing is first specialised to
-    return its spikes only (:func:`_return_spikes_only`).  Returns the op types that were
-    attached.  Idempotent.
+    return its spikes only (:func:`_return_spikes_only`), and one whose input is one step
+    repeated over time (:func:`_repeated_drive`) to read that step (op type suffix
+    :data:`STATIC_DRIVE`, :func:`psu_export.ops.linear.read_static_drive`).  Returns the op
+    types that were attached.  Idempotent.
     """
     from . import neuron  # noqa: F401  (registers the ops)
-    from .linear import keep_outputs
+    from .linear import keep_outputs, read_static_drive
 
     _return_spikes_only(model)
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
@@ -149,19 +191,41 @@ def attach_functions(model: onnx.ModelProto) -> list[str]:
     for op in _REGISTRY.values():
         for op_type_prefix in op.op_type_prefixes:
             by_op_type[op_type_prefix] = op
-    attached = []
+    functions: dict[str, onnx.FunctionProto] = {}
+
+    def function_of(node):  # the body of node's op type, built once
+        if node.op_type not in functions:
+            prefix = node.op_type.split("_", 1)[0]
+            if prefix not in by_op_type:
+                raise KeyError(f"no psu op defines {node.op_type}")
+            function = by_op_type[prefix].function(node, opset)
+            if len(node.output) < len(function.output):
+                function = keep_outputs(function, len(node.output))
+            functions[node.op_type] = function
+        return functions[node.op_type]
+
+    producer = {o: n for n in model.graph.node for o in n.output}
+    initializers = {t.name: t for t in model.graph.initializer}
+    repeated_inputs = []
     for node in _walk_nodes(model.graph):
         if node.domain != DOMAIN or (DOMAIN, node.op_type) in have:
             continue
-        prefix = node.op_type.split("_", 1)[0]
-        if prefix not in by_op_type:
-            raise KeyError(f"no psu op defines {node.op_type}")
-        function = by_op_type[prefix].function(node, opset)
-        if len(node.output) < len(function.output):
-            function = keep_outputs(function, len(node.output))
-        model.functions.append(function)
-        have.add((DOMAIN, node.op_type))
-        attached.append(node.op_type)
+        repeated = _repeated_drive(node, producer, initializers)
+        static = read_static_drive(function_of(node)) if repeated else None
+        if static is not None:  # a static input current: the function reads its one step
+            static.name = node.op_type = node.op_type + STATIC_DRIVE
+            functions.setdefault(static.name, static)
+            repeated_inputs.append(node.input[0])
+            inputs = list(repeated) + list(node.input[1:])
+            del node.input[:]
+            node.input.extend(inputs)
+    _remove_unread(model, repeated_inputs)
+    attached = []
+    for node in _walk_nodes(model.graph):
+        if node.domain == DOMAIN and (DOMAIN, node.op_type) not in have:
+            model.functions.append(function_of(node))
+            have.add((DOMAIN, node.op_type))
+            attached.append(node.op_type)
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
     return attached
