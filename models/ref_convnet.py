@@ -6,6 +6,9 @@ membrane, returning the stacked output spikes and membranes.  Weights are seeded
 (untrained, scaled so every layer fires)::
 
     psu-export bench psu_export.models.ref_convnet:make_net --input-shape 1,28,28
+
+:func:`make_static_net` runs the tutorial's own loop instead: one image ``x[B, 1, 28, 28]``
+fed for 50 steps.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .ref_mlp import _seeded
+from .ref_mlp import StaticInput, _seeded
 
 
 class RefConvNet(nn.Module):
@@ -34,8 +37,8 @@ class RefConvNet(nn.Module):
         mem2 = self.lif2.init_leaky()
         mem3 = self.lif3.init_leaky()
         spk3_rec, mem3_rec = [], []
-        for step in range(x.shape[0]):
-            cur1 = F.max_pool2d(self.conv1(x[step]), 2)
+        for step in range(self.time_steps(x)):
+            cur1 = F.max_pool2d(self.conv1(self.step_input(x, step)), 2)
             spk1, mem1 = self.lif1(cur1, mem1)
             cur2 = F.max_pool2d(self.conv2(spk1), 2)
             spk2, mem2 = self.lif2(cur2, mem2)
@@ -45,7 +48,26 @@ class RefConvNet(nn.Module):
             mem3_rec.append(mem3)
         return torch.stack(spk3_rec, dim=0), torch.stack(mem3_rec, dim=0)
 
+    def time_steps(self, x) -> int:
+        return x.shape[0]
+
+    def step_input(self, x, step: int):
+        return x[step]
+
+
+class RefStaticConvNet(StaticInput, RefConvNet):
+    """snnTorch tutorial 6's loop: one image ``x[B, 1, 28, 28]`` fed at every step."""
+
+    def __init__(self, num_steps: int, **options):
+        super().__init__(**options)
+        self.num_steps = num_steps
+
 
 def make_net() -> RefConvNet:
     """Factory for ``psu-export``: ``psu_export.models.ref_convnet:make_net`` (input shape 1,28,28)."""
     return _seeded(RefConvNet(), gain=3.0)
+
+
+def make_static_net() -> RefStaticConvNet:
+    """Tutorial 6 style: the image fed for 50 steps (input shape 1,28,28; ``--time-steps 50``)."""
+    return _seeded(RefStaticConvNet(50), gain=3.0)

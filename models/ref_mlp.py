@@ -46,19 +46,25 @@ class RefMLP(nn.Module):
         return x[step]
 
 
-class RefStaticMLP(RefMLP):
-    """snnTorch tutorial 5's network and loop: one input ``x[B, 784]`` fed to ``fc1`` at every one of
-    ``num_steps`` steps (T is fixed inside the model, as in the tutorial)."""
+class StaticInput:
+    """Mixin for the reference loops: one input ``x[B, ...]`` fed at every one of ``num_steps``
+    steps (T is fixed inside the model, as in snnTorch's tutorials 5 and 6)."""
 
-    def __init__(self, num_steps: int, **sizes):
-        super().__init__(**sizes)
-        self.num_steps = num_steps
+    num_steps: int
 
     def time_steps(self, x) -> int:
         return self.num_steps
 
     def step_input(self, x, step: int):
         return x  # the same input at every step
+
+
+class RefStaticMLP(StaticInput, RefMLP):
+    """snnTorch tutorial 5's network and loop: ``x[B, 784]`` fed to ``fc1`` at every step."""
+
+    def __init__(self, num_steps: int, **sizes):
+        super().__init__(**sizes)
+        self.num_steps = num_steps
 
 
 def _seeded(net: nn.Module, seed: int = 0, gain: float = 2.0) -> nn.Module:

@@ -79,6 +79,23 @@ def test_static_input_loop(tmp_path):
     assert "Expand" not in [n.op_type for n in graph.node]
 
 
+def test_static_image_into_a_conv_net_is_read_once(tmp_path):
+    """snnTorch tutorial 6's loop: conv1(x) of one image drives lif1 at every step; the
+    exported neuron reads that one [B, 12, 12, 12] drive (no T copies), and parity holds."""
+    import onnx
+
+    from psu_export.models.ref_convnet import make_static_net
+
+    conversion = prepare(make_static_net(), input_shape=(1, 28, 28))
+    assert (conversion.layout.kind, conversion.layout.time_steps) == ("static", 50)
+    conversion.export(tmp_path / "m.onnx")
+    graph = onnx.load(tmp_path / "m.onnx").graph
+    assert [n.op_type for n in graph.node if n.domain == "psu"][0].endswith("_static")
+    assert "Expand" not in [n.op_type for n in graph.node]
+    report = conversion.verify(tmp_path / "m.onnx", providers=("cpu",))
+    assert report.passed and report.to_json()["spike_agreement"] == 1.0
+
+
 def test_tutorial_5_at_256_steps_verifies_with_its_float_ties(tmp_path):
     """snnTorch tutorial 5 (static input, 784-1000-10) at T = 256.
 
