@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from psu_export.ops.reset import ResetOptions
 from psu_export.psu import IPSU, PSU, RPSU
 
 
@@ -132,6 +133,8 @@ def test_models_of_psu_units_convert_exactly(make, op, tmp_path):
     psu_nodes = [n for n in model.graph.node if n.domain == "psu"]
     assert len(psu_nodes) == 2 and all(n.op_type.startswith(op) for n in psu_nodes)
     assert {f.name for f in model.functions} >= {n.op_type for n in psu_nodes}
+    # tau and threshold are one value each: broadcast as scalars (op type part "sc")
+    assert all("_sc" in n.op_type and ResetOptions.from_node(n).scalar_params for n in psu_nodes)
     report = conversion.verify(path, providers=("cpu",)).to_json()
     assert report["passed"], report
     assert report["spike_agreement"] == 1.0 and report["export_spike_agreement"] == 1.0

@@ -68,6 +68,9 @@ OPTIONS = [
     ResetOptions(kind="StochasticReset", reset_timing="previous_step", membrane="pre", key_mul=12345, key_add=678),
     ResetOptions(kind="StochasticReset", two_state=True, compare="ge", key_mul=99, key_add=1),
     ResetOptions(kind="RPSU", estimate="learned", membrane="pre"),
+    # every per-neuron parameter a scalar: broadcast as is, no Expand over [B, ...]
+    ResetOptions(scalar_params=True),
+    ResetOptions(kind="StochasticReset", two_state=True, scalar_params=True, key_mul=5, key_add=2),
 ]
 
 
@@ -81,10 +84,13 @@ def test_reset_op_function_matches_torch(options):
         "i_init": torch.tensor(0.0), "prob_scale": torch.tensor(1.5), "prob_offset": torch.tensor(-1.0),
         "reset_weight": torch.randn(max_steps, max_steps).tril() * 0.3, "reset_bias": torch.randn(max_steps) * 0.1,
     }
+    if options.scalar_params:
+        values["decay"] = torch.tensor(0.8)
     params = [values[n] for n in options.param_names]
     outs = ["spikes", "membrane", "current"][: options.n_outputs]
     node = helper.make_node(options.op_type, ["x", *options.param_names], outs, domain="psu", layer="L", **options.attributes())
     function = RESET.function(node, 20)
+    assert any(n.op_type == "Expand" for n in function.node) != options.scalar_params
     graph = helper.make_graph(
         [node], "g", [_vi("x", shape=["T", "B", 4, 5])], [_vi(o, shape=["T", "B", 4, 5]) for o in outs],
         [onnx.numpy_helper.from_array(p.numpy(), n) for n, p in zip(options.param_names, params)],

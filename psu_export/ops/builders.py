@@ -54,6 +54,8 @@ class OnnxBuilder:
     def __init__(self, prefix: str = "n"):
         self.nodes: list[onnx.NodeProto] = []
         self._names = (f"{prefix}{i}" for i in itertools.count())
+        #: names of parameters known to hold one value: :meth:`per_neuron` broadcasts them as they are
+        self.scalars: set[str] = set()
 
     def fresh(self) -> str:
         return next(self._names)
@@ -195,6 +197,8 @@ def _onnx_sequence_ops(cls):
         return self.node("Reshape", [flat, self._shape(x)])
 
     def per_neuron(self, param, x):
+        if param in self.scalars:  # as the torch builder: a scalar broadcasts to the same floats
+            return param
         expanded = self.node("Expand", [param, self._shape(x, 1)])
         return self.node("Reshape", [expanded, self.const_array(_i64([-1]))])
 

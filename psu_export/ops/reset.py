@@ -35,7 +35,9 @@ draws depend on the batch layout but never on the provider or the run.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
 from dataclasses import asdict, dataclass, fields
 
 import onnx
@@ -58,6 +60,8 @@ HASH_ROUNDS = (
 _INV_2_24 = 2.0**-24
 
 KINDS = ("ProbabilisticReset", "StochasticReset", "PSU", "IPSU", "RPSU")
+#: parameters applied elementwise per neuron (``per_neuron`` in :func:`reset_layer`)
+PER_NEURON = ("decay", "threshold", "reset_scale", "spike_scale", "input_scale", "v_init", "syn_decay", "i_init", "prob_scale", "prob_offset")
 _TIMING_CODE = {"previous_step": "prev", "same_step": "same"}
 
 
@@ -96,6 +100,9 @@ class ResetOptions:
     compare: str = "gt"
     membrane: str = "post"  # "pre" | "post"
     two_state: bool = False
+    #: every per-neuron parameter is one value: the ONNX body broadcasts it as a scalar
+    #: instead of expanding it over ``[B, ...]`` (set at export, :meth:`ResetNeuronOp.translate`)
+    scalar_params: bool = False
     key_mul: int = 1
     key_add: int = 0
 
@@ -121,7 +128,7 @@ class ResetOptions:
     @property
     def variant(self) -> str:
         parts = [self.integration, self.estimate, _TIMING_CODE[self.reset_timing], self.compare, self.membrane]
-        return "_".join(parts + (["syn"] if self.two_state else []))
+        return "_".join(parts + (["syn"] if self.two_state else []) + (["sc"] if self.scalar_params else []))
 
     @property
     def n_outputs(self) -> int:
@@ -148,6 +155,7 @@ class ResetOptions:
     def attributes(self) -> dict:
         out = asdict(self)
         out["two_state"] = int(self.two_state)
+        out["scalar_params"] = int(self.scalar_params)
         return out
 
     def key(self) -> str:
@@ -170,7 +178,7 @@ class ResetOptions:
             if f.name not in raw:
                 continue
             value = raw[f.name]
-            if f.name == "two_state":
+            if f.name in ("two_state", "scalar_params"):
                 value = str(value) in ("1", "True", "true")
             elif f.name in ("key_mul", "key_add"):
                 value = int(value)
@@ -262,11 +270,16 @@ class ResetNeuronOp(CustomOp):
 
     def translate(self, x, params, options: str, layer: str):
         o = ResetOptions.parse(options)
+        shapes = [p.shape for name, p in zip(o.param_names, params) if name in PER_NEURON]
+        if all(shape is not None and shape.is_static() and math.prod(shape.numpy()) == 1 for shape in shapes):
+            o = dataclasses.replace(o, scalar_params=True)
         return emit_node(o.op_type, [x, *params], o.n_outputs, layer=layer, **o.attributes())
 
     def function(self, node: onnx.NodeProto, opset: int) -> onnx.FunctionProto:
         o = ResetOptions.from_node(node)
         b = OnnxBuilder("f")
+        if o.scalar_params:  # broadcast as they are: the same floats as expanded, and onnxruntime's scalar fast path
+            b.scalars.update(name for name in o.param_names if name in PER_NEURON)
         keys = (_attribute_int(b, "key_mul"), _attribute_int(b, "key_add")) if o.stochastic else None
         values = reset_layer(b, o, {name: name for name in o.param_names}, "x", keys)
         outputs = ["spikes", "membrane", "current"][: o.n_outputs]
