@@ -107,14 +107,15 @@ class OnnxBuilder:
 
 
 def doubling_level(b, v, pw, shift):
-    """One level of the log-depth scan of ``v_t = d * v_{t-1} + y_t``: ``v += d^s * v[t - s]``.
+    """One level of the log-depth scan of ``v_t = d * v_{t-1} + y_t``: ``v_t += d^s * v_{t-s}``
+    for ``t >= s`` (the first ``s`` steps are kept as they are).
 
     After the levels ``s = 1, 2, 4, ... < T`` (``pw = d^s``, squared each level) ``v``
-    holds the recurrence's solution.  Written once for both interpreters, so torch and
-    onnxruntime do the same float operations in the same order.
+    holds the recurrence's solution; a level with ``s >= T`` changes nothing.  Written once
+    for both interpreters, so torch and onnxruntime do the same float operations in the
+    same order.
     """
-    v = b.add(v, b.mul(pw, b.shift_time(v, shift)))
-    return v, b.mul(pw, pw)
+    return b.add_shifted(v, pw, shift), b.mul(pw, pw)
 
 
 def _torch_sequence_ops(cls):
@@ -135,6 +136,10 @@ def _torch_sequence_ops(cls):
 
     def first_step_add(self, a, c):
         return torch.cat([a[:1] + c, a[1:]])
+
+    def add_shifted(self, v, pw, shift: int):
+        steps = v.shape[0]
+        return torch.cat([v[:shift], v[shift:] + pw * v[: max(steps - shift, 0)]])
 
     def linear_scan(self, y, decay):
         """``v_t = decay * v_{t-1} + y_t`` (``v_{-1} = 0``) by :func:`doubling_level`."""
@@ -177,6 +182,12 @@ def _i64(values) -> np.ndarray:
     return np.array(values, dtype=np.int64)
 
 
+#: doubling levels written out as nodes before the ONNX ``Loop`` takes over: T <= 256 runs
+#: no ``Loop`` iteration (measured: a PSU net at T = 256, 0.26 ms with the ``Loop`` for
+#: every level, 0.17 ms unrolled); a shorter T passes the extra levels as no-ops
+UNROLLED_LEVELS = 8
+
+
 def _onnx_sequence_ops(cls):
     def _shape(self, x, start=None, end=None):
         attrs = {}
@@ -216,16 +227,30 @@ def _onnx_sequence_ops(cls):
         rest = self.node("Slice", [a, self.const_array(_i64([1])), self.const_array(_i64([np.iinfo(np.int64).max])), self.const_array(_i64([0]))])
         return self.node("Concat", [self.add(first, c), rest], axis=0)
 
+    def add_shifted(self, v, pw, shift):
+        """``shift`` is a Python int or an int64 ``[1]`` name (inside the ``Loop``)."""
+        start = self.const_array(_i64([shift])) if isinstance(shift, int) else shift
+        back = self.const_array(_i64([-shift])) if isinstance(shift, int) else self.node("Neg", [shift])
+        axis = self.const_array(_i64([0]))
+        head = self.node("Slice", [v, self.const_array(_i64([0])), start, axis])
+        tail = self.node("Slice", [v, start, self.const_array(_i64([np.iinfo(np.int64).max])), axis])
+        earlier = self.node("Slice", [v, self.const_array(_i64([0])), back, axis])  # empty once shift >= T
+        return self.node("Concat", [head, self.add(tail, self.mul(pw, earlier))], axis=0)
+
     def linear_scan(self, y, decay):
-        """One ONNX ``Loop`` over the levels ``s = 1, 2, 4, ... < T`` of :func:`doubling_level`."""
+        """The levels ``s < 2^UNROLLED_LEVELS`` of :func:`doubling_level` as plain nodes (a level
+        with ``s >= T`` is a no-op), then one ONNX ``Loop`` over any further levels ``s < T``."""
+        v, pw = y, decay
+        for level in range(UNROLLED_LEVELS):
+            v, pw = doubling_level(self, v, pw, 2**level)
         steps = self._steps(y)
-        one = self.const_array(_i64([1]))
-        go = self.node("Squeeze", [self.node("Less", [one, steps]), self.const_array(_i64([0]))])
+        start = self.const_array(_i64([2**UNROLLED_LEVELS]))
+        go = self.node("Squeeze", [self.node("Less", [start, steps]), self.const_array(_i64([0]))])
         body = OnnxBuilder(self.fresh() + "_")
-        v, pw = doubling_level(body, "v_in", "pw_in", "s_in")
+        v_next, pw_next = doubling_level(body, "v_in", "pw_in", "s_in")
         s_out = body.node("Mul", ["s_in", body.const_array(_i64([2]))])
         cond = body.node("Squeeze", [body.node("Less", [s_out, steps]), body.const_array(_i64([0]))])
-        outs = [body.node("Identity", [n]) for n in (cond, v, pw, s_out)]
+        outs = [body.node("Identity", [n]) for n in (cond, v_next, pw_next, s_out)]
         graph = helper.make_graph(
             body.nodes,
             "doubling_level",
@@ -235,7 +260,7 @@ def _onnx_sequence_ops(cls):
             [helper.make_tensor_value_info(outs[0], TensorProto.BOOL, []), helper.make_tensor_value_info(outs[1], TensorProto.FLOAT, None),
              helper.make_tensor_value_info(outs[2], TensorProto.FLOAT, None), helper.make_tensor_value_info(outs[3], TensorProto.INT64, [1])],
         )
-        result = self.node("Loop", ["", go, y, decay, one], n_out=3, body=graph)
+        result = self.node("Loop", ["", go, v, pw, start], n_out=3, body=graph)
         return result[0]
 
     def learned_product(self, weight, bias, flat):
