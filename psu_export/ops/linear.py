@@ -41,10 +41,7 @@ def _branch(fn: onnx.FunctionProto, prefix: str, name: str) -> onnx.GraphProto:
     rename = lambda v: prefix + v if v in produced else v  # noqa: E731
     nodes = []
     for n in fn.node:
-        new = onnx.NodeProto()
-        new.CopyFrom(n)
-        del new.input[:]
-        new.input.extend(rename(i) for i in n.input)
+        new = _with_inputs(n, [rename(i) for i in n.input])
         del new.output[:]
         new.output.extend(rename(o) for o in n.output)
         nodes.append(new)
@@ -85,6 +82,15 @@ def _with_nodes(fn: onnx.FunctionProto, nodes) -> onnx.FunctionProto:
     out.CopyFrom(fn)
     del out.node[:]
     out.node.extend(nodes)
+    return out
+
+
+def _with_inputs(node: onnx.NodeProto, inputs) -> onnx.NodeProto:
+    """A copy of ``node`` reading ``inputs`` instead of its own inputs."""
+    out = onnx.NodeProto()
+    out.CopyFrom(node)
+    del out.input[:]
+    out.input.extend(inputs)
     return out
 
 
@@ -191,10 +197,7 @@ def hoist_out_of_scan(fn: onnx.FunctionProto) -> onnx.FunctionProto:
             after.append(const)
         if id(n) not in hoisted_nodes:
             continue
-        new = onnx.NodeProto()
-        new.CopyFrom(n)
-        del new.input[:]
-        new.input.extend(rename.get(i, f"h_{i}" if i in producer else i) for i in n.input)
+        new = _with_inputs(n, [rename.get(i, f"h_{i}" if i in producer else i) for i in n.input])
         del new.output[:]
         new.output.extend(f"h_{o}" for o in n.output)
         after.append(new)
@@ -286,10 +289,7 @@ def recompute_sequence_identities(fn: onnx.FunctionProto) -> onnx.FunctionProto:
         if ident is not None:
             remove.add(id(ident))
         replace[j] = None
-        new = onnx.NodeProto()
-        new.CopyFrom(src)
-        del new.input[:]
-        new.input.extend(operands)
+        new = _with_inputs(src, operands)
         new.output[0] = scan.output[j]
         after.append(new)
     if not replace:
@@ -366,20 +366,15 @@ def carry_state_functions(fn: onnx.FunctionProto) -> onnx.FunctionProto:
         return fn
 
     carry_in = {value: f"carry_{value}" for value in carried}
-    nodes = []
-    for n in body.node:
-        new = onnx.NodeProto()
-        new.CopyFrom(n)
-        del new.input[:]
-        new.input.extend(carry_in.get(i, i) for i in n.input)
-        nodes.append(new)
-    nodes = _without_dead_nodes(nodes, set(outputs) | {mapping[c] for c in carried})
+    carried_next = {mapping[c] for c in carried}
+    nodes = [_with_inputs(n, [carry_in.get(i, i) for i in n.input]) for n in body.node]
+    nodes = _without_dead_nodes(nodes, set(outputs) | carried_next)
     # a next value that is also a per-step output (the spike, with no scale to multiply by)
     # is returned per step through a copy: a name is either a state or a per-step output;
     # recompute_sequence_identities later replaces the copy
     seq_outputs = list(body.output[n_state:])
     for k, value in enumerate(seq_outputs):
-        if value.name in {mapping[c] for c in carried}:
+        if value.name in carried_next:
             nodes.append(helper.make_node("Identity", [value.name], [f"seq_{value.name}"]))
             seq_outputs[k] = helper.make_tensor_value_info(f"seq_{value.name}", value.type.tensor_type.elem_type, None)
     elem = {c: TensorProto.BOOL if producer[c].op_type in _BOOL_OPS else TensorProto.FLOAT for c in carried}
@@ -391,10 +386,7 @@ def carry_state_functions(fn: onnx.FunctionProto) -> onnx.FunctionProto:
     # before the scan: the chain applied to the initial states
     before, initial = [], dict(initial_of)
     for n in chain:
-        new = onnx.NodeProto()
-        new.CopyFrom(n)
-        del new.input[:]
-        new.input.extend(initial.get(i, i) for i in n.input)
+        new = _with_inputs(n, [initial.get(i, i) for i in n.input])
         initial[n.output[0]] = new.output[0] = f"carry_init_{n.output[0]}"
         before.append(new)
     before = _without_dead_nodes(before, {initial[c] for c in carried})
@@ -492,15 +484,6 @@ def keep_outputs(fn: onnx.FunctionProto, count: int) -> onnx.FunctionProto:
     return out
 
 
-def _renamed(node: onnx.NodeProto, old: str, new: str) -> onnx.NodeProto:
-    """A copy of ``node`` reading ``new`` wherever it read ``old``."""
-    out = onnx.NodeProto()
-    out.CopyFrom(node)
-    del out.input[:]
-    out.input.extend(new if i == old else i for i in node.input)
-    return out
-
-
 def read_static_drive(fn: onnx.FunctionProto) -> onnx.FunctionProto | None:
     """``fn`` for an input that is one step's drive repeated over time, read once, not stacked.
 
@@ -527,7 +510,8 @@ def read_static_drive(fn: onnx.FunctionProto) -> onnx.FunctionProto | None:
     steps = b.node("Slice", ["x_shape", _i64(b, [0]), _i64(b, [1])])
     placeholder = b.node("ConstantOfShape", [steps])  # [T] zeros: the scan's length
     step_shape = b.node("Slice", ["x_shape", _i64(b, [1]), _i64(b, [np.iinfo(np.int64).max])])  # the drive may broadcast
-    new_body = helper.make_graph([_renamed(n, x_t, "drive") for n in body.node], body.name, list(body.input), list(body.output),
+    new_body = helper.make_graph([_with_inputs(n, ["drive" if i == x_t else i for i in n.input]) for n in body.node],
+                                 body.name, list(body.input), list(body.output),
                                  initializer=list(body.initializer))
     new_scan = helper.make_node("Scan", list(scan.input[:n_state]) + [placeholder], list(scan.output), num_scan_inputs=n_scan_in, body=new_body)
     nodes = b.nodes + [helper.make_node("Identity", [step_shape], list(n.output)) for n in step_shapes]
