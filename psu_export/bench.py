@@ -141,30 +141,32 @@ def _bound_classes():
 
 
     class BoundModel(torch.nn.Module):
-        """The model with neurons as activations and time folded into the batch: ``[T, B, ...]`` in."""
+        """The model with neurons as activations and time folded into the batch: ``[T, B, ...]``
+        (``time_axis`` 0) or ``[B, T, ...]`` (``time_axis`` 1) in, the same order out."""
 
-        def __init__(self, module: torch.nn.Module, kind: str):
+        def __init__(self, module: torch.nn.Module, kind: str, time_axis: int):
             super().__init__()
             self.net = module
-            self.kind = kind
+            self.kind, self.time_axis = kind, time_axis
 
         def forward(self, x):
-            steps, batch = x.shape[0], x.shape[1]
-            folded = x.reshape(steps * batch, *x.shape[2:])
+            lead = x.shape[:2]
+            folded = x.flatten(0, 1)
             if self.kind == "sequence":
-                out = self.net(folded.unsqueeze(0))  # one "step" carrying every step's batch
+                out = self.net(folded.unsqueeze(self.time_axis))  # one "step" carrying every step's batch
             else:
                 out = self.net(folded)
             def unfold(o):  # SequentialState returns (output, [state or None per module])
-                return o.reshape(steps, batch, *o.shape[(2 if self.kind == "sequence" else 1):]) if isinstance(o, torch.Tensor) else o
+                return o.reshape(*lead, *o.shape[(2 if self.kind == "sequence" else 1):]) if isinstance(o, torch.Tensor) else o
 
             return tuple(tree_map(unfold, out)) if isinstance(out, (tuple, list)) else (unfold(out),)
 
     return _Activation, BoundModel
 
 
-def bound_model(module, neurons, kind: str):
-    """The bound: ``module`` with each neuron an activation, time folded into the batch."""
+def bound_model(module, neurons, kind: str, time_axis: int = 0):
+    """The bound: ``module`` with each neuron an activation, time folded into the batch
+    (``time_axis``: where the sequence input has time, 1 for batch-first)."""
     _Activation, BoundModel = _bound_classes()
     net = copy.deepcopy(module)
     for n in neurons:
@@ -174,7 +176,7 @@ def bound_model(module, neurons, kind: str):
         setattr(parent, attr, _Activation(threshold, kind == "sequence"))
     if kind == "static":  # multi-step neurons on an input the model repeats itself: time is folded already
         return net.eval()
-    return BoundModel(net.eval(), kind)
+    return BoundModel(net.eval(), kind, time_axis)
 
 
 # ----------------------------------------------------------------------------- exports
@@ -208,11 +210,11 @@ def export_naive(module, neurons, layout, time_steps: int, path) -> tuple[float,
     """
     import torch
 
-    from .capture import StepDriver, reset_neurons
+    from .capture import reset_neurons
 
-    target = StepDriver(module) if layout.kind == "step" else module
+    target = layout.driver(module)
     x = layout.example(2, time_steps)
-    batch_axis = 0 if layout.kind == "static" else 1
+    batch_axis = layout.batch_axis
     attempts = [
         ("dynamo, dynamic batch", lambda: _export_dynamo(target, x, path, ({batch_axis: torch.export.Dim("batch")},))),
         ("dynamo, static batch", lambda: _export_dynamo(target, x, path, None)),
@@ -249,9 +251,11 @@ def export_bound(module, neurons, layout, path) -> float:
         raise BaselineExportError(f"the model repeats one input {layout.time_steps} times in its own loop; with its neurons "
                                   "replaced by activations it would still run every step, so no time-folded bound is built")
     try:
-        model = bound_model(module, neurons, layout.kind)
+        model = bound_model(module, neurons, layout.kind, layout.time_axis or 0)
         x = layout.example(2, 4)
-        axes = {0: torch.export.Dim("batch")} if layout.kind == "static" else {0: torch.export.Dim("T"), 1: torch.export.Dim("batch")}
+        axes = {layout.batch_axis: torch.export.Dim("batch")}
+        if layout.time_axis is not None:
+            axes[layout.time_axis] = torch.export.Dim("T")
         t0 = time.perf_counter()
         _export_dynamo(model, x, path, (axes,))
     except Exception as exc:  # noqa: BLE001 - e.g. the model reads neuron state the activation lacks
@@ -341,7 +345,7 @@ def run_benchmark(
     import torch
 
     from . import pipeline
-    from .capture import StepDriver, reset_neurons
+    from .capture import reset_neurons
 
     say = progress or (lambda m: None)
     if provider not in PROVIDERS:
@@ -419,12 +423,12 @@ def run_benchmark(
                     def run_eager(xd=xd):
                         reset_neurons(neurons)
                         with torch.no_grad():
-                            (StepDriver(eager_model) if layout.kind == "step" else eager_model)(xd)
+                            layout.driver(eager_model)(xd)
                         if device == "cuda":
                             torch.cuda.synchronize()
                 for name, sess in sessions.items():
                     inp = sess.get_inputs()[0]
-                    fixed = inp.shape[0 if layout.kind == "static" else 1]
+                    fixed = inp.shape[layout.batch_axis]
                     if isinstance(fixed, int) and fixed != batch:  # a baseline exported with a static batch
                         result.setdefault("baselines_unavailable", {})[f"{name} at T={steps}, batch {batch}"] = (
                             f"exported with a fixed batch of {fixed} (torch.onnx.export failed with a dynamic batch)")

@@ -54,7 +54,7 @@ def split_batch(x: torch.Tensor, target, holdout: float, seed: int, batch_dim: i
 
 def record_layers(conversion, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Run the original on ``x``; per neuron layer, its input currents and spikes ``[T, B, ...]``."""
-    from .capture import StepDriver, reset_neurons
+    from .capture import reset_neurons
 
     inputs: dict[str, list] = {n.name: [] for n in conversion.neurons}
     spikes: dict[str, list] = {n.name: [] for n in conversion.neurons}
@@ -71,7 +71,7 @@ def record_layers(conversion, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, 
     reset_neurons(conversion.neurons)
     try:
         with torch.no_grad():
-            StepDriver(model)(x) if conversion.layout.kind == "step" else model(x)
+            conversion.layout.driver(model)(x)
     finally:
         for h in handles:
             h.remove()
@@ -168,7 +168,7 @@ def evaluate(conversion, x: torch.Tensor, target) -> dict:
     """End-to-end agreement of the rewritten (approximate) model with the original on ``x``."""
     from .verify import _argmax_classes, run_original, run_parallel
 
-    time_first = conversion.layout.kind != "static"
+    time_first = conversion.layout.batch_axis == 1
     ref_out, ref_layers = run_original(conversion.loaded.module, conversion.neurons, conversion.layout, x)
     par_out, par_layers = run_parallel(conversion.parallel, x)
     layers = {name: float(((ref_layers[name] != 0) == (par_layers[name] != 0)).float().mean()) for name in par_layers if name in ref_layers}
@@ -241,7 +241,7 @@ def calibrate(model, out, weights, time_steps, input_shape, input_kind, trust_mo
         raise UsageError(f"The output directory {Path(out).resolve().parent} does not exist; create it or choose another output path.")
     conversion = _prepare(model, weights, time_steps, input_shape, input_kind, trust_model, data, mode=reset_mode, seed=seed)
     x, target = load_data(data, conversion.layout)
-    batch_dim = 0 if conversion.layout.kind == "static" else 1
+    batch_dim = conversion.layout.batch_axis
     (x_fit, _), (x_hold, t_hold) = split_batch(x, target, holdout, seed, batch_dim)
     _progress(f"calibrating on {x_fit.shape[batch_dim]} samples, {x_hold.shape[batch_dim]} held out")
     before = evaluate(conversion, x_hold, t_hold)

@@ -8,12 +8,13 @@ with every neuron call, its input and its state in and out visible.
 
 Three call styles are handled (DESIGN.md section 2):
 
-``sequence``  ``forward(x[T, B, ...])`` loops over time inside
+``sequence``  ``forward(x[T, B, ...])`` loops over time inside (or over ``x[:, t]`` of a
+              batch-first ``x[B, T, ...]``: :attr:`InputLayout.batch_first`)
 ``static``    ``forward(x[B, ...])`` loops ``num_steps`` times over a static input
 ``step``      a single-step module; the time loop is ours (:class:`StepDriver`)
 
 :func:`probe_input_kind` finds the style by running the model eagerly and counting
-neuron calls.
+neuron calls (:func:`probe_sequence` tells time-first from batch-first).
 """
 
 from __future__ import annotations
@@ -145,27 +146,30 @@ class StepDriver(torch.nn.Module):
     A model whose converter says it :meth:`~psu_export.converters.FrameworkConverter.threads_state`
     (``out, state = model(x_t, state)``, e.g. Norse ``SequentialState``) gets its returned
     state passed back in at the next step (``None`` at the first); only ``out`` is stacked.
+    ``time_axis`` 1 drives a batch-first ``x[B, T, ...]`` and stacks the outputs along dim 1.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, time_axis: int = 0):
         super().__init__()
         self.model = model
+        self.time_axis = time_axis
         from .converters import converters
 
         self.threads_state = any(conv.threads_state(model) for conv in converters())
 
     def forward(self, x):
+        steps = range(x.shape[self.time_axis])  # x.select inside the loop: each step's body stays together
         if self.threads_state:
             outputs, state = [], None
-            for t in range(x.shape[0]):
-                out, state = self.model(x[t], state)
+            for t in steps:
+                out, state = self.model(x.select(self.time_axis, t), state)
                 outputs.append(out)
         else:
-            outputs = [self.model(x[t]) for t in range(x.shape[0])]
+            outputs = [self.model(x.select(self.time_axis, t)) for t in steps]
         first = outputs[0]
         if isinstance(first, (tuple, list)):
-            return tuple(torch.stack([o[k] for o in outputs]) for k in range(len(first)))
-        return torch.stack(outputs)
+            return tuple(torch.stack([o[k] for o in outputs], self.time_axis) for k in range(len(first)))
+        return torch.stack(outputs, self.time_axis)
 
 
 @dataclass
@@ -176,10 +180,39 @@ class InputLayout:
     time_steps: int
     dynamic_time: bool
     sample_shape: tuple[int, ...]
+    #: a sequence given batch-first, ``[B, T, ...]`` (the model reads ``x[:, t]``)
+    batch_first: bool = False
+
+    @property
+    def batch_axis(self) -> int:
+        """The input's batch dimension: 0 for a static input or a batch-first sequence, else 1."""
+        return 0 if self.kind == "static" or self.batch_first else 1
+
+    @property
+    def time_axis(self) -> int | None:
+        """The input's time dimension (None for a static input)."""
+        return None if self.kind == "static" else 1 - self.batch_axis
+
+    @property
+    def order(self) -> str:
+        """``batch_first`` or ``time_first``: the ``psu_export.layout`` metadata value (read by ``deploy``)."""
+        return "batch_first" if self.batch_axis == 0 else "time_first"
+
+    def driver(self, model: torch.nn.Module) -> torch.nn.Module:
+        """What runs the whole input: the model itself, or a :class:`StepDriver` for a single-step module."""
+        return StepDriver(model, self.time_axis) if self.kind == "step" else model
+
+    def describe(self) -> str:
+        """The input as the model takes it, e.g. ``[T, B, 1, 28, 28]``."""
+        lead = "B" if self.kind == "static" else ("B, T" if self.batch_first else "T, B")
+        return f"[{lead}, {', '.join(map(str, self.sample_shape))}]"
 
     def example(self, batch: int, time_steps: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         steps = self.time_steps if time_steps is None else time_steps
-        shape = (batch, *self.sample_shape) if self.kind == "static" else (steps, batch, *self.sample_shape)
+        if self.kind == "static":
+            shape = (batch, *self.sample_shape)
+        else:
+            shape = (batch, steps, *self.sample_shape) if self.batch_first else (steps, batch, *self.sample_shape)
         return torch.rand(shape, generator=generator)
 
 
@@ -191,14 +224,20 @@ def _run_counting(model, neurons, x) -> dict[int, int]:
     return dict(counts)
 
 
-def probe_input_kind(model: torch.nn.Module, neurons: list[NeuronModule], sample_shape: tuple[int, ...], time_steps: int, kind: str = "auto") -> InputLayout:
-    """Find how the model consumes time by running it eagerly and counting neuron calls."""
+def probe_input_kind(model: torch.nn.Module, neurons: list[NeuronModule], sample_shape: tuple[int, ...], time_steps: int, kind: str = "auto", batch_first: bool = False) -> InputLayout:
+    """Find how the model consumes time by running it eagerly and counting neuron calls.
+
+    ``batch_first``: the sequence is ``[B, T, ...]`` (without it, time-first is tried first,
+    then batch-first); for a single-step module the exported model then takes ``[B, T, ...]``.
+    """
     if not neurons:
         raise NotConvertibleError({"model": "no neuron module of a supported framework was found (see `psu-export list-converters`)"})
     probe_batch = 3
     errors = []
     whole = [n for n in neurons if n.converter.consumes_sequence(n.module)]
     if whole:
+        if batch_first:
+            raise UsageError("--batch-first: the model's neurons take the whole sequence (multi-step), which they read time-first [T, B, ...].")
         return _probe_multi_step(model, neurons, whole, sample_shape, time_steps, kind)
 
     def calls(x):
@@ -211,7 +250,7 @@ def probe_input_kind(model: torch.nn.Module, neurons: list[NeuronModule], sample
         try:
             n = calls(torch.rand(probe_batch, *sample_shape))
             if n == 1 and kind in ("auto", "step"):
-                return InputLayout("step", time_steps, True, sample_shape)
+                return InputLayout("step", time_steps, True, sample_shape, batch_first)
             if kind in ("auto", "static") and n > 1 and not (kind == "auto" and n == probe_batch):
                 return InputLayout("static", n, False, sample_shape)
         except NotConvertibleError:
@@ -219,24 +258,48 @@ def probe_input_kind(model: torch.nn.Module, neurons: list[NeuronModule], sample
         except Exception as exc:  # the model did not accept a single-step input
             errors.append(f"as [B, {', '.join(map(str, sample_shape))}]: {type(exc).__name__}: {exc}")
     if kind in ("auto", "sequence"):
-        try:
-            n1 = calls(torch.rand(time_steps, probe_batch, *sample_shape))
-            n2 = calls(torch.rand(time_steps + 1, probe_batch, *sample_shape))
-        except NotConvertibleError:
-            raise
-        except Exception as exc:
-            errors.append(f"as [T, B, {', '.join(map(str, sample_shape))}]: {type(exc).__name__}: {exc}")
-        else:
-            if n1 == time_steps and n2 == time_steps + 1:
-                return InputLayout("sequence", time_steps, True, sample_shape)
-            if n1 == n2:
-                return InputLayout("sequence", n1, False, sample_shape)
-            errors.append(f"as a sequence its neurons ran {n1} and {n2} times for T={time_steps} and T={time_steps + 1}")
+        layout = probe_sequence(calls, sample_shape, time_steps, batch_first, errors, lambda n1, n2: (n1, n2) == (time_steps, time_steps + 1))
+        if layout is not None:
+            return layout
     raise UsageError(
         "Could not find how the model consumes its input with --input-shape "
         f"{','.join(map(str, sample_shape))} and --time-steps {time_steps} ({kind}): " + "; ".join(errors)
         + ". Check --input-shape (one time step's sample, without batch and time) or pass --input-kind."
     )
+
+
+def probe_sequence(count, sample_shape: tuple[int, ...], time_steps: int, batch_first: bool, errors: list[str], follows_time) -> InputLayout | None:
+    """The sequence layout that ``count`` (per forward on an input) shows, or None (``errors`` say why).
+
+    Runs the model on ``[T, B, ...]`` and ``[T+1, B, ...]`` and, unless ``follows_time(n1, n2)``,
+    on a second batch size: a count that follows T is a loop over the input's time, one that
+    follows neither a loop of fixed length, and one that follows the batch size a loop over
+    the wrong axis (the input is then tried batch-first, ``[B, T, ...]``).
+    """
+    batches = [b for b in (3, 5, 7) if b not in (time_steps, time_steps + 1)][:2]
+    for first in ((True,) if batch_first else (False, True)):
+        order = "[B, T, " if first else "[T, B, "
+
+        def shaped(steps, batch):
+            return torch.rand(batch, steps, *sample_shape) if first else torch.rand(steps, batch, *sample_shape)
+
+        try:
+            n1, n2 = count(shaped(time_steps, batches[0])), count(shaped(time_steps + 1, batches[0]))
+            if follows_time(n1, n2):
+                return InputLayout("sequence", time_steps, True, sample_shape, first)
+            n3 = count(shaped(time_steps, batches[1]))
+        except NotConvertibleError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the other order may fit
+            errors.append(f"as {order}{', '.join(map(str, sample_shape))}]: {type(exc).__name__}: {exc}")
+            continue
+        if n1 == n2 == n3 and n1 > 0:
+            return InputLayout("sequence", n1, False, sample_shape, first)
+        if n1 == n2 and n1 != n3:
+            errors.append(f"as {order}...]: the model's loop followed the batch size ({n1} and {n3} neuron steps for batch {batches[0]} and {batches[1]})")
+        else:
+            errors.append(f"as {order}...]: {n1} and {n2} neuron steps for T={time_steps} and T={time_steps + 1}")
+    return None
 
 
 def _probe_multi_step(model, neurons, whole, sample_shape, time_steps, kind) -> InputLayout:
@@ -309,9 +372,9 @@ class CapturedGraph:
 def capture(model: torch.nn.Module, neurons: list[NeuronModule], layout: InputLayout, capture_steps: int = 4) -> CapturedGraph:
     """Export ``model`` with opaque neurons at a small T (the loop is re-rolled later)."""
     steps = layout.time_steps if not layout.dynamic_time else max(3, min(capture_steps, layout.time_steps))
-    target = StepDriver(model) if layout.kind == "step" else model
+    target = layout.driver(model)
     x = layout.example(batch=2, time_steps=steps)
-    batch_dim = 0 if layout.kind == "static" else 1
+    batch_dim = layout.batch_axis
     notes = []
     with opaque_neurons(neurons):
         try:

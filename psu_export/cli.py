@@ -38,6 +38,9 @@ def model_options(func):
     func = click.option("--trust-model", is_flag=True, help="Allow unpickling arbitrary classes from a .pt model (runs code from the file).")(func)
     func = click.option("--input-kind", type=click.Choice(["auto", "sequence", "static", "step"]), default="auto", show_default=True,
                         help="How the model takes time: sequence [T,B,...], static [B,...] looped or repeated over T inside, or single step.")(func)
+    func = click.option("--batch-first", is_flag=True, expose_value=False, callback=_remember,
+                        help="The sequence is batch-first, [B, T, ...] (the model reads x[:, t]); found without the flag when the "
+                             "model runs only that way. A single-step module's ONNX file then takes and returns [B, T, ...].")(func)
     func = click.option("--input-shape", help="One time step's sample shape, without batch and time, e.g. 1,28,28.")(func)
     func = click.option("--time-steps", "-T", type=int, default=25, show_default=True, help="Number of time steps T.")(func)
     func = click.option("--weights", type=click.Path(dir_okay=False), help="State dict for a module:factory MODEL.")(func)
@@ -49,7 +52,7 @@ def model_options(func):
 
 
 def _remember(ctx, param, value):
-    """Keep a .nir option in the command's context (read by _prepare), not as a parameter."""
+    """Keep an option only _prepare reads (.nir, --batch-first) in the command's context, not as a parameter."""
     ctx.meta[f"psu_export.{param.name}"] = value
     return value
 
@@ -77,7 +80,8 @@ def _prepare(model, weights, time_steps, input_shape, input_kind, trust_model, d
     shape = sample_shape_from(input_shape, onnx_path)
     meta = click.get_current_context().meta
     return prepare(model, weights, shape, time_steps, trust_model, input_kind, progress=_progress, mode=mode, seed=seed,
-                   nir_dt=meta.get("psu_export.dt"), nir_reset=meta.get("psu_export.nir_reset") or "zero")
+                   nir_dt=meta.get("psu_export.dt"), nir_reset=meta.get("psu_export.nir_reset") or "zero",
+                   batch_first=bool(meta.get("psu_export.batch_first")))
 
 
 def _finish_report(report, report_path) -> int:
@@ -102,12 +106,11 @@ def _finish_report(report, report_path) -> int:
                    "replaces the spikes in the reset term, approximate); stochastic = Bernoulli samples of it (seeded, reproducible).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the stochastic reset's RNG and of the synthetic verification inputs.")
 @click.option("--data", type=click.Path(dir_okay=False), help="FILE.npz with array 'input' (and optional 'target') for verification.")
-@click.option("--batch-first", is_flag=True, help="Reserved: batch-first I/O for servers that batch dimension 0 (not yet supported).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the parity report as JSON.")
 @click.option("--raster", type=click.Path(dir_okay=False), help="Write a PNG spike raster: original vs onnxruntime, per neuron layer.")
 @click.option("--no-verify", is_flag=True, help="Skip the parity check after export.")
 @handle_errors
-def convert(model, out, weights, time_steps, input_shape, input_kind, trust_model, reset_mode, seed, data, batch_first, report_path, raster, no_verify):
+def convert(model, out, weights, time_steps, input_shape, input_kind, trust_model, reset_mode, seed, data, report_path, raster, no_verify):
     """Rewrite MODEL into a time-parallel ONNX file OUT and check parity.
 
     MODEL is module:factory or path/to/file.py:factory (with --weights STATE_DICT), or a
@@ -119,8 +122,6 @@ def convert(model, out, weights, time_steps, input_shape, input_kind, trust_mode
     """
     from .errors import UsageError
 
-    if batch_first:
-        raise UsageError("--batch-first is not supported yet: models are exported time-first [T, B, ...].")
     if not Path(out).resolve().parent.is_dir():
         raise UsageError(f"The output directory {Path(out).resolve().parent} does not exist; create it or choose another output path.")
     conversion = _prepare(model, weights, time_steps, input_shape, input_kind, trust_model, data, mode=reset_mode, seed=seed)
@@ -187,7 +188,7 @@ def inspect(model, weights, time_steps, input_shape, input_kind, trust_model):
 
     conversion = _prepare(model, weights, time_steps, input_shape, input_kind, trust_model)
     out = Console()
-    out.print(f"input: {conversion.layout.kind}, T={conversion.layout.time_steps}, dynamic time: {conversion.layout.dynamic_time}, dynamic batch: {conversion.captured.dynamic_batch}")
+    out.print(f"input: {conversion.layout.kind} {conversion.layout.describe()}, T={conversion.layout.time_steps}, dynamic time: {conversion.layout.dynamic_time}, dynamic batch: {conversion.captured.dynamic_batch}")
     out.print(sites_table([site.to_json() for site in conversion.sites]))
     for site in conversion.sites:
         out.print(f"{site.name}: " + json.dumps(site.spec.to_json()))

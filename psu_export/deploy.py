@@ -8,7 +8,8 @@ Two roads, both speaking the Open Inference Protocol (KServe v2):
 * :func:`serve` starts a local KServe-v2 server (MLServer with a small onnxruntime
   runtime, :class:`OnnxRuntimeModel`) for an ONNX file or for such a repository.
 
-Converted models are time-first, ``[T, B, ...]``, unless converted with
+Converted models are time-first, ``[T, B, ...]``, unless the model loops over a
+batch-first ``x[B, T, ...]`` or a single-step module was converted with
 ``--batch-first``; the converter records which in the ONNX metadata key
 ``psu_export.layout``. Triton's batching assumes dim 0 is the batch, so only
 batch-first models may use ``max_batch_size > 0``.
@@ -327,7 +328,7 @@ def _check_batchable(info: ModelInfo, layout: str | None) -> None:
         raise UsageError(
             f"{info.path} is time-first ([T, B, ...]): Triton would batch along the time axis. "
             "Use --max-batch-size 0 (the default; clients send the batch inside the tensor), "
-            "or convert the model with `psu-export convert ... --batch-first`."
+            "or, for a single-step module, convert it with `psu-export convert ... --batch-first`."
         )
     if layout is None:
         raise UsageError(

@@ -45,7 +45,7 @@ def metadata(model: ParallelModel, source: str, mode: str) -> dict[str, str]:
         "psu_export.source": source,
         "psu_export.mode": mode,
         "psu_export.input_kind": layout.kind,
-        "psu_export.layout": "time_first" if layout.kind != "static" else "batch_first",
+        "psu_export.layout": layout.order,
         "psu_export.time_steps": str(layout.time_steps),
         "psu_export.dynamic_time": str(layout.dynamic_time).lower(),
         "psu_export.sample_shape": json.dumps(list(layout.sample_shape)),
@@ -60,14 +60,10 @@ def export_onnx(model: ParallelModel, example: torch.Tensor, out_path: str | os.
         raise UsageError(f"The output directory {out_path.parent} does not exist; create it or choose another output path.")
     layout = model.layout
     axes = {}
-    if layout.kind == "static":
-        if dynamic_batch:
-            axes[0] = torch.export.Dim("batch")
-    else:
-        if layout.dynamic_time:
-            axes[0] = torch.export.Dim("T")
-        if dynamic_batch:
-            axes[1] = torch.export.Dim("batch")
+    if layout.time_axis is not None and layout.dynamic_time:
+        axes[layout.time_axis] = torch.export.Dim("T")
+    if dynamic_batch:
+        axes[layout.batch_axis] = torch.export.Dim("batch")
     try:
         with torch.no_grad():
             program = torch.onnx.export(

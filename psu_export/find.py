@@ -68,14 +68,43 @@ def _calls(graph: fx.Graph) -> dict[int, list[fx.Node]]:
     return calls
 
 
-def _is_time_select(node: fx.Node, k: int) -> bool:
-    return (
-        node.op == "call_function"
-        and node.target is torch.ops.aten.select.int
-        and isinstance(node.args[0], fx.Node)
-        and node.args[0].op == "placeholder"
-        and node.args[2] == k
-    )
+#: ops that only reorder, copy or cast their input: a loop may read time steps from their result
+_INPUT_VIEWS = {
+    torch.ops.aten.transpose.int, torch.ops.aten.permute.default, torch.ops.aten.clone.default,
+    torch.ops.aten.contiguous.default, torch.ops.aten.alias.default, torch.ops.aten._to_copy.default,
+}
+
+
+def _whole_slice_of(node) -> fx.Node | None:
+    """``x`` when ``node`` is ``x[:]`` along some dim (``slice(x, dim, 0, >= 2**62)``, step 1)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target is not torch.ops.aten.slice.Tensor:
+        return None
+    x, _dim, start, end, step = list(node.args) + [0, 0, None, None, 1][len(node.args):]
+    return x if start in (0, None) and (end is None or end >= 2**62) and step == 1 else None
+
+
+def _is_input_view(node: fx.Node) -> bool:
+    """The model's input, or a reordering / copy of it (``x.transpose(0, 1)`` before the loop)."""
+    while node.op != "placeholder":
+        inner = _whole_slice_of(node)
+        if inner is None and node.op == "call_function" and node.target in _INPUT_VIEWS and isinstance(node.args[0], fx.Node):
+            inner = node.args[0]
+        if inner is None:
+            return False
+        node = inner
+    return True
+
+
+def _time_select(node: fx.Node, k: int, before_loop) -> tuple[fx.Node, int] | None:
+    """``(x, dim)`` when ``node`` is ``select(x, dim, k)`` of the input ``x``, of a whole-range
+    slice of it (``x[:, k]`` is ``select(slice(x, 0, 0, 2**63 - 1), 1, k)``), or of a view of
+    it made before the loop (``before_loop(x)``), such as ``x = x.transpose(0, 1)``."""
+    if node.op != "call_function" or node.target is not torch.ops.aten.select.int or node.args[2] != k:
+        return None
+    source = _whole_slice_of(node.args[0]) or node.args[0]
+    if isinstance(source, fx.Node) and (source.op == "placeholder" or (before_loop(source) and _is_input_view(source))):
+        return source, node.args[1]
+    return None
 
 
 def _flat_args(node: fx.Node) -> list:
@@ -113,16 +142,18 @@ def _match_loop(nodes: list[fx.Node], start: int, period: int, steps: int, calls
         raise _Mismatch(nodes[min(end, len(nodes)) - 1], "the loop body does not tile the graph")
     loop = TimeLoop(steps)
     loop.body = nodes[start : start + period]
+    before_loop = lambda node: pos[node] < start  # noqa: E731
     for k in range(steps):
         for j in range(period):
             n0, nk = nodes[start + j], nodes[start + k * period + j]
             loop.copy_of[nk] = (n0, k)
             if nk.op != n0.op or nk.target != n0.target:
                 raise _Mismatch(nk, f"step {k} differs from step 0 ({n0.name})")
-            if _is_time_select(n0, 0):
-                if not _is_time_select(nk, k) or nk.args[:2] != n0.args[:2]:
+            selected = _time_select(n0, 0, before_loop)
+            if selected is not None:
+                if _time_select(nk, k, before_loop) != selected:
                     raise _Mismatch(nk, f"step {k} does not read time step {k} of the input")
-                loop.time_selects[n0] = (n0.args[0], n0.args[1])
+                loop.time_selects[n0] = selected
                 continue
             if n0.target is OPAQUE_NEURON:
                 _check_states(nk, k, calls, pos, start, end)

@@ -49,7 +49,7 @@ import torch
 from torch import fx
 from torch.overrides import TorchFunctionMode
 
-from .capture import OPAQUE_NEURON, CapturedGraph, InputLayout, NeuronModule, capture
+from .capture import OPAQUE_NEURON, CapturedGraph, InputLayout, NeuronModule, capture, probe_sequence
 from .converters import CallConvention, FrameworkConverter
 from .errors import NotConvertibleError, UsageError
 from .find import reroll
@@ -902,7 +902,7 @@ class HandwrittenOriginal(torch.nn.Module):
         return out
 
 
-def _probe(model, sample_shape, time_steps, kind) -> InputLayout:
+def _probe(model, sample_shape, time_steps, kind, batch_first=False) -> InputLayout:
     errors = []
     ran = any_spike_test = False
     if kind == "step":
@@ -919,17 +919,17 @@ def _probe(model, sample_shape, time_steps, kind) -> InputLayout:
         except Exception as exc:
             errors.append(f"as [B, {', '.join(map(str, sample_shape))}]: {type(exc).__name__}: {exc}")
     if kind in ("auto", "sequence"):
-        try:
-            n1 = _count_compares(model, torch.rand(time_steps, 3, *sample_shape))
-            n2 = _count_compares(model, torch.rand(time_steps + 1, 3, *sample_shape))
-            ran, any_spike_test = True, any_spike_test or n1 > 0 or n2 > 0
-            if n2 > n1:
-                return InputLayout("sequence", time_steps, True, sample_shape)
-            if n1 == n2 and n1 > 0:
-                return InputLayout("sequence", time_steps, False, sample_shape)
-            errors.append(f"as [T, B, ...]: {n1} and {n2} spike tests for T={time_steps} and T={time_steps + 1}")
-        except Exception as exc:
-            errors.append(f"as [T, B, {', '.join(map(str, sample_shape))}]: {type(exc).__name__}: {exc}")
+        def count(x):
+            nonlocal ran, any_spike_test
+            n = _count_compares(model, x)
+            ran, any_spike_test = True, any_spike_test or n > 0
+            return n
+
+        layout = probe_sequence(count, sample_shape, time_steps, batch_first, errors, lambda n1, n2: n2 > n1)
+        if layout is not None:
+            if not layout.dynamic_time:  # the count is of spike tests; the steps are read from the capture
+                layout.time_steps = time_steps
+            return layout
     if ran and not any_spike_test:
         raise NotConvertibleError({"model": "no neuron module of a supported framework was found (see `psu-export "
                                    "list-converters`), and running it shows no spike test (x > threshold) of a "
@@ -941,7 +941,7 @@ def _probe(model, sample_shape, time_steps, kind) -> InputLayout:
     )
 
 
-def prepare_handwritten(loaded: LoadedModel, sample_shape: tuple[int, ...], time_steps: int, kind: str = "auto", say=None):
+def prepare_handwritten(loaded: LoadedModel, sample_shape: tuple[int, ...], time_steps: int, kind: str = "auto", say=None, batch_first: bool = False):
     """Probe, capture and pattern-match a model without neuron modules.
 
     Returns ``(loaded, neurons, layout, captured)`` where ``loaded.module`` is a
@@ -949,7 +949,7 @@ def prepare_handwritten(loaded: LoadedModel, sample_shape: tuple[int, ...], time
     """
     say = say or (lambda message: None)
     model = loaded.module
-    layout = _probe(model, tuple(sample_shape), time_steps, kind)
+    layout = _probe(model, tuple(sample_shape), time_steps, kind, batch_first)
     say(f"hand-written loop, input: {layout.kind}; capturing")
     captured = capture(model, [], layout)
     compares = [n for n in captured.graph_module.graph.nodes if n.op == "call_function" and n.target in _COMPARE_TARGETS]

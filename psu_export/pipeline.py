@@ -110,8 +110,8 @@ class Conversion:
         rewrite_result, provider_results = self._compare(onnx_path, x, providers, required_providers)
         report = ParityReport(
             mode=self.mode,
-            time_steps=int(x.shape[0]) if self.layout.kind != "static" else self.layout.time_steps,
-            batch=int(x.shape[1] if self.layout.kind != "static" else x.shape[0]),
+            time_steps=self.layout.time_steps if self.layout.time_axis is None else int(x.shape[self.layout.time_axis]),
+            batch=int(x.shape[self.layout.batch_axis]),
             inputs=described,
             rewrite=rewrite_result,
             providers=provider_results,
@@ -148,7 +148,7 @@ class Conversion:
         write_raster(path, reference, converted, f"original vs onnxruntime ({Path(onnx_path).name}, {self.mode} mode)")
 
     def _compare(self, onnx_path, x, providers, required=()):
-        time_first = self.layout.kind != "static"  # the outputs' layout; layer spikes are always [T, B, ...]
+        time_first = self.layout.batch_axis == 1  # the outputs' layout; layer spikes are always [T, B, ...]
         ref_out, ref_layers = run_original(self.loaded.module, self.neurons, self.layout, x)
         par_out, par_layers = run_parallel(self.parallel, x)
         # ties are excused against onnxruntime too: its GEMM / conv / MatMul may round in the
@@ -230,7 +230,7 @@ def accuracies(conversion: Conversion, x, target) -> dict[str, float]:
     """Accuracy of the original and (approximate modes) of the rewritten model on ``target``."""
     from .verify import _argmax_classes
 
-    time_first = conversion.layout.kind != "static"
+    time_first = conversion.layout.batch_axis == 1
     out = {}
     runs = [("original", lambda: run_original(conversion.loaded.module, conversion.neurons, conversion.layout, x)[0])]
     if conversion.mode != "exact":
@@ -257,6 +257,11 @@ def check_onnx_matches(onnx_path, conversion: Conversion) -> None:
     sites = json.loads(meta["psu_export.neuron_sites"])
     ours = [site.to_json() for site in conversion.sites]
     strip = lambda ss: [{k: s[k] for k in ("name", "source_class", "spec")} for s in ss]  # noqa: E731
+    if meta.get("psu_export.layout", conversion.layout.order) != conversion.layout.order:
+        raise UsageError(
+            f"{path} takes its input {meta['psu_export.layout'].replace('_', '-')}, but the model was probed as "
+            f"{conversion.layout.describe()}; convert it again (or give verify the same --batch-first)."
+        )
     if strip(sites) != strip(ours) or json.loads(meta.get("psu_export.sample_shape", "null")) != list(conversion.layout.sample_shape):
         raise UsageError(
             f"{path} was not converted from this model: its neuron layers or input shape differ "
@@ -285,11 +290,12 @@ def sample_shape_from(input_shape: str | None, onnx_path=None) -> tuple[int, ...
     raise UsageError("--input-shape is required (one time step's sample shape without batch and time, e.g. 1,28,28).")
 
 
-def prepare(model: "str | torch.nn.Module", weights: str | None = None, input_shape: tuple[int, ...] = (), time_steps: int = 25, trust_model: bool = False, input_kind: str = "auto", progress=None, mode: str = "exact", seed: int = 0, nir_dt: float | None = None, nir_reset: str = "zero") -> Conversion:
+def prepare(model: "str | torch.nn.Module", weights: str | None = None, input_shape: tuple[int, ...] = (), time_steps: int = 25, trust_model: bool = False, input_kind: str = "auto", progress=None, mode: str = "exact", seed: int = 0, nir_dt: float | None = None, nir_reset: str = "zero", batch_first: bool = False) -> Conversion:
     """Load, capture, find and rewrite: everything before export.
 
     ``model`` is a MODEL string of the CLI contract or, for library use, a module;
-    ``mode`` the ``--reset`` mode (:data:`MODES`), ``seed`` the stochastic reset's seed.
+    ``mode`` the ``--reset`` mode (:data:`MODES`), ``seed`` the stochastic reset's seed,
+    ``batch_first`` that the sequence is ``[B, T, ...]`` (else found by probing).
     """
     if mode not in MODES:
         raise UsageError(f"--reset {mode!r} is not one of {', '.join(MODES)}.")
@@ -304,11 +310,11 @@ def prepare(model: "str | torch.nn.Module", weights: str | None = None, input_sh
         from .patterns import prepare_handwritten
 
         say("no neuron module of a supported framework; looking for hand-written neuron loops")
-        loaded, neurons, layout, captured = prepare_handwritten(loaded, tuple(input_shape), time_steps, input_kind, say)
+        loaded, neurons, layout, captured = prepare_handwritten(loaded, tuple(input_shape), time_steps, input_kind, say, batch_first)
     else:
         say(f"found {len(neurons)} neuron layers; probing how the model consumes time")
-        layout = probe_input_kind(loaded.module, neurons, tuple(input_shape), time_steps, input_kind)
-        say(f"input: {layout.kind}, T={layout.time_steps}{'' if layout.dynamic_time else ' (fixed by the model)'}; capturing")
+        layout = probe_input_kind(loaded.module, neurons, tuple(input_shape), time_steps, input_kind, batch_first)
+        say(f"input: {layout.kind} {layout.describe()}, T={layout.time_steps}{'' if layout.dynamic_time else ' (fixed by the model)'}; capturing")
         captured = capture(loaded.module, neurons, layout)
         captured.notes.extend(getattr(loaded.module, "conversion_notes", []))  # e.g. a .nir graph's discretisation
     say("re-rolling the time loop")

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import torch
 
-from .capture import InputLayout, NeuronModule, StepDriver, reset_neurons
+from .capture import InputLayout, NeuronModule, reset_neurons
 from .errors import UsageError
 from .ops import DOMAIN
 from .runtime import PROVIDERS, make_session, provider_available
@@ -58,7 +58,7 @@ def run_original(model: torch.nn.Module, neurons: list[NeuronModule], layout: In
     reset_neurons(neurons)
     try:
         with torch.no_grad():
-            out = StepDriver(model)(x) if layout.kind == "step" else model(x)
+            out = layout.driver(model)(x)
     finally:
         for h in handles:
             h.remove()
@@ -312,15 +312,14 @@ def load_data(path, layout: InputLayout) -> tuple[torch.Tensor, torch.Tensor | N
     x = x.astype(np.float32)
     if not np.all(np.isfinite(x)):
         raise UsageError(f"--data {path}: 'input' contains NaN or Inf values.")
-    expected = (layout.sample_shape if layout.kind == "static" else layout.sample_shape)
+    expected = layout.sample_shape
     lead = 1 if layout.kind == "static" else 2
     if x.ndim != lead + len(expected) or tuple(x.shape[lead:]) != tuple(expected):
-        want = "[B, " if layout.kind == "static" else "[T, B, "
         raise UsageError(
             f"--data {path}: 'input' has shape {list(x.shape)}, but the model takes "
-            f"{want}{', '.join(map(str, expected))}] ({layout.kind} input)."
+            f"{layout.describe()} ({layout.kind} input)."
         )
-    if x.shape[lead - 1] == 0 or (lead == 2 and x.shape[0] == 0):
+    if 0 in x.shape[:lead]:
         raise UsageError(f"--data {path}: 'input' is empty.")
     return torch.from_numpy(x), (torch.from_numpy(target) if target is not None else None)
 

@@ -14,14 +14,14 @@ def run_onnx(path, x: torch.Tensor, provider: str = "CPUExecutionProvider") -> l
     return session.run(None, {session.get_inputs()[0].name: x.numpy()})
 
 
-def reference_outputs(model: torch.nn.Module, x: torch.Tensor, kind: str) -> tuple[torch.Tensor, ...]:
-    """The framework's own sequential run (fresh state), outputs as a tuple."""
+def reference_outputs(model: torch.nn.Module, x: torch.Tensor, kind: str, time_axis: int = 0) -> tuple[torch.Tensor, ...]:
+    """The framework's own sequential run (fresh state), outputs as a tuple (``time_axis`` 1: batch-first)."""
     from psu_export.capture import StepDriver, find_neuron_modules, reset_neurons
 
     neurons = find_neuron_modules(model)
     reset_neurons(neurons)
     with torch.no_grad():
-        out = StepDriver(model)(x) if kind == "step" else model(x)
+        out = StepDriver(model, time_axis)(x) if kind == "step" else model(x)
     reset_neurons(neurons)
     return out if isinstance(out, tuple) else (out,)
 

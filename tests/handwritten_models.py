@@ -53,6 +53,13 @@ class TwoLayerMLP(nn.Module):
         return torch.stack(spikes), torch.stack(mems)
 
 
+class BatchFirstMLP(TwoLayerMLP):
+    """The same loop over a batch-first ``x[B, T, 8]`` (``x[:, t]``), stacked along dim 1."""
+
+    def forward(self, x):
+        return tuple(o.transpose(0, 1) for o in super().forward(x.transpose(0, 1)))
+
+
 class OddConvNet(nn.Module):
     """Nobody would write it like this: lazy state, per-channel decay buffer, heaviside,
     ``cur + v * decay`` order, a leaky readout with ``1 - 1/tau`` and a Python-float accumulator."""
@@ -180,3 +187,7 @@ def make_recurrent():
 
 def make_pre_reset():
     return PreResetReadout()
+
+
+def make_batch_first():
+    return BatchFirstMLP()

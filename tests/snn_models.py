@@ -49,6 +49,24 @@ class LoopNet(nn.Module):
         return torch.stack(spikes, dim=0), torch.stack(mems, dim=0)
 
 
+class BatchFirstLoopNet(LoopNet):
+    """The same loop over a batch-first x[B, T, IN] (``x[:, t]``), outputs stacked along dim 1."""
+
+    def forward(self, x):
+        s1, s2 = self._states(self.lif1), self._states(self.lif2)
+        spikes, mems = [], []
+        for step in range(x.size(1)):
+            spk1, *s1 = self.lif1(self.fc1(x[:, step]), *s1)
+            spk2, *s2 = self.lif2(self.fc2(spk1), *s2)
+            spikes.append(spk2)
+            mems.append(s2[-1])
+        return torch.stack(spikes, dim=1), torch.stack(mems, dim=1)
+
+
+def batch_first_loop() -> nn.Module:
+    return _scaled(BatchFirstLoopNet(snn.Leaky(beta=0.8), snn.Leaky(beta=0.7, reset_mechanism="zero")))
+
+
 def leaky_loop(**options) -> nn.Module:
     return _scaled(LoopNet(snn.Leaky(**{"beta": 0.8, **options}), snn.Leaky(beta=0.7)))
 

@@ -113,6 +113,24 @@ def test_bound_model_is_the_network_with_activations():
     assert torch.equal(mem, cur) and torch.equal(spikes, (cur > 1.0).float())
 
 
+def test_bound_of_a_batch_first_model_keeps_its_layout(tmp_path):
+    pytest.importorskip("snntorch")
+    import torch
+    from snn_models import IN, OUT, batch_first_loop
+
+    from psu_export import pipeline
+    from psu_export.bench import bound_model, export_bound
+
+    net = batch_first_loop()
+    conv = pipeline.prepare(net, input_shape=(IN,), time_steps=6)
+    x = torch.rand(3, 5, IN)  # [B, T, ...]
+    spikes, mem = bound_model(net, conv.neurons, "sequence", time_axis=1)(x)
+    with torch.no_grad():
+        cur = net.fc2((net.fc1(x) > 1.0).float())
+    assert mem.shape == (3, 5, OUT) and torch.equal(mem, cur) and torch.equal(spikes, (cur > 1.0).float())
+    assert export_bound(net, conv.neurons, conv.layout, tmp_path / "bound.onnx") > 0
+
+
 def test_bound_of_a_model_returning_nested_states(tmp_path):
     """Norse's SequentialState returns (output, [state or None per module]): the bound
     unfolds the tensors among them and exports."""

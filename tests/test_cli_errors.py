@@ -160,6 +160,29 @@ def test_verify_refuses_an_onnx_file_from_another_model(tmp_path):
     assert code == 2 and "not converted from this model" in text
 
 
+def test_verify_refuses_a_file_of_the_other_input_layout(tmp_path):
+    """A single-step module converted time-first, verified with --batch-first: exit 2, not a
+    parity run on transposed inputs."""
+    from snn_models import IN
+
+    path = tmp_path / "step.onnx"
+    (tmp_path / "stepmodel.py").write_text(
+        "import sys; sys.path.insert(0, %r)\nimport snn_models\ndef make():\n    return snn_models.synaptic_sequential()\n" % str(Path(__file__).parent)
+    )
+    model = tmp_path / "stepmodel.py:make"
+    code, _ = run("convert", model, path, "--time-steps", "6", "--input-shape", IN, "--no-verify")
+    assert code == 0
+    code, text = run("verify", model, path, "--time-steps", "6", "--input-shape", IN, "--batch-first")
+    assert code == 2 and "time-first" in text and "--batch-first" in text
+
+
+def test_batch_first_with_multi_step_neurons_is_a_usage_error(out):
+    pytest.importorskip("spikingjelly")
+    code, text = run("convert", "psu_export.models.ref_spikingjelly:make_mlp_if_hard", out, "--input-shape", "16", "--batch-first")
+    assert code == 2 and "multi-step" in text
+    _no_output(out)
+
+
 def test_verify_refuses_a_file_that_is_not_onnx(tmp_path):
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"\x00\x01garbage")

@@ -76,6 +76,15 @@ def test_static_input_with_reset_before_charge(convert):
     _check_parity(path, model, x)
 
 
+def test_batch_first_loop(convert):
+    """``x[:, t]`` over ``x[B, T, ...]``: found as batch-first, exact at the conversion T and another."""
+    conversion, path = convert(f"{MODELS}:make_batch_first", (8,), 6)
+    assert conversion.layout.batch_first and conversion.layout.dynamic_time
+    model = _factory("make_batch_first").eval()
+    for steps in (6, 11):
+        _check_parity(path, model, torch.rand(3, steps, 8) * 2)
+
+
 def test_surrogate_spikes_are_strict_and_ge_is_kept(convert):
     conversion, _ = convert(f"{MODELS}:make_mlp", (8,), 4)
     assert [s.spec.compare for s in conversion.sites] == ["gt", "ge"]

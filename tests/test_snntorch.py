@@ -16,8 +16,8 @@ from psu_export.errors import NotConvertibleError  # noqa: E402
 from psu_export.pipeline import prepare  # noqa: E402
 
 
-def _check(model, shape, time_steps, tmp_path, other_steps=(5, 23), batch=3):
-    conversion = prepare(model, input_shape=shape, time_steps=time_steps)
+def _check(model, shape, time_steps, tmp_path, other_steps=(5, 23), batch=3, **options):
+    conversion = prepare(model, input_shape=shape, time_steps=time_steps, **options)
     path = tmp_path / "m.onnx"
     conversion.export(path)
     kind = conversion.layout.kind
@@ -25,7 +25,7 @@ def _check(model, shape, time_steps, tmp_path, other_steps=(5, 23), batch=3):
     for steps in (time_steps, *other_steps) if conversion.layout.dynamic_time else (time_steps,):
         gen = torch.Generator().manual_seed(steps)
         x = conversion.layout.example(batch, steps, generator=gen) * 1.5
-        ref = reference_outputs(model, x, kind)
+        ref = reference_outputs(model, x, kind, conversion.layout.time_axis or 0)
         got = run_onnx(path, x)
         assert len(got) == len(ref)
         for r, g in zip(ref, got):
@@ -119,6 +119,26 @@ def test_tutorial_5_at_256_steps_verifies_with_its_float_ties(tmp_path):
 def test_init_hidden_sequential_conv(options, tmp_path):
     conversion, _ = _check(M.conv_sequential(**options), (1, 14, 14), 8, tmp_path)
     assert conversion.layout.kind == "step"
+
+
+def test_batch_first_loop_is_found_and_keeps_its_layout(tmp_path):
+    """A loop over ``x[:, t]`` of ``x[B, T, ...]``: probed as batch-first (a time-first probe
+    would loop over the batch), and the ONNX file takes and returns ``[B, T, ...]`` at any T."""
+    conversion, path = _check(M.batch_first_loop(), (M.IN,), 12, tmp_path)
+    assert conversion.layout.batch_first and conversion.layout.dynamic_time
+    model = onnx.load(str(path))
+    dims = lambda value: [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]  # noqa: E731
+    assert dims(model.graph.input[0]) == ["batch", "T", M.IN] and dims(model.graph.output[0]) == ["batch", "T", M.OUT]
+    assert {p.key: p.value for p in model.metadata_props}["psu_export.layout"] == "batch_first"
+    assert conversion.verify(path, providers=("cpu",)).passed
+
+
+def test_step_module_driven_batch_first(tmp_path):
+    """--batch-first on a single-step module: psu-export's own time loop runs over dim 1."""
+    conversion, path = _check(M.synaptic_sequential(), (M.IN,), 8, tmp_path, batch_first=True)
+    assert conversion.layout.kind == "step" and conversion.layout.batch_axis == 0
+    x = conversion.layout.example(3, 6)
+    assert x.shape == (3, 6, M.IN) and run_onnx(path, x)[0].shape == (3, 6, M.OUT)
 
 
 def test_init_hidden_synaptic(tmp_path):
