@@ -68,6 +68,9 @@ class CallConvention:
     sequence: bool = False
     #: sequence modules with learned T x T matrices (IPSU, RPSU): the longest T they accept
     max_time_steps: int | None = None
+    #: False for a non-spiking integrator (Norse ``LICell``): the module returns its membrane,
+    #: so parity compares its outputs, not per-layer spikes
+    returns_spikes: bool = True
 
 
 EXACT = "exact"

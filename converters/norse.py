@@ -1,4 +1,4 @@
-"""Norse (1.1): ``LIFCell``, ``LIFBoxCell`` (per step, state passed explicitly) and ``LIF`` (sequence).
+"""Norse (1.1): ``LIFCell``, ``LIFBoxCell``, ``LICell`` (per step, state passed explicitly), ``LIF`` and ``LI`` (sequence).
 
 Semantics (NEURON_SEMANTICS.md section 1.3, checked against ``functional/lif.py`` and
 ``functional/lif_box.py``): strict ``>``; reset in the same step; the parameters live in
@@ -16,6 +16,9 @@ Semantics (NEURON_SEMANTICS.md section 1.3, checked against ``functional/lif.py`
       reset_value:    v = (1 - z) * v' + z * v_reset
       reset_subtract: v = (1 - z) * v' + z * (v' - v_th)
 
+* ``LICell`` / ``LI`` (``li_feed_forward_step``): the ``LIFCell`` charge with no threshold
+  and no reset; it returns the membrane ``v'`` (a readout layer), state ``LIState(v, i)``.
+
 Call styles: cells called as ``z, s = cell(x, s)`` inside a user loop, cells and ``LIF``
 inside ``SequentialState`` driven one step at a time as ``out, state = model(x, state)``
 (:meth:`NorseConverter.threads_state`: our step driver threads the returned state), and
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from psu_export.spec import NeuronSpec
+from psu_export.spec import NEVER_FIRES, NeuronSpec
 
 from . import CallConvention, FrameworkConverter, Unsupported, classes_by_name, exact, is_step_function, register, spec_options, unsupported
 
@@ -80,6 +83,12 @@ def _norse():
     return nt
 
 
+def _synaptic(p, dt, mem_gain) -> dict:
+    """The two-state charge of ``LIFCell`` and ``LICell`` (current jump, then its decay)."""
+    syn_gain = (-dt * p.tau_syn_inv).detach()
+    return dict(decay=1.0 - mem_gain, syn_decay=1.0 + syn_gain, charge="norse_lif", syn_gain=syn_gain, i_init=0.0)
+
+
 class NorseConverter(FrameworkConverter):
     name = "norse"
     import_name = "norse"
@@ -92,7 +101,7 @@ class NorseConverter(FrameworkConverter):
         nt = _norse()
         if nt is None:
             return ()
-        return (nt.LIFCell, nt.LIFBoxCell, nt.LIF)
+        return (nt.LIFCell, nt.LIFBoxCell, nt.LIF, nt.LICell, nt.LI)
 
     def unsupported_classes(self):
         return classes_by_name(_norse(), UNSUPPORTED_CLASSES)
@@ -117,6 +126,12 @@ class NorseConverter(FrameworkConverter):
                 unsupported(cls, "method='adjoint'", ADJOINT),
                 unsupported(cls, "a threshold method that does not fire as H(v - v_th > 0)", "threshold method ... does not fire as H(v - v_th > 0)"),
             ]
+        li = spec_options("none", "same_step", "gt", "norse_lif", two_state=True)
+        rows += [
+            exact("LICell", "parameters read from p (LIParameters: tau_syn_inv, tau_mem_inv, v_leak) and dt; returns the "
+                            "membrane (no threshold, no reset); called in a loop, in SequentialState, or as the whole model", li),
+            exact("LI", "the whole [T, B, ...] sequence in one call (alone or in SequentialState)", li),
+        ]
         rows += [unsupported(cls, "any", why) for cls, why in UNSUPPORTED_CLASSES]
         return rows
 
@@ -127,6 +142,12 @@ class NorseConverter(FrameworkConverter):
         from norse.torch.functional.threshold import threshold
 
         p, dt = module.p, module.dt
+        mem_gain = (dt * p.tau_mem_inv).detach()  # exactly the framework's expression
+        v_leak = torch.as_tensor(p.v_leak).detach()
+        shared = dict(reset_timing="same_step", compare="gt", mem_gain=mem_gain, v_rest=v_leak, v_init=v_leak)
+        if self._integrator(module):
+            return NeuronSpec(threshold=torch.tensor(NEVER_FIRES), reset="none", reset_value=torch.tensor(0.0),
+                              **_synaptic(p, dt, mem_gain), **shared)
         problems = []
         if p.method == "adjoint":
             problems.append(ADJOINT)
@@ -136,10 +157,7 @@ class NorseConverter(FrameworkConverter):
             problems.append(RECORD_STATES)
         if problems:
             raise Unsupported("; ".join(problems))
-        v_leak = torch.as_tensor(p.v_leak).detach()
-        mem_gain = (dt * p.tau_mem_inv).detach()  # exactly the framework's expression
-        common = dict(threshold=torch.as_tensor(p.v_th).detach(), reset_timing="same_step", compare="gt",
-                      reset_value=torch.as_tensor(p.v_reset).detach(), mem_gain=mem_gain, v_rest=v_leak, v_init=v_leak)
+        fires = dict(threshold=torch.as_tensor(p.v_th).detach(), reset_value=torch.as_tensor(p.v_reset).detach(), **shared)
         if isinstance(module, nt.LIFBoxCell):
             if p.reset_method is reset_value:
                 reset, form = "zero", "standard"
@@ -147,19 +165,23 @@ class NorseConverter(FrameworkConverter):
                 reset, form = "subtract", "blend"
             else:
                 raise Unsupported(f"reset_method {getattr(p.reset_method, '__name__', p.reset_method)!r} is not reset_value or reset_subtract")
-            return NeuronSpec(decay=1.0 - mem_gain, charge="norse_box", reset=reset, reset_form=form, **common)
-        syn_gain = (-dt * p.tau_syn_inv).detach()
-        return NeuronSpec(decay=1.0 - mem_gain, syn_decay=1.0 + syn_gain, charge="norse_lif", reset="zero",
-                          syn_gain=syn_gain, i_init=0.0, **common)
+            return NeuronSpec(decay=1.0 - mem_gain, charge="norse_box", reset=reset, reset_form=form, **fires)
+        return NeuronSpec(reset="zero", **_synaptic(p, dt, mem_gain), **fires)
+
+    @staticmethod
+    def _integrator(module) -> bool:
+        """``LICell`` / ``LI``: no threshold, the membrane is the output."""
+        nt = _norse()
+        return isinstance(module, (nt.LICell, nt.LI))
 
     # ---------------------------------------------------------------- calls
     def consumes_sequence(self, module) -> bool:
         nt = _norse()
-        return nt is not None and isinstance(module, nt.LIF)
+        return nt is not None and isinstance(module, (nt.LIF, nt.LI))
 
     def threads_state(self, model) -> bool:
         nt = _norse()
-        return nt is not None and isinstance(model, (nt.SequentialState, nt.LIFCell, nt.LIFBoxCell, nt.LIF))
+        return nt is not None and isinstance(model, (nt.SequentialState, nt.LIFCell, nt.LIFBoxCell, nt.LIF, nt.LICell, nt.LI))
 
     def call_convention(self, module) -> CallConvention:
         from norse.torch.functional.lif import LIFFeedForwardState
@@ -176,6 +198,16 @@ class NorseConverter(FrameworkConverter):
             return CallConvention(state_roles=("membrane",), forward=make_forward)
 
         sequence = self.consumes_sequence(module)
+        if self._integrator(module):
+            from norse.torch.functional.leaky_integrator import LIState
+
+            def make_forward(call):
+                def forward(input_tensor, state=None):
+                    _, i, v = call(input_tensor, [] if state is None else [state.i, state.v])
+                    return v, (LIState(v=v[-1], i=i[-1]) if sequence else LIState(v=v, i=i))
+                return forward
+
+            return CallConvention(state_roles=("current", "membrane"), forward=make_forward, sequence=sequence, returns_spikes=False)
 
         def make_forward(call):
             def forward(input_tensor, state=None):

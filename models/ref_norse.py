@@ -11,6 +11,9 @@ Factories for ``psu-export`` (random weights, seeded)::
   ``forward`` with the states threaded by hand; input ``[T, B, 16]``.
 * :func:`make_lif_sequence`: the sequence module ``LIF`` inside ``SequentialState`` over
   ``[T, B, 16]`` (the model returns spikes and the final states).
+* :func:`make_li_readout`: Norse's tutorial classifier, a ``LIFCell`` layer read out by a
+  non-spiking ``LICell`` whose voltages are maxed over time (``log_softmax`` of the max);
+  :func:`make_li_sequence` the same with the sequence modules ``LIF`` and ``LI``.
 * :func:`make_box_subtract` / :func:`make_box_value`: ``LIFBoxCell`` with
   ``reset_subtract`` / ``reset_value`` in a cell loop.
 
@@ -28,7 +31,8 @@ from torch import nn
 SAMPLE = 16
 FRAMEWORK = "norse"
 #: neuron class -> factory of a reference model using it (read by tests/test_meta.py)
-REFERENCE_MODELS = {"LIFCell": "make_cell_loop", "LIFBoxCell": "make_cell_loop", "LIF": "make_lif_sequence"}
+REFERENCE_MODELS = {"LIFCell": "make_cell_loop", "LIFBoxCell": "make_cell_loop", "LIF": "make_lif_sequence",
+                    "LICell": "make_li_readout", "LI": "make_li_sequence"}
 
 
 @contextlib.contextmanager
@@ -121,6 +125,40 @@ def make_lif_sequence() -> nn.Module:
             nn.Linear(32, 10),
             nt.LIF(_lif_p(tau_mem_inv=80.0)),
         )
+
+
+class LIReadout(nn.Module):
+    """``Linear -> LIFCell -> Linear -> LICell``, the voltages' max over time as class scores."""
+
+    def __init__(self):
+        super().__init__()
+        import norse.torch as nt
+
+        self.fc1, self.lif = nn.Linear(SAMPLE, 32), nt.LIFCell(_lif_p())
+        self.fc2, self.out = nn.Linear(32, 10), nt.LICell(nt.LIParameters(tau_syn_inv=torch.as_tensor(150.0), tau_mem_inv=torch.as_tensor(90.0), v_leak=torch.as_tensor(0.05)))
+
+    def forward(self, x):
+        s1 = s2 = None
+        voltages = []
+        for step in range(x.shape[0]):
+            z, s1 = self.lif(self.fc1(x[step]), s1)
+            v, s2 = self.out(self.fc2(z), s2)
+            voltages.append(v)
+        scores, _ = torch.max(torch.stack(voltages), 0)
+        return torch.log_softmax(scores, dim=1), torch.stack(voltages)
+
+
+def make_li_readout() -> nn.Module:
+    with _seeded(5):
+        return LIReadout()
+
+
+def make_li_sequence() -> nn.Module:
+    """``SequentialState(Linear, LIF, Linear, LI)`` over ``[T, B, 16]``."""
+    import norse.torch as nt
+
+    with _seeded(6):
+        return nt.SequentialState(nn.Linear(SAMPLE, 32), nt.LIF(_lif_p()), nn.Linear(32, 10), nt.LI())
 
 
 def make_single_cell() -> nn.Module:

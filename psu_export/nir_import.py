@@ -47,11 +47,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import NotConvertibleError, UsageError, one_line
+from .spec import NEVER_FIRES
 
 DEFAULT_DT = 1e-4  # the dt snnTorch's and SpikingJelly's NIR exporters write with
 RESETS = ("zero", "subtract")
-#: threshold of reset-free populations (LI, I): never reached by a finite membrane
-NEVER = float(torch.finfo(torch.float32).max)
 
 
 def _t(a) -> torch.Tensor:
@@ -266,7 +265,7 @@ def _neuron(name: str, node, dt: float, reset: str) -> NirNeuron:
         decay, i_init = 1.0 - km, leak
     else:
         raise NotConvertibleError({name: f"NIR {kind} nodes are not supported"})
-    threshold = arr(getattr(node, "v_threshold", None), NEVER) if kind in ("LIF", "CubaLIF", "IF") else np.asarray(NEVER)
+    threshold = arr(getattr(node, "v_threshold", None), NEVER_FIRES) if kind in ("LIF", "CubaLIF", "IF") else np.asarray(NEVER_FIRES)
     v_reset = arr(getattr(node, "v_reset", None), 0.0)
     if kind in ("LIF", "CubaLIF", "IF") and reset == "subtract" and np.any(v_reset != 0):
         raise UsageError(f"NIR node {name!r} has a nonzero v_reset; --nir-reset subtract removes the threshold and "

@@ -54,7 +54,7 @@ from .converters import CallConvention, FrameworkConverter
 from .errors import NotConvertibleError, UsageError
 from .find import reroll
 from .loading import LoadedModel
-from .spec import NeuronSpec
+from .spec import NEVER_FIRES, NeuronSpec
 
 aten = torch.ops.aten
 
@@ -71,8 +71,6 @@ _COMPARE_FUNCS = {"gt", "ge", "lt", "le", "greater", "greater_equal", "less", "l
                   "__gt__", "__ge__", "__lt__", "__le__", "heaviside"}
 _ALIASES = {aten.detach.default, aten.clone.default, aten.alias.default, aten.contiguous.default, aten.lift_fresh_copy.default}
 _ASSERTS = {aten._assert_tensor_metadata.default} if hasattr(aten, "_assert_tensor_metadata") else set()
-#: the threshold of reset-free integrators: never reached by a finite membrane (and valid JSON, unlike inf)
-NEVER = float(torch.finfo(torch.float32).max)
 _FILLS = {
     aten.zeros.default: lambda n: 0.0,
     aten.zeros_like.default: lambda n: 0.0,
@@ -568,7 +566,7 @@ def _spec_of(rule: str, chain: list[_Step], v_init) -> NeuronSpec:
         extra = dict(law.params, charge=law.form)
         decay = 1.0 - (1.0 / law.params["tau"] if "tau" in law.params else law.params["inv_tau"])
     if rule == "integrator":
-        return NeuronSpec(decay=decay, threshold=torch.tensor(NEVER), reset="none", reset_timing="same_step", compare="gt", v_init=v_init, **extra)
+        return NeuronSpec(decay=decay, threshold=torch.tensor(NEVER_FIRES), reset="none", reset_timing="same_step", compare="gt", v_init=v_init, **extra)
     first = chain[0]
     for s in chain:
         if not _same(s.threshold, first.threshold) or s.cmp != first.cmp:

@@ -91,6 +91,11 @@ PARAM_NAMES = (
 )
 
 
+#: threshold of a non-spiking integrator (NIR ``LI`` / ``I``, Norse ``LICell``, hand-written): never reached by a
+#: finite membrane (and valid JSON, unlike inf)
+NEVER_FIRES = float(torch.finfo(torch.float32).max)
+
+
 def _as_tensor(value) -> torch.Tensor:
     return torch.as_tensor(value, dtype=torch.float32).detach().clone()
 

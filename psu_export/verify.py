@@ -48,10 +48,10 @@ def _as_tuple(out) -> tuple[torch.Tensor, ...]:
 
 
 def run_original(model: torch.nn.Module, neurons: list[NeuronModule], layout: InputLayout, x: torch.Tensor):
-    """The framework's own sequential run; returns (outputs, {layer: spikes [T, B, ...]})."""
+    """The framework's own sequential run; returns (outputs, {layer: spikes [T, B, ...]}) (spiking layers)."""
     spikes: dict[str, list[torch.Tensor]] = {n.name: [] for n in neurons}
     handles = []
-    for n in neurons:
+    for n in (n for n in neurons if n.converter.call_convention(n.module).returns_spikes):
         def hook(module, args, out, _name=n.name):
             spikes[_name].append((out[0] if isinstance(out, (tuple, list)) else out).detach().clone())
         handles.append(n.module.register_forward_hook(hook))

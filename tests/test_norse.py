@@ -1,4 +1,4 @@
-"""Norse 1.1: LIFCell, LIFBoxCell (both resets), the sequence module LIF, and SequentialState
+"""Norse 1.1: LIFCell, LIFBoxCell (both resets), LICell, the sequence modules LIF and LI, and SequentialState
 models driven step by step, checked against Norse's own sequential run at several T."""
 
 from __future__ import annotations
@@ -45,6 +45,10 @@ def _check(factory: str, time_steps, tmp_path, input_kind="auto", other_steps=(3
                 rates.append(float(r.mean()))
             else:
                 np.testing.assert_allclose(g, r.numpy(), rtol=1e-5, atol=1e-5)
+    if not rates:  # the outputs are voltages only (an LI readout): its input layers must fire
+        from psu_export.verify import run_original
+
+        rates = [float(s.mean()) for s in run_original(model, conversion.neurons, conversion.layout, x)[1].values()]
     assert any(0.0 < f < 1.0 for f in rates), rates
     report = conversion.verify(path, providers=("cpu",), extra_time_steps=False)
     assert report.passed, report.to_json()
@@ -72,6 +76,15 @@ def test_box_reset_subtract(tmp_path):
 def test_sequence_module_lif(tmp_path):
     conversion = _check("make_lif_sequence", 6, tmp_path, other_steps=(2, 10))
     assert {s.source_class for s in conversion.sites} == {"norse.LIF"}
+
+
+@pytest.mark.parametrize("factory", ["make_li_readout", "make_li_sequence"])
+def test_leaky_integrator_readout(factory, tmp_path):
+    """LICell / LI: the LIFCell charge without threshold; the membrane is the layer's output."""
+    conversion = _check(factory, 8, tmp_path)
+    readout = conversion.sites[-1]
+    assert readout.source_class in ("norse.LICell", "norse.LI") and readout.spec.reset == "none"
+    assert readout.spec.charge == "norse_lif" and readout.spec.two_state
 
 
 def test_bare_cell_step_by_step(tmp_path):
