@@ -210,7 +210,7 @@ def export_naive(module, neurons, layout, time_steps: int, path) -> tuple[float,
     """
     import torch
 
-    from .capture import reset_neurons
+    from .capture import reset_neurons, traced_alone
 
     target = layout.driver(module)
     x = layout.example(2, time_steps)
@@ -225,7 +225,8 @@ def export_naive(module, neurons, layout, time_steps: int, path) -> tuple[float,
     for name, attempt in attempts:
         t0 = time.perf_counter()
         try:
-            attempt()
+            with traced_alone(module):
+                attempt()
             return time.perf_counter() - t0, name
         except Exception as exc:  # noqa: BLE001 - the next exporter may manage
             first_error = first_error or exc
@@ -371,12 +372,10 @@ def run_benchmark(
             for mode in modes:
                 t0 = time.perf_counter()
                 with _quiet():
-                    conv = pipeline.prepare(model, weights=weights, input_shape=tuple(input_shape), time_steps=steps)
+                    conv = pipeline.prepare(model, weights=weights, input_shape=tuple(input_shape), time_steps=steps, mode=mode)
                     if conv.layout.kind == "static" and conv.layout.time_steps != steps:
                         raise click.UsageError(f"{model} runs {conv.layout.time_steps} steps in its own loop over one static input; "
                                                f"benchmark it with --time-steps {conv.layout.time_steps}")
-                    if mode != "exact":
-                        conv = _with_mode(conv, mode)
                     path = work / f"psu_{mode}_T{steps}.onnx"
                     conv.export(path)
                 seconds = time.perf_counter() - t0
@@ -483,15 +482,6 @@ def _cached_path(cache_dir, model, weights, input_shape, steps):
 
 def _r(value):
     return None if value is None else round(value, 3)
-
-
-def _with_mode(conv, mode):
-    """A conversion in another reset mode, where the pipeline offers one."""
-    for attr in ("with_mode", "set_mode"):
-        if hasattr(conv, attr):
-            return getattr(conv, attr)(mode)
-    conv.mode = mode
-    return conv
 
 
 # ----------------------------------------------------------------------------- reports

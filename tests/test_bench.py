@@ -27,6 +27,14 @@ def test_smoke_run_measures_every_variant(smoke):
     assert all(site["algorithm"] for sites in smoke["algorithms"].values() for site in sites)
 
 
+def test_reset_mode_variants_are_converted_in_their_mode(smoke):
+    """psu-psu / psu-stochastic time the --reset psu / stochastic conversions, not the exact file relabelled."""
+    algorithms = {variant: {s["algorithm"] for s in sites} for variant, sites in smoke["algorithms"].items()}
+    assert algorithms["psu@T=8"] == {"scan"}
+    assert algorithms["psu-psu@T=8"] == {"probabilistic_reset"}
+    assert algorithms["psu-stochastic@T=8"] == {"stochastic_reset"}
+
+
 def test_node_count_of_ours_does_not_grow_with_time(smoke):
     ours = {e["time_steps"]: e["nodes"] for e in smoke["exports"] if e["variant"] == "psu"}
     naive = {e["time_steps"]: e["nodes"] for e in smoke["exports"] if e["variant"] == "naive"}
