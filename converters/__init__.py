@@ -13,6 +13,7 @@ subclass and listing it in :data:`_CONVERTER_MODULES`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 from dataclasses import dataclass
@@ -169,6 +170,12 @@ class FrameworkConverter:
 
     def reset_state(self, module: torch.nn.Module) -> None:
         """Forget state left over from earlier calls (so it is not baked in as a constant)."""
+
+    @contextlib.contextmanager
+    def tracing_scope(self, model: torch.nn.Module):
+        """While ``model`` is traced (``torch.export``): keep the framework's process-wide state
+        of other models out of reach (snnTorch's reset utilities walk every neuron ever built)."""
+        yield
 
     def consumes_sequence(self, module: torch.nn.Module) -> bool:
         """True when ``module`` takes the whole ``[T, B, ...]`` sequence in one call (multi-step)."""

@@ -9,6 +9,8 @@ reset zeroes only the previous membrane, ``Synaptic``'s the whole new value.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from psu_export.spec import NeuronSpec
@@ -122,6 +124,22 @@ class SnnTorchConverter(FrameworkConverter):
             return forward
 
         return CallConvention(state_roles=roles, forward=make_forward)
+
+    @contextlib.contextmanager
+    def tracing_scope(self, model):
+        """``utils.reset(net)`` resets every entry of the class-wide ``SpikingNeuron.instances``,
+        other models' neurons included; traced, that stores fake tensors on those models and a
+        later trace that resets them fails. The list holds only ``model``'s neurons meanwhile."""
+        import snntorch as snn
+
+        instances = snn.SpikingNeuron.instances
+        saved = list(instances)
+        ours = {id(m) for m in model.modules()}
+        instances[:] = [m for m in saved if id(m) in ours]
+        try:
+            yield
+        finally:
+            instances[:] = saved
 
     def reset_state(self, module) -> None:
         module._psu_state = []

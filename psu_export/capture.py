@@ -122,6 +122,18 @@ def opaque_neurons(neurons: list[NeuronModule]):
 
 
 @contextlib.contextmanager
+def traced_alone(model: torch.nn.Module):
+    """Every installed framework's :meth:`~psu_export.converters.FrameworkConverter.tracing_scope` for ``model``."""
+    from .converters import converters
+
+    with contextlib.ExitStack() as stack:
+        for conv in converters():
+            if conv.available():
+                stack.enter_context(conv.tracing_scope(model))
+        yield
+
+
+@contextlib.contextmanager
 def counting_calls(neurons: list[NeuronModule]):
     """Count eager calls per neuron module (forward pre-hooks)."""
     counts = {n.index: 0 for n in neurons}
@@ -376,7 +388,7 @@ def capture(model: torch.nn.Module, neurons: list[NeuronModule], layout: InputLa
     x = layout.example(batch=2, time_steps=steps)
     batch_dim = layout.batch_axis
     notes = []
-    with opaque_neurons(neurons):
+    with opaque_neurons(neurons), traced_alone(model):
         try:
             axes = {batch_dim: torch.export.Dim("batch")}
             if is_multi_step(neurons):  # T is a symbolic size of the graph itself (no loop to re-roll);

@@ -111,6 +111,28 @@ def conv_sequential(**options) -> nn.Module:
     return _scaled(net, gain=3.0)
 
 
+class ResetEachCall(nn.Module):
+    """snnTorch tutorial 7's forward pass: ``utils.reset(net)``, then the net over ``x[T, B, ...]``."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        from snntorch import utils
+
+        utils.reset(self.net)
+        spikes = []
+        for step in range(x.size(0)):
+            spk, _mem = self.net(x[step])
+            spikes.append(spk)
+        return torch.stack(spikes)
+
+
+def reset_each_call() -> nn.Module:
+    return ResetEachCall(conv_sequential())
+
+
 def synaptic_sequential() -> nn.Module:
     return _scaled(nn.Sequential(nn.Linear(IN, HID), snn.Synaptic(alpha=0.5, beta=0.9, init_hidden=True), nn.Linear(HID, OUT), snn.Leaky(beta=0.5, init_hidden=True)))
 

@@ -141,6 +141,19 @@ def test_step_module_driven_batch_first(tmp_path):
     assert x.shape == (3, 6, M.IN) and run_onnx(path, x)[0].shape == (3, 6, M.OUT)
 
 
+def test_utils_reset_in_forward_converts_again_in_the_same_process(tmp_path):
+    """``utils.reset`` walks snnTorch's class-wide list of every neuron ever built: traced, it
+    left fake tensors on the previous models' neurons, and the third conversion in one process
+    (``psu-export bench``: one per reset mode) failed. The trace now sees only its own model."""
+    import snntorch as snn
+
+    for mode in ("exact", "psu", "stochastic"):
+        conversion = prepare(M.reset_each_call(), input_shape=(1, 14, 14), time_steps=6, mode=mode)
+        conversion.export(tmp_path / f"{mode}.onnx")
+    assert all(not isinstance(n.mem, torch._subclasses.FakeTensor) for n in snn.SpikingNeuron.instances if hasattr(n, "mem"))
+    conversion.verify(tmp_path / "stochastic.onnx", providers=("cpu",), extra_time_steps=False)
+
+
 def test_init_hidden_synaptic(tmp_path):
     _check(M.synaptic_sequential(), (M.IN,), 8, tmp_path)
 
