@@ -55,6 +55,8 @@ class TimeLoop:
     copy_of: dict[fx.Node, tuple[fx.Node, int]] = field(default_factory=dict)  # any body node -> (iteration-0 node, k)
     suffix: list[fx.Node] = field(default_factory=list)
     time_selects: dict[fx.Node, tuple[fx.Node, int]] = field(default_factory=dict)  # select(x, dim, k) -> (x, dim)
+    #: ``acc_k = acc_{k-1} + f_k`` (a running sum over steps, e.g. a spike count): step 0's add -> (initial value, f_0)
+    accumulators: dict[fx.Node, tuple[object, fx.Node]] = field(default_factory=dict)
     #: no loop at all: every neuron takes the whole sequence (multi-step modules), so the
     #: captured graph already runs all steps at once; every node is ``static``
     sequence: bool = False
@@ -107,6 +109,24 @@ def _time_select(node: fx.Node, k: int, before_loop) -> tuple[fx.Node, int] | No
     return None
 
 
+def _accumulation(n0: fx.Node, nk: fx.Node, k: int, prev: fx.Node, step_copy) -> tuple[object, fx.Node] | None:
+    """``(initial value, f_0)`` when step k's ``nk`` is ``add(prev, f_k)`` (either order, no alpha;
+    or ``prev.add_(f_k)``),
+    ``prev`` its own copy of step k - 1, and step 0's ``n0`` adds ``f_0`` to a value from before
+    the loop or a number (``count = 0`` then ``count = count + spk``); ``step_copy(f_k, k)`` is
+    f_k's step-0 node, None unless f_k belongs to step k."""
+    if nk.kwargs.get("alpha", 1) != 1 or len(nk.args) != 2 or prev not in nk.args:
+        return None
+    in_place = nk.target is torch.ops.aten.add_.Tensor  # count += spk: the sum is the mutated first argument
+    if not (nk.target is torch.ops.aten.add.Tensor or (in_place and nk.args[0] is prev)):
+        return None
+    f_k = nk.args[1] if nk.args[0] is prev else nk.args[0]
+    f_0 = step_copy(f_k, k) if isinstance(f_k, fx.Node) else None
+    if f_0 is None or len(n0.args) != 2 or f_0 not in n0.args or n0.kwargs.get("alpha", 1) != 1:
+        return None
+    return (n0.args[1] if n0.args[0] is f_0 else n0.args[0]), f_0
+
+
 def _flat_args(node: fx.Node) -> list:
     return list(torch.utils._pytree.tree_leaves((node.args, node.kwargs)))
 
@@ -143,6 +163,12 @@ def _match_loop(nodes: list[fx.Node], start: int, period: int, steps: int, calls
     loop = TimeLoop(steps)
     loop.body = nodes[start : start + period]
     before_loop = lambda node: pos[node] < start  # noqa: E731
+
+    def step_copy(node: fx.Node, k: int) -> fx.Node | None:
+        """Step 0's copy of ``node`` when it is a node of step k (else None)."""
+        i = pos.get(node, -1) - start
+        return nodes[start + i - k * period] if k * period <= i < (k + 1) * period else None
+
     for k in range(steps):
         for j in range(period):
             n0, nk = nodes[start + j], nodes[start + k * period + j]
@@ -155,6 +181,14 @@ def _match_loop(nodes: list[fx.Node], start: int, period: int, steps: int, calls
                     raise _Mismatch(nk, f"step {k} does not read time step {k} of the input")
                 loop.time_selects[n0] = selected
                 continue
+            if k > 0:
+                accumulated = _accumulation(n0, nk, k, nodes[start + (k - 1) * period + j], step_copy)
+                if accumulated is not None and (n0 not in loop.accumulators or loop.accumulators[n0] == accumulated):
+                    init = accumulated[0]
+                    if isinstance(init, fx.Node) and start <= pos[init] < end:
+                        raise _Mismatch(n0, "a running sum that starts from a value computed inside the loop")
+                    loop.accumulators[n0] = accumulated
+                    continue
             if n0.target is OPAQUE_NEURON:
                 _check_states(nk, k, calls, pos, start, end)
                 a0, ak = [n0.args[0]], [nk.args[0]]
@@ -176,7 +210,7 @@ def _match_loop(nodes: list[fx.Node], start: int, period: int, steps: int, calls
                     raise _Mismatch(
                         nk,
                         f"uses {xk.name} from an earlier step: a value carried between time steps that is not a "
-                        "neuron state (recurrent feedback or an accumulator), which cannot be parallelised",
+                        "neuron state (recurrent feedback, or a running sum that feeds back), which cannot be parallelised",
                     )
                 raise _Mismatch(nk, f"reads {xk.name} at step {k} where step 0 reads {x0.name}: the steps do not repeat one computation")
     return loop

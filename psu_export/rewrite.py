@@ -191,6 +191,8 @@ class ParallelModel(torch.nn.Module):
             if not self.layout.dynamic_time:
                 value = value[: self.loop.steps]
             return Timed(value)
+        if node in self.loop.accumulators:
+            return self._run_accumulator(node, env)
         if node.target is OPAQUE_NEURON:
             return self._run_site(self._site_of[node], node, env)
         if node.target is operator.getitem and isinstance(env[node.args[0]], list):
@@ -223,6 +225,20 @@ class ParallelModel(torch.nn.Module):
         if isinstance(out, (tuple, list)):
             return [Timed(o) for o in out]
         return Timed(out)
+
+    def _run_accumulator(self, node: fx.Node, env) -> Timed:
+        """``acc_t = acc_{t-1} + f_t`` from ``acc_{-1}`` = the initial value, for every t: a
+        cumulative sum over ``[init, f_0, ..., f_{T-1}]`` (ONNX ``CumSum`` adds in that order
+        in float, as the loop did; torch's CPU ``cumsum`` adds in double, so the rewritten torch
+        model may differ from the original in the last bit of non-integer sums)."""
+        init, f_0 = self.loop.accumulators[node]
+        f = env[f_0]
+        if not isinstance(f, Timed):
+            raise NotConvertibleError({node.name: "a running sum of a value that is the same at every step (not a time series) is not supported"})
+        steps = f.value
+        start = (env[init] if isinstance(init, fx.Node) else torch.tensor(init, dtype=steps.dtype)) + torch.zeros_like(steps[0])
+        sequence = torch.cat([start.unsqueeze(0), steps.expand(steps.shape[0], *start.shape)])
+        return Timed(torch.cumsum(sequence, 0)[1:])
 
     def _run_sequence_site(self, node: fx.Node, env) -> list[torch.Tensor]:
         """A multi-step neuron call: its input already holds every step, ``[T, B, ...]``."""

@@ -67,6 +67,39 @@ def batch_first_loop() -> nn.Module:
     return _scaled(BatchFirstLoopNet(snn.Leaky(beta=0.8), snn.Leaky(beta=0.7, reset_mechanism="zero")))
 
 
+class Counting(LoopNet):
+    """Running sums over the steps inside forward: the output layer's spike count and the sum
+    of its membranes (``style``: how the sums start and grow), and the last step's spikes."""
+
+    def __init__(self, style: str):
+        super().__init__(snn.Leaky(beta=0.8), snn.Leaky(beta=0.7))
+        self.style = style
+
+    def forward(self, x):
+        mem1, mem2 = self.lif1.init_leaky(), self.lif2.init_leaky()
+        if self.style in ("zeros", "inplace", "feedback"):
+            count, total = torch.zeros(x.shape[1], OUT), torch.zeros(x.shape[1], OUT)
+        else:
+            count, total = 0, 0.5  # a sum that starts from a number other than 0
+        for step in range(x.shape[0]):
+            cur1 = self.fc1(x[step])
+            if self.style == "feedback":  # the running count feeds the next step: a recurrence
+                cur1 = cur1 + 0.1 * count.sum(1, keepdim=True)
+            spk1, mem1 = self.lif1(cur1, mem1)
+            spk2, mem2 = self.lif2(self.fc2(spk1), mem2)
+            if self.style == "inplace":
+                count += spk2
+                total += mem2
+            else:
+                count = count + spk2
+                total = total + mem2
+        return count, total, spk2
+
+
+def counting(style: str) -> nn.Module:
+    return _scaled(Counting(style))
+
+
 def leaky_loop(**options) -> nn.Module:
     return _scaled(LoopNet(snn.Leaky(**{"beta": 0.8, **options}), snn.Leaky(beta=0.7)))
 
@@ -161,27 +194,6 @@ def with_rleaky() -> nn.Module:
             return torch.stack(out)
 
     return R()
-
-
-class Accumulator(nn.Module):
-    """Sums output spikes inside the loop: a carried value that is not a neuron state."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(IN, OUT)
-        self.lif = snn.Leaky(beta=0.8)
-
-    def forward(self, x):
-        mem = self.lif.init_leaky()
-        total = torch.zeros(x.shape[1], OUT)
-        for t in range(x.shape[0]):
-            spk, mem = self.lif(self.fc(x[t]), mem)
-            total = total + spk
-        return total
-
-
-def accumulator() -> nn.Module:
-    return _scaled(Accumulator())
 
 
 class LastStep(nn.Module):

@@ -154,6 +154,20 @@ def test_utils_reset_in_forward_converts_again_in_the_same_process(tmp_path):
     conversion.verify(tmp_path / "stochastic.onnx", providers=("cpu",), extra_time_steps=False)
 
 
+@pytest.mark.parametrize("style", ["scalar", "zeros", "inplace"])
+def test_running_sums_over_the_steps(style, tmp_path):
+    """``count = count + spk`` in the loop: a cumulative sum over the steps (ONNX ``CumSum``,
+    float, in the loop's order); counts bit for bit, membrane sums to float precision."""
+    conversion, path = _check(M.counting(style), (M.IN,), 12, tmp_path)
+    assert len(conversion.loop.accumulators) == 2
+    x = torch.rand(300, 3, M.IN) * 1.5  # a long sequence: the counts stay exact
+    ref = reference_outputs(M.counting(style), x, "sequence")
+    got = run_onnx(path, x)
+    np.testing.assert_array_equal(got[0], ref[0].numpy())
+    assert ref[0].max() > 30
+    np.testing.assert_allclose(got[1], ref[1].numpy(), rtol=1e-5)  # the membranes themselves agree to float precision
+
+
 def test_init_hidden_synaptic(tmp_path):
     _check(M.synaptic_sequential(), (M.IN,), 8, tmp_path)
 
@@ -190,7 +204,7 @@ def test_report_passes_and_names_each_layer(tmp_path):
         (M.with_inhibition, "inhibition"),
         (M.with_state_quant, "state_quant"),
         (M.with_rleaky, "recurrent"),
-        (M.accumulator, "carried between time steps"),
+        (lambda: M.counting("feedback"), "carried between time steps"),
     ],
 )
 def test_unconvertible_options_are_refused_with_a_reason(factory, expected):
