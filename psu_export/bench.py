@@ -116,18 +116,20 @@ def _bound_classes():
     from torch.utils._pytree import tree_map
 
     class _Activation(torch.nn.Module):
-        """A neuron replaced by Heaviside(x - threshold): stateless, elementwise."""
+        """A neuron replaced by Heaviside(x - threshold), stateless and elementwise, called as its
+        framework calls it (``CallConvention.forward``: the same arguments and outputs, e.g.
+        snnTorch's ``(spk, mem)`` with ``output=True``), each state output being the input."""
 
-        def __init__(self, threshold: float, returns_states: bool):
+        def __init__(self, neuron: torch.nn.Module, converter, threshold: float):
             super().__init__()
             self.threshold = float(threshold)
-            self.returns_states = returns_states
+            converter.reset_state(neuron)
+            convention = converter.call_convention(neuron)
+            n_states = len(convention.state_roles)
+            self._forward = convention.forward(lambda x, states: [(x > self.threshold).to(x.dtype)] + [x] * n_states)
 
-        def forward(self, x, *states):
-            spikes = (x > self.threshold).to(x.dtype)
-            if states:
-                return (spikes, *[x for _ in states])
-            return spikes
+        def forward(self, *args, **kwargs):
+            return self._forward(*args, **kwargs)
 
         # the state initialisers snnTorch-style models call
         def init_leaky(self):
@@ -157,7 +159,12 @@ def _bound_classes():
             else:
                 out = self.net(folded)
             def unfold(o):  # SequentialState returns (output, [state or None per module])
-                return o.reshape(*lead, *o.shape[(2 if self.kind == "sequence" else 1):]) if isinstance(o, torch.Tensor) else o
+                if not isinstance(o, torch.Tensor):
+                    return o
+                # a sequence model stacks its one "step" ([1, T*B, ...], batch-first [T*B, 1, ...]),
+                # unless it reduced over time (a max or sum of the steps: [T*B, ...])
+                stacked = self.kind == "sequence" and o.dim() >= 2 and o.shape[self.time_axis] == 1
+                return o.reshape(*lead, *o.shape[(2 if stacked else 1):])
 
             return tuple(tree_map(unfold, out)) if isinstance(out, (tuple, list)) else (unfold(out),)
 
@@ -173,7 +180,7 @@ def bound_model(module, neurons, kind: str, time_axis: int = 0):
         parent_name, _, attr = n.name.rpartition(".")
         parent = net.get_submodule(parent_name) if parent_name else net
         threshold = float(n.spec.threshold.reshape(-1)[0]) if n.spec is not None else 1.0
-        setattr(parent, attr, _Activation(threshold, kind == "sequence"))
+        setattr(parent, attr, _Activation(getattr(parent, attr), n.converter, threshold))
     if kind == "static":  # multi-step neurons on an input the model repeats itself: time is folded already
         return net.eval()
     return BoundModel(net.eval(), kind, time_axis)

@@ -53,8 +53,8 @@ def test_reports_are_written(smoke, tmp_path):
 
 
 def test_a_baseline_that_does_not_export_is_reported_not_fatal(monkeypatch):
-    """The naive export failing (here: forced) or a bound that cannot be built (a Norse loop
-    reading the cell state ``s.v``) leaves the other variants measured and says why."""
+    """The naive export failing or a bound that cannot be built (both forced here) leaves the
+    other variants measured and says why."""
     from psu_export import bench
 
     def fail(*args, **kwargs):
@@ -77,11 +77,31 @@ def test_a_baseline_that_does_not_export_is_reported_not_fatal(monkeypatch):
     assert "no naive at T=8 baseline: torch.onnx.export failed" in bench.markdown([result])
 
     monkeypatch.setattr(bench, "_export_dynamo", real_dynamo)
-    norse = bench.run_benchmark("psu_export.models.ref_norse:make_cell_loop", (16,), time_steps=(4,), batches=(1,),
-                                min_runs=1, max_runs=2, cell_budget_s=0.0, eager=False)
-    assert "does not export" in norse["baselines_unavailable"]["bound"]
-    (cell,) = norse["cells"]
+
+    def no_bound(*args, **kwargs):
+        raise RuntimeError("reads a neuron state the activation lacks")
+
+    monkeypatch.setattr(bench, "bound_model", no_bound)
+    result = bench.run_benchmark(SMALL, (64,), time_steps=(8,), batches=(1,), min_runs=1, max_runs=2, cell_budget_s=0.0, eager=False)
+    assert "does not export (RuntimeError: reads a neuron state" in result["baselines_unavailable"]["bound"]
+    (cell,) = result["cells"]
     assert "bound" not in cell["times_ms"] and cell["psu_over_bound"] is None and cell["speedup_vs_naive"] > 0
+
+
+def test_the_bound_calls_each_neuron_as_its_framework_does(tmp_path):
+    """The activations keep the neurons' call conventions: a Norse loop reading ``s.v`` from
+    the returned state and snnTorch's tutorial 7 net (``init_hidden``, ``output=True``
+    returning ``(spk, mem)``) both get a bound."""
+    pytest.importorskip("norse")
+    pytest.importorskip("snntorch")
+    import snn_models as M
+
+    from psu_export import pipeline
+    from psu_export.bench import export_bound
+
+    for model, shape in (("psu_export.models.ref_norse:make_cell_loop", (16,)), (M.reset_each_call(), (1, 14, 14))):
+        conv = pipeline.prepare(model, input_shape=shape, time_steps=4)
+        assert export_bound(conv.loaded.module, conv.neurons, conv.layout, tmp_path / "bound.onnx") > 0
 
 
 def test_a_static_input_model_is_benchmarked_at_its_own_time_steps():
@@ -137,6 +157,21 @@ def test_bound_of_a_batch_first_model_keeps_its_layout(tmp_path):
         cur = net.fc2((net.fc1(x) > 1.0).float())
     assert mem.shape == (3, 5, OUT) and torch.equal(mem, cur) and torch.equal(spikes, (cur > 1.0).float())
     assert export_bound(net, conv.neurons, conv.layout, tmp_path / "bound.onnx") > 0
+
+
+def test_bound_of_a_model_that_reduces_over_time(tmp_path):
+    """Norse's tutorial readout returns the max of its voltages over time: the bound (one
+    folded step) has no time axis to unstack there, and keeps every sample's row."""
+    pytest.importorskip("norse")
+    import torch
+
+    from psu_export import pipeline
+    from psu_export.bench import bound_model, export_bound
+
+    conv = pipeline.prepare("psu_export.models.ref_norse:make_li_readout", input_shape=(16,), time_steps=4)
+    scores, voltages = bound_model(conv.loaded.module, conv.neurons, conv.layout.kind)(torch.rand(5, 3, 16))
+    assert scores.shape == voltages.shape == (5, 3, 10)
+    assert export_bound(conv.loaded.module, conv.neurons, conv.layout, tmp_path / "bound.onnx") > 0
 
 
 def test_bound_of_a_model_returning_nested_states(tmp_path):
