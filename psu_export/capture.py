@@ -289,28 +289,24 @@ def probe_sequence(count, sample_shape: tuple[int, ...], time_steps: int, batch_
     the wrong axis (the input is then tried batch-first, ``[B, T, ...]``).
     """
     batches = [b for b in (3, 5, 7) if b not in (time_steps, time_steps + 1)][:2]
-    for first in ((True,) if batch_first else (False, True)):
-        order = "[B, T, " if first else "[T, B, "
-
-        def shaped(steps, batch):
-            return torch.rand(batch, steps, *sample_shape) if first else torch.rand(steps, batch, *sample_shape)
-
+    for batch_first_try in ((True,) if batch_first else (False, True)):
+        trial = InputLayout("sequence", time_steps, True, sample_shape, batch_first_try)
         try:
-            n1, n2 = count(shaped(time_steps, batches[0])), count(shaped(time_steps + 1, batches[0]))
+            n1, n2 = count(trial.example(batches[0])), count(trial.example(batches[0], time_steps + 1))
             if follows_time(n1, n2):
-                return InputLayout("sequence", time_steps, True, sample_shape, first)
-            n3 = count(shaped(time_steps, batches[1]))
+                return trial
+            n3 = count(trial.example(batches[1]))
         except NotConvertibleError:
             raise
         except Exception as exc:  # noqa: BLE001 - the other order may fit
-            errors.append(f"as {order}{', '.join(map(str, sample_shape))}]: {type(exc).__name__}: {exc}")
+            errors.append(f"as {trial.describe()}: {type(exc).__name__}: {exc}")
             continue
         if n1 == n2 == n3 and n1 > 0:
-            return InputLayout("sequence", n1, False, sample_shape, first)
+            return InputLayout("sequence", n1, False, sample_shape, batch_first_try)
         if n1 == n2 and n1 != n3:
-            errors.append(f"as {order}...]: the model's loop followed the batch size ({n1} and {n3} neuron steps for batch {batches[0]} and {batches[1]})")
+            errors.append(f"as {trial.describe()}: the model's loop followed the batch size ({n1} and {n3} neuron steps for batch {batches[0]} and {batches[1]})")
         else:
-            errors.append(f"as {order}...]: {n1} and {n2} neuron steps for T={time_steps} and T={time_steps + 1}")
+            errors.append(f"as {trial.describe()}: {n1} and {n2} neuron steps for T={time_steps} and T={time_steps + 1}")
     return None
 
 
