@@ -41,10 +41,7 @@ def _branch(fn: onnx.FunctionProto, prefix: str, name: str) -> onnx.GraphProto:
     rename = lambda v: prefix + v if v in produced else v  # noqa: E731
     nodes = []
     for n in fn.node:
-        new = _with_inputs(n, [rename(i) for i in n.input])
-        del new.output[:]
-        new.output.extend(rename(o) for o in n.output)
-        nodes.append(new)
+        nodes.append(_copy_with(n, input=[rename(i) for i in n.input], output=[rename(o) for o in n.output]))
     outputs = [helper.make_tensor_value_info(rename(o), TensorProto.FLOAT, None) for o in fn.output]
     return helper.make_graph(nodes, name, [], outputs)
 
@@ -77,26 +74,20 @@ def _single_scan(fn: onnx.FunctionProto):
     return scans[0], attrs["body"].g, n_scan_in, len(scans[0].input) - n_scan_in
 
 
-def _with_nodes(fn: onnx.FunctionProto, nodes) -> onnx.FunctionProto:
-    out = onnx.FunctionProto()
-    out.CopyFrom(fn)
-    del out.node[:]
-    out.node.extend(nodes)
-    return out
-
-
-def _with_inputs(node: onnx.NodeProto, inputs) -> onnx.NodeProto:
-    """A copy of ``node`` reading ``inputs`` instead of its own inputs."""
-    out = onnx.NodeProto()
-    out.CopyFrom(node)
-    del out.input[:]
-    out.input.extend(inputs)
+def _copy_with(proto, **fields):
+    """A copy of the node or function ``proto`` with the repeated fields named (``node``,
+    ``input``, ``output``) replaced by the given values."""
+    out = type(proto)()
+    out.CopyFrom(proto)
+    for name, values in fields.items():
+        del getattr(out, name)[:]
+        getattr(out, name).extend(values)
     return out
 
 
 def _with_scan_replaced(fn: onnx.FunctionProto, scan: onnx.NodeProto, nodes: list) -> onnx.FunctionProto:
     """``fn`` with ``nodes`` in place of its node ``scan``."""
-    return _with_nodes(fn, [m for n in fn.node for m in (nodes if n is scan else [n])])
+    return _copy_with(fn, node=[m for n in fn.node for m in (nodes if n is scan else [n])])
 
 
 # ----------------------------------------------------------------------------- hoisting out of the scan
@@ -197,10 +188,8 @@ def hoist_out_of_scan(fn: onnx.FunctionProto) -> onnx.FunctionProto:
             after.append(const)
         if id(n) not in hoisted_nodes:
             continue
-        new = _with_inputs(n, [rename.get(i, f"h_{i}" if i in producer else i) for i in n.input])
-        del new.output[:]
-        new.output.extend(f"h_{o}" for o in n.output)
-        after.append(new)
+        after.append(_copy_with(n, input=[rename.get(i, f"h_{i}" if i in producer else i) for i in n.input],
+                                output=[f"h_{o}" for o in n.output]))
     for j in hoisted_outputs:
         after.append(helper.make_node("Identity", [f"h_{seq_out[j]}"], [outer_seq[j]]))
 
@@ -289,7 +278,7 @@ def recompute_sequence_identities(fn: onnx.FunctionProto) -> onnx.FunctionProto:
         if ident is not None:
             remove.add(id(ident))
         replace[j] = None
-        new = _with_inputs(src, operands)
+        new = _copy_with(src, input=operands)
         new.output[0] = scan.output[j]
         after.append(new)
     if not replace:
@@ -367,7 +356,7 @@ def carry_state_functions(fn: onnx.FunctionProto) -> onnx.FunctionProto:
 
     carry_in = {value: f"carry_{value}" for value in carried}
     carried_next = {mapping[c] for c in carried}
-    nodes = [_with_inputs(n, [carry_in.get(i, i) for i in n.input]) for n in body.node]
+    nodes = [_copy_with(n, input=[carry_in.get(i, i) for i in n.input]) for n in body.node]
     nodes = _without_dead_nodes(nodes, set(outputs) | carried_next)
     # a next value that is also a per-step output (the spike, with no scale to multiply by)
     # is returned per step through a copy: a name is either a state or a per-step output;
@@ -386,7 +375,7 @@ def carry_state_functions(fn: onnx.FunctionProto) -> onnx.FunctionProto:
     # before the scan: the chain applied to the initial states
     before, initial = [], dict(initial_of)
     for n in chain:
-        new = _with_inputs(n, [initial.get(i, i) for i in n.input])
+        new = _copy_with(n, input=[initial.get(i, i) for i in n.input])
         initial[n.output[0]] = new.output[0] = f"carry_init_{n.output[0]}"
         before.append(new)
     before = _without_dead_nodes(before, {initial[c] for c in carried})
@@ -479,9 +468,7 @@ def keep_outputs(fn: onnx.FunctionProto, count: int) -> onnx.FunctionProto:
     its own copy): the specialised body neither stacks the membrane's per-step operands
     nor recomputes it after the scan.  The values returned are unchanged.
     """
-    out = _with_nodes(fn, _prune_nodes(list(fn.node), set(fn.output[:count])))
-    del out.output[count:]
-    return out
+    return _copy_with(fn, node=_prune_nodes(list(fn.node), set(fn.output[:count])), output=fn.output[:count])
 
 
 def read_static_drive(fn: onnx.FunctionProto) -> onnx.FunctionProto | None:
@@ -510,13 +497,10 @@ def read_static_drive(fn: onnx.FunctionProto) -> onnx.FunctionProto | None:
     steps = b.node("Slice", ["x_shape", _i64(b, [0]), _i64(b, [1])])
     placeholder = b.node("ConstantOfShape", [steps])  # [T] zeros: the scan's length
     step_shape = b.node("Slice", ["x_shape", _i64(b, [1]), _i64(b, [np.iinfo(np.int64).max])])  # the drive may broadcast
-    new_body = helper.make_graph([_with_inputs(n, ["drive" if i == x_t else i for i in n.input]) for n in body.node],
+    new_body = helper.make_graph([_copy_with(n, input=["drive" if i == x_t else i for i in n.input]) for n in body.node],
                                  body.name, list(body.input), list(body.output),
                                  initializer=list(body.initializer))
     new_scan = helper.make_node("Scan", list(scan.input[:n_state]) + [placeholder], list(scan.output), num_scan_inputs=n_scan_in, body=new_body)
     nodes = b.nodes + [helper.make_node("Identity", [step_shape], list(n.output)) for n in step_shapes]
     nodes += [new_scan if n is scan else n for n in fn.node if n not in step_shapes]
-    out = _with_nodes(fn, nodes)
-    del out.input[:]
-    out.input.extend(["drive", "x_shape"] + [i for i in fn.input if i != "x"])
-    return out
+    return _copy_with(fn, node=nodes, input=["drive", "x_shape"] + [i for i in fn.input if i != "x"])
