@@ -17,10 +17,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .ref_mlp import StaticInput, _seeded
+from .ref_mlp import SequenceInput, StaticInput, _seeded
 
 
-class RefConvNet(nn.Module):
+class RefConvNet(SequenceInput, nn.Module):
     def __init__(self, beta: float = 0.5):
         super().__init__()
         import snntorch as snn
@@ -47,12 +47,6 @@ class RefConvNet(nn.Module):
             spk3_rec.append(spk3)
             mem3_rec.append(mem3)
         return torch.stack(spk3_rec, dim=0), torch.stack(mem3_rec, dim=0)
-
-    def time_steps(self, x) -> int:
-        return x.shape[0]
-
-    def step_input(self, x, step: int):
-        return x[step]
 
 
 class RefStaticConvNet(StaticInput, RefConvNet):

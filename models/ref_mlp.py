@@ -16,7 +16,18 @@ from torch import nn
 INPUTS, HIDDEN, OUTPUTS = 784, 1000, 10
 
 
-class RefMLP(nn.Module):
+class SequenceInput:
+    """Mixin for the reference loops: where each step's input comes from, ``x[T, B, ...]``
+    here (:class:`StaticInput` feeds one input at every step instead)."""
+
+    def time_steps(self, x) -> int:
+        return x.shape[0]
+
+    def step_input(self, x, step: int):
+        return x[step]
+
+
+class RefMLP(SequenceInput, nn.Module):
     def __init__(self, inputs: int = INPUTS, hidden: int = HIDDEN, outputs: int = OUTPUTS, beta: float = 0.95, reset_mechanism: str = "subtract"):
         super().__init__()
         import snntorch as snn
@@ -38,12 +49,6 @@ class RefMLP(nn.Module):
             spk2_rec.append(spk2)
             mem2_rec.append(mem2)
         return torch.stack(spk2_rec, dim=0), torch.stack(mem2_rec, dim=0)
-
-    def time_steps(self, x) -> int:
-        return x.shape[0]
-
-    def step_input(self, x, step: int):
-        return x[step]
 
 
 class StaticInput:
