@@ -109,8 +109,12 @@ def _finish_report(report, report_path) -> int:
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the parity report as JSON.")
 @click.option("--raster", type=click.Path(dir_okay=False), help="Write a PNG spike raster: original vs onnxruntime, per neuron layer.")
 @click.option("--no-verify", is_flag=True, help="Skip the parity check after export.")
+@click.option("--cuda-graph", is_flag=True,
+              help="Build for onnxruntime's CUDA graphs (enable_cuda_graph): batch and T fixed, every neuron scan unrolled, "
+                   "same floats as the default build.")
+@click.option("--batch", type=int, default=1, show_default=True, help="The batch size of a --cuda-graph build.")
 @handle_errors
-def convert(model, out, weights, time_steps, input_shape, input_kind, trust_model, reset_mode, seed, data, report_path, raster, no_verify):
+def convert(model, out, weights, time_steps, input_shape, input_kind, trust_model, reset_mode, seed, data, report_path, raster, no_verify, cuda_graph, batch):
     """Rewrite MODEL into a time-parallel ONNX file OUT and check parity.
 
     MODEL is module:factory or path/to/file.py:factory (with --weights STATE_DICT), or a
@@ -124,14 +128,17 @@ def convert(model, out, weights, time_steps, input_shape, input_kind, trust_mode
 
     if not Path(out).resolve().parent.is_dir():
         raise UsageError(f"The output directory {Path(out).resolve().parent} does not exist; create it or choose another output path.")
+    if batch < 1 or (batch != 1 and not cuda_graph):
+        raise UsageError(f"--batch {batch}: the batch is fixed only by --cuda-graph builds, and must be at least 1.")
     conversion = _prepare(model, weights, time_steps, input_shape, input_kind, trust_model, data, mode=reset_mode, seed=seed)
     if data:
         from .verify import load_data
 
         load_data(data, conversion.layout)  # refuse bad data before writing anything
     _progress("exporting to ONNX")
-    emitted = conversion.export(out)
-    console.print(f"wrote {emitted.path} ({emitted.node_count} nodes, psu nodes: {', '.join(emitted.psu_nodes)})")
+    emitted = conversion.export(out, batch=batch, cuda_graph=True) if cuda_graph else conversion.export(out)
+    described = f"static build for CUDA graphs, input {list(conversion.layout.example(batch).shape)}" if cuda_graph else "psu nodes: " + ", ".join(emitted.psu_nodes)
+    console.print(f"wrote {emitted.path} ({emitted.node_count} nodes, {described})")
     if no_verify:
         sys.exit(EXIT_OK)
     _progress("verifying parity")
@@ -144,7 +151,7 @@ def convert(model, out, weights, time_steps, input_shape, input_kind, trust_mode
 @click.argument("onnx_file", type=click.Path(dir_okay=False))
 @model_options
 @click.option("--data", type=click.Path(dir_okay=False), help="FILE.npz with array 'input' (and optional 'target').")
-@click.option("--batch", type=int, default=4, show_default=True, help="Batch size of the synthetic inputs.")
+@click.option("--batch", type=int, default=None, help="Batch size of the synthetic inputs  [default: 4; a --cuda-graph build's own].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic inputs.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "all"]), default="all", show_default=True,
               help="onnxruntime provider(s); 'all' runs CUDA when available and lists it as unavailable otherwise.")
@@ -160,7 +167,7 @@ def verify(model, onnx_file, weights, time_steps, input_shape, input_kind, trust
     """
     from .errors import UsageError
 
-    if batch < 1:
+    if batch is not None and batch < 1:
         raise UsageError(f"--batch must be at least 1 (got {batch}).")
     from .pipeline import file_reset_mode
 

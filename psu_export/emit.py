@@ -20,7 +20,8 @@ import torch
 
 from . import __version__
 from .errors import CaptureError, UsageError, one_line
-from .ops import DOMAIN, attach_functions, translation_table
+from .cuda_graph import STATIC_KEY, static_build
+from .ops import DOMAIN, attach_functions, layer_spike_outputs, translation_table
 from .rewrite import ParallelModel
 
 #: the ONNX opset of the standard domain (onnxruntime >= 1.17)
@@ -53,8 +54,13 @@ def metadata(model: ParallelModel, source: str, mode: str) -> dict[str, str]:
     }
 
 
-def export_onnx(model: ParallelModel, example: torch.Tensor, out_path: str | os.PathLike, metadata_props: dict[str, str], dynamic_batch: bool = True) -> EmittedModel:
-    """Export ``model`` to ``out_path`` (atomically)."""
+def export_onnx(model: ParallelModel, example: torch.Tensor, out_path: str | os.PathLike, metadata_props: dict[str, str], dynamic_batch: bool = True,
+                static: bool = False) -> EmittedModel:
+    """Export ``model`` to ``out_path`` (atomically).
+
+    ``static``: a build for onnxruntime's CUDA graphs, fixed to ``example``'s shape
+    (:func:`psu_export.cuda_graph.static_build`).
+    """
     out_path = Path(out_path)
     if not out_path.parent.exists():
         raise UsageError(f"The output directory {out_path.parent} does not exist; create it or choose another output path.")
@@ -88,6 +94,9 @@ def export_onnx(model: ParallelModel, example: torch.Tensor, out_path: str | os.
             "at that size. This is a psu-export limitation for one of the model's operators; please report it."
         )
     attach_functions(proto)
+    if static:
+        proto = static_build(proto, tuple(example.shape), layer_spike_outputs(proto))
+        metadata_props = dict(metadata_props, **{STATIC_KEY: "true", "psu_export.dynamic_time": "false"})
     for key, value in metadata_props.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
@@ -114,7 +123,7 @@ def export_onnx(model: ParallelModel, example: torch.Tensor, out_path: str | os.
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    psu_nodes = [n.op_type for n in proto.graph.node if n.domain == DOMAIN]
+    psu_nodes = [n.op_type for n in proto.graph.node if n.domain == DOMAIN]  # none in a static build: inlined
     return EmittedModel(
         out_path,
         len(proto.graph.node),

@@ -18,6 +18,7 @@ import onnx
 import torch
 
 from .capture import CapturedGraph, InputLayout, NeuronModule, capture, find_neuron_modules, probe_input_kind, refuse_unconvertible
+from .cuda_graph import STATIC_KEY
 from .emit import EmittedModel, export_onnx, metadata
 from .errors import UsageError, one_line
 from .find import NeuronSite, TimeLoop, find_sites
@@ -55,13 +56,15 @@ class Conversion:
     mode: str = "exact"
     seed: int = 0
 
-    def export(self, out_path, batch: int = 2, extra_metadata: dict[str, str] | None = None) -> EmittedModel:
+    def export(self, out_path, batch: int = 2, extra_metadata: dict[str, str] | None = None, cuda_graph: bool = False) -> EmittedModel:
+        """Write the ONNX file; ``cuda_graph``: a static build for batch ``batch`` and this T
+        (:mod:`psu_export.cuda_graph`)."""
         example = self.layout.example(batch)
         meta = dict(metadata(self.parallel, self.loaded.source, self.mode), **(extra_metadata or {}))
         if self.mode != "exact":
             meta["psu_export.reset_seed"] = str(self.seed)
             meta["psu_export.reset_estimate"] = json.dumps(self.reset_estimate())
-        return export_onnx(self.parallel, example, out_path, meta, self.captured.dynamic_batch)
+        return export_onnx(self.parallel, example, out_path, meta, self.captured.dynamic_batch, static=cuda_graph)
 
     # -- approximate reset modes ---------------------------------------------------------
     def estimate_sites(self) -> list[int]:
@@ -98,13 +101,21 @@ class Conversion:
         x = synthetic_inputs(self.loaded.module, self.neurons, self.layout, batch, steps, seed)
         return x, None, f"synthetic(seed={seed}, batch={batch}, T={steps})"
 
-    def verify(self, onnx_path, data=None, batch: int = 4, providers=("cpu", "cuda"), required_providers=(), seed: int = 0, extra_time_steps=True, progress=None, raster=None) -> ParityReport:
+    def verify(self, onnx_path, data=None, batch: int | None = None, providers=("cpu", "cuda"), required_providers=(), seed: int = 0, extra_time_steps=True, progress=None, raster=None) -> ParityReport:
         """Compare original, rewrite and ONNX; ``required_providers`` fail when unavailable.
+
+        ``batch``: of the synthetic inputs (default 4; a ``--cuda-graph`` build's own batch).
 
         ``raster``: also write a PNG spike raster of the original vs onnxruntime (CPU).
         """
         check_onnx_matches(onnx_path, self)
+        static = static_input_shape(onnx_path)
+        if static is not None:  # a --cuda-graph build runs at its own batch and T only
+            batch, extra_time_steps = self._static_batch(static, onnx_path, batch), False
+        batch = batch or 4
         x, target, described = self.inputs(data, batch, seed=seed)
+        if static is not None and tuple(x.shape) != static:
+            raise UsageError(f"{onnx_path} is a --cuda-graph build for inputs of shape {list(static)}; the --data input is {list(x.shape)}.")
         if raster:
             self.write_raster(onnx_path, x, raster)
         rewrite_result, provider_results = self._compare(onnx_path, x, providers, required_providers)
@@ -116,7 +127,7 @@ class Conversion:
             rewrite=rewrite_result,
             providers=provider_results,
             neuron_sites=[site.to_json() for site in self.sites],
-            notes=list(self.captured.notes),
+            notes=list(self.captured.notes) + (["static --cuda-graph build: the CUDA run is replayed as a CUDA graph"] if static else []),
         )
         if extra_time_steps and self.layout.dynamic_time and data is None:
             for steps in other_time_steps(self.layout.time_steps):
@@ -147,6 +158,15 @@ class Conversion:
         _, converted = run_onnx(*onnx_with_layer_outputs(onnx_path), x.numpy(), "cpu")
         write_raster(path, reference, converted, f"original vs onnxruntime ({Path(onnx_path).name}, {self.mode} mode)")
 
+    def _static_batch(self, static: tuple[int, ...], onnx_path, batch) -> int:
+        """The batch of a static build (refusing a different ``--batch`` or ``--time-steps``)."""
+        axis = self.layout.time_axis
+        if axis is not None and static[axis] != self.layout.time_steps:
+            raise UsageError(f"{onnx_path} is a --cuda-graph build for T={static[axis]}; verify it with --time-steps {static[axis]}.")
+        if batch is not None and batch != static[self.layout.batch_axis]:
+            raise UsageError(f"{onnx_path} is a --cuda-graph build for batch {static[self.layout.batch_axis]}; leave out --batch or give that.")
+        return static[self.layout.batch_axis]
+
     def _compare(self, onnx_path, x, providers, required=()):
         time_first = self.layout.batch_axis == 1  # the outputs' layout; layer spikes are always [T, B, ...]
         ref_out, ref_layers = run_original(self.loaded.module, self.neurons, self.layout, x)
@@ -160,11 +180,13 @@ class Conversion:
         rewrite_result.layers = [compare_tensors(name, ref_layers[name], par_layers[name], True, gaps.get(name)) for name in par_layers if name in ref_layers]
         _excuse_propagated_ties(rewrite_result)
         model_bytes, layer_outputs, n_outputs = onnx_with_layer_outputs(onnx_path)
+        static = static_input_shape(onnx_path) is not None
         results = []
         for provider in providers:
             result = ProviderResult(provider, approximate=approximate)
             try:
-                onnx_out, onnx_layers = run_onnx(model_bytes, layer_outputs, n_outputs, x.numpy(), provider)
+                onnx_out, onnx_layers = run_onnx(model_bytes, layer_outputs, n_outputs, x.numpy(), provider,
+                                                 cuda_graph=static and provider == "cuda")
             except ProviderUnavailable as exc:
                 result.available = False
                 # asked for by name: a failure; part of "all": listed as unavailable
@@ -240,6 +262,14 @@ def accuracies(conversion: Conversion, x, target) -> dict[str, float]:
         if classes is not None and classes.shape[0] == target.shape[0]:
             out[name] = float((classes == target.long()).float().mean())
     return out
+
+
+def static_input_shape(onnx_path) -> tuple[int, ...] | None:
+    """The input shape of a ``--cuda-graph`` build (None for other files)."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    if {p.key: p.value for p in model.metadata_props}.get(STATIC_KEY) != "true":
+        return None
+    return tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim)
 
 
 def check_onnx_matches(onnx_path, conversion: Conversion) -> None:

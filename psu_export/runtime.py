@@ -19,6 +19,8 @@ defaults unless ``threads`` is given.
 
 from __future__ import annotations
 
+import numpy as np
+
 _SHARED_POOL: dict = {}
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -47,11 +49,13 @@ def use_shared_thread_pool(threads: int = 0) -> bool:
     return _SHARED_POOL["on"]
 
 
-def make_session(model, provider: str = "cpu", threads: int = 0, fallback_to_cpu: bool = False):
+def make_session(model, provider: str = "cpu", threads: int = 0, fallback_to_cpu: bool = False, cuda_graph: bool = False):
     """A session on ``provider`` (``model``: path or serialized bytes), all graph optimisations.
 
     ``fallback_to_cpu`` lets onnxruntime place nodes the provider lacks on the CPU; parity
-    checks leave it off so a provider is never silently replaced.
+    checks leave it off so a provider is never silently replaced.  ``cuda_graph``: record
+    the run as a CUDA graph and replay it (a ``convert --cuda-graph`` file, run through
+    :class:`GraphRunner`); every node must then be on the GPU.
     """
     import onnxruntime as ort
 
@@ -62,7 +66,64 @@ def make_session(model, provider: str = "cpu", threads: int = 0, fallback_to_cpu
         options.use_per_session_threads = False  # the process-wide pool (its size set once)
     elif threads:
         options.intra_op_num_threads = threads
-    providers = [(PROVIDERS[provider], PROVIDER_OPTIONS[provider])]
+    provider_options = dict(PROVIDER_OPTIONS[provider])
+    if cuda_graph:
+        if provider != "cuda":
+            raise ValueError("CUDA graphs need the cuda provider")
+        provider_options["enable_cuda_graph"] = "1"
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    providers = [(PROVIDERS[provider], provider_options)]
     if fallback_to_cpu and provider != "cpu":
         providers.append(("CPUExecutionProvider", {}))
     return ort.InferenceSession(model if isinstance(model, (bytes, str)) else str(model), options, providers=providers)
+
+
+class GraphRunner:
+    """Runs a CUDA-graph session (:func:`make_session` with ``cuda_graph``) as onnxruntime
+    requires: input and outputs bound to device buffers that never move.
+
+    ``run(x)`` copies ``x`` into the input buffer, replays the graph (the first runs
+    capture it) and returns the outputs copied to the host, as ``session.run`` would.
+    ``device`` "cpu" runs the same binding on a CPU session (tests on machines without a GPU).
+    """
+
+    def __init__(self, session, x, device: str = "cuda"):
+        import onnxruntime as ort
+
+        self.session = session
+        self.binding = session.io_binding()
+        name = session.get_inputs()[0].name
+        self.input = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x), device, 0)
+        self.binding.bind_ortvalue_input(name, self.input)
+        self.outputs = []
+        for out in session.get_outputs():  # a static build: every output shape is known
+            shape = [d if isinstance(d, int) else None for d in out.shape]
+            if None in shape:
+                raise ValueError(f"output {out.name} has no static shape {out.shape}; CUDA graphs need a static build")
+            self.outputs.append(ort.OrtValue.ortvalue_from_shape_and_type(shape, _NUMPY_TYPES[out.type], device, 0))
+            self.binding.bind_ortvalue_output(out.name, self.outputs[-1])
+
+    def warm_up(self, runs: int = 3) -> "GraphRunner":
+        """Run a few times: onnxruntime first runs the graph normally, then captures it."""
+        for _ in range(runs):
+            self.replay()
+        return self
+
+    def clear_outputs(self) -> None:
+        """Fill the output buffers with NaN (zeros for integers): a replay that skipped work shows."""
+        for o in self.outputs:
+            current = o.numpy()
+            o.update_inplace(np.full(current.shape, np.nan if current.dtype.kind == "f" else 0, dtype=current.dtype))
+
+    def replay(self) -> None:
+        """One run on the bound buffers, nothing copied to or from the host."""
+        self.session.run_with_iobinding(self.binding)
+
+    def run(self, x=None) -> list:
+        if x is not None:
+            self.input.update_inplace(np.ascontiguousarray(x))
+        self.replay()
+        return [o.numpy() for o in self.outputs]
+
+
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(bool)": np.bool_, "tensor(double)": np.float64}

@@ -24,8 +24,9 @@ import torch
 
 from .capture import InputLayout, NeuronModule, reset_neurons
 from .errors import UsageError
-from .ops import DOMAIN
-from .runtime import PROVIDERS, make_session, provider_available
+from .cuda_graph import LAYER_OUTPUTS_KEY, with_static_output_shapes
+from .ops import layer_spike_outputs
+from .runtime import PROVIDERS, GraphRunner, make_session, provider_available
 
 SCHEMA_VERSION = 1
 #: relative tolerance for non-spike outputs (membranes, logits)
@@ -81,32 +82,38 @@ def onnx_with_layer_outputs(path) -> tuple[bytes, dict[str, str], int]:
     """
     model = onnx.load(str(path))
     n_outputs = len(model.graph.output)
-    layer_outputs = {}
-    for node in model.graph.node:
-        if node.domain == DOMAIN:
-            layer = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "layer"), None)
-            if layer is not None:
-                name = layer.decode() if isinstance(layer, bytes) else layer
-                layer_outputs[name] = node.output[0]
+    recorded = {p.key: p.value for p in model.metadata_props}.get(LAYER_OUTPUTS_KEY)
+    layer_outputs = json.loads(recorded) if recorded else layer_spike_outputs(model)
     existing = {o.name for o in model.graph.output}
     for out in layer_outputs.values():
         if out not in existing:
             model.graph.output.append(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
+    if recorded:  # a static build: the appended outputs get their static shapes too
+        model = with_static_output_shapes(model)
     return model.SerializeToString(), layer_outputs, n_outputs
 
 
-def run_onnx(model_bytes: bytes, layer_outputs: dict[str, str], n_outputs: int, x: np.ndarray, provider: str):
-    """Run under one provider; returns (model outputs, {layer: spikes})."""
+def run_onnx(model_bytes: bytes, layer_outputs: dict[str, str], n_outputs: int, x: np.ndarray, provider: str, cuda_graph: bool = False):
+    """Run under one provider; returns (model outputs, {layer: spikes}).
+
+    ``cuda_graph``: replay the run as a CUDA graph (a static build on the cuda provider),
+    as it is deployed.
+    """
     import onnxruntime as ort
 
     if not provider_available(provider):
         available = ", ".join(ort.get_available_providers())
         raise ProviderUnavailable(f"{PROVIDERS[provider]} is not available in this onnxruntime (available: {available})")
-    session = make_session(model_bytes, provider)
+    session = make_session(model_bytes, provider, cuda_graph=cuda_graph)
     if PROVIDERS[provider] not in session.get_providers():
         raise ProviderUnavailable(f"onnxruntime could not start {PROVIDERS[provider]}")
     names = [o.name for o in session.get_outputs()]
-    values = session.run(None, {session.get_inputs()[0].name: x})
+    if cuda_graph:
+        runner = GraphRunner(session, x).warm_up()
+        runner.clear_outputs()
+        values = runner.run(x)  # a replay
+    else:
+        values = session.run(None, {session.get_inputs()[0].name: x})
     by_name = dict(zip(names, values))
     outputs = tuple(torch.from_numpy(np.asarray(v)) for v in values[:n_outputs])
     layers = {layer: torch.from_numpy(np.asarray(by_name[out])) for layer, out in layer_outputs.items()}

@@ -39,3 +39,31 @@ def convert(tmp_path):
         return conversion, path
 
     return _convert
+
+
+def assert_static_build_matches(path, static_path, x: torch.Tensor, same_floats: bool = True) -> None:
+    """A ``--cuda-graph`` build computes the same floats as the dynamic file (onnxruntime CPU),
+    and is what CUDA graphs take: no control flow, static shapes, no Concat over 32 inputs.
+
+    ``same_floats`` False (a closed-form layer, whose T x T kernel the build folds to a
+    constant): the spikes (first output) are the same, other outputs within float rounding.
+    """
+    import onnx
+
+    from psu_export.cuda_graph import CONCAT_MAX_INPUTS, CONTROL_FLOW
+
+    model = onnx.load(str(static_path))
+    ops = [n.op_type for n in model.graph.node]
+    assert not set(ops) & set(CONTROL_FLOW), sorted(set(ops) & set(CONTROL_FLOW))
+    assert max((len(n.input) for n in model.graph.node if n.op_type == "Concat"), default=0) <= CONCAT_MAX_INPUTS
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        assert dims and all(d.HasField("dim_value") for d in dims), f"{value.name} is not static: {dims}"
+    want, got = run_onnx(path, x), run_onnx(static_path, x)
+    assert len(want) == len(got)
+    for i, (w, g) in enumerate(zip(want, got)):
+        assert w.shape == g.shape
+        if same_floats or i == 0:
+            assert np.array_equal(w, g), f"output {i}: {int((w != g).sum())} of {w.size} values differ"
+        else:
+            np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import psu_export.models as models_pkg
+from conftest import assert_static_build_matches
 from psu_export.converters import EXACT, FrameworkConverter, converters, options_of
 
 TIME_STEPS = 8
@@ -141,3 +142,8 @@ def test_reference_model_converts_with_parity(framework, module, factory, classe
     assert report.passed, f"{framework} {classes} ({module.__name__}.{factory}): parity failed: {summary}"
     assert summary["spike_agreement"] == 1.0, summary
     assert torch.isfinite(torch.tensor(summary["max_abs_error"] or 0.0))
+
+    # the --cuda-graph build (static, every scan unrolled) computes the same floats
+    static_path = tmp_path / f"{factory}_static.onnx"
+    conversion.export(static_path, batch=int(x.shape[conversion.layout.batch_axis]), cuda_graph=True)
+    assert_static_build_matches(path, static_path, x)

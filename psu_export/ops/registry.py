@@ -104,18 +104,19 @@ def make_function(node: onnx.NodeProto, body: list[onnx.NodeProto], inputs: list
     )
 
 
-def _walk_nodes(graph: onnx.GraphProto):
+def walk_nodes(graph: onnx.GraphProto):
+    """Every node of ``graph`` and, depth first, of its subgraphs (Scan / Loop / If bodies)."""
     for node in graph.node:
         yield node
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _walk_nodes(attr.g)
+                yield from walk_nodes(attr.g)
 
 
 def _names_read(model: onnx.ModelProto) -> set[str]:
     """Every name read by a node (at any depth) or returned by the model or a subgraph."""
     read = {o.name for o in model.graph.output}
-    for node in _walk_nodes(model.graph):
+    for node in walk_nodes(model.graph):
         read.update(node.input)
         read.update(o.name for a in node.attribute if a.type == onnx.AttributeProto.GRAPH for o in a.g.output)
     return read
@@ -132,7 +133,7 @@ def _return_spikes_only(model: onnx.ModelProto) -> None:
     longer stacks the membrane (:func:`psu_export.ops.linear.keep_outputs`).
     """
     read = _names_read(model)
-    for node in _walk_nodes(model.graph):
+    for node in walk_nodes(model.graph):
         if node.domain == DOMAIN and len(node.output) > 1 and not read.intersection(node.output[1:]):
             del node.output[1:]
             node.op_type += SPIKES_ONLY
@@ -172,6 +173,17 @@ def _remove_unread(model: onnx.ModelProto, values: list[str]) -> None:
             model.graph.initializer.remove(initializer)
 
 
+def layer_spike_outputs(model: onnx.ModelProto) -> dict[str, str]:
+    """``{layer: spike value}`` of every ``psu`` node of ``model``'s graph (its first output)."""
+    out = {}
+    for node in model.graph.node:
+        if node.domain == DOMAIN:
+            layer = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "layer"), None)
+            if layer is not None:
+                out[layer.decode() if isinstance(layer, bytes) else layer] = node.output[0]
+    return out
+
+
 def attach_functions(model: onnx.ModelProto) -> list[str]:
     """Add the body of every ``psu`` op used in ``model`` as a model-local function.
 
@@ -207,7 +219,7 @@ def attach_functions(model: onnx.ModelProto) -> list[str]:
     producer = {o: n for n in model.graph.node for o in n.output}
     initializers = {t.name: t for t in model.graph.initializer}
     repeated_inputs = []
-    for node in _walk_nodes(model.graph):
+    for node in walk_nodes(model.graph):
         if node.domain != DOMAIN or (DOMAIN, node.op_type) in have:
             continue
         repeated = _repeated_drive(node, producer, initializers)
@@ -221,7 +233,7 @@ def attach_functions(model: onnx.ModelProto) -> list[str]:
             node.input.extend(inputs)
     _remove_unread(model, repeated_inputs)
     attached = []
-    for node in _walk_nodes(model.graph):
+    for node in walk_nodes(model.graph):
         if node.domain == DOMAIN and (DOMAIN, node.op_type) not in have:
             model.functions.append(function_of(node))
             have.add((DOMAIN, node.op_type))

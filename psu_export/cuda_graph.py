@@ -1,0 +1,209 @@
+"""Static builds for onnxruntime's CUDA graphs (``convert --cuda-graph``).
+
+On the GPU the exact ``Scan`` costs one round of onnxruntime's subgraph executor on the
+host per step and layer, and every node of the naive export is a kernel launch of its
+own: both spend their time launching, not computing (an H200 at T = 64, batch 1: a few
+microseconds of work per launch).  onnxruntime's CUDA provider can record a whole run
+as one CUDA graph (provider option ``enable_cuda_graph``) and replay it with one launch,
+but only for a graph without control flow, with static shapes, every node on the GPU,
+no ``Concat`` of more than :data:`CONCAT_MAX_INPUTS` inputs, and inputs and outputs
+bound to fixed device buffers (IOBinding).
+
+:func:`static_build` turns a converted model into such a graph, with the same floats:
+
+1. the input's batch and time dimensions are fixed;
+2. the model-local ``psu`` functions are inlined and the shape computations folded
+   (onnxscript's optimizer; a ``T <= limit`` choice between closed form and scan is then
+   a constant and keeps its branch);
+3. every ``Scan`` is unrolled over T (:func:`unroll_scans`): step t's copy of the body
+   reads slice t of the scan input and the states of step t-1, the same nodes in the same
+   order as the scan ran them, so membranes and spikes are bit-identical.
+
+A probabilistic reset (``--reset psu|stochastic``, the PSU modules) writes its first
+doubling levels as plain nodes and loops over further levels only past T = 256: its
+idle ``Loop`` is dropped (:func:`_drop_idle_loops`); a longer T is refused.
+:class:`psu_export.runtime.GraphRunner` runs a static build under a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .errors import CaptureError, UsageError
+from .ops.registry import walk_nodes
+
+#: the CUDA provider's Concat takes at most this many inputs while a CUDA graph is captured
+CONCAT_MAX_INPUTS = 32
+#: ONNX operators with subgraphs: none may remain in a static build
+CONTROL_FLOW = ("Scan", "Loop", "If")
+#: metadata keys of a static build
+STATIC_KEY, LAYER_OUTPUTS_KEY = "psu_export.cuda_graph", "psu_export.layer_outputs"
+
+
+def static_build(model: onnx.ModelProto, input_shape: tuple[int, ...], layer_outputs: dict[str, str]) -> onnx.ModelProto:
+    """``model`` (one input, as :func:`psu_export.emit.export_onnx` writes it) with the input
+    fixed to ``input_shape``, functions inlined and every ``Scan`` unrolled (module docstring).
+
+    ``layer_outputs`` (``{layer: spike value}``) are kept as values of the result and
+    recorded in its metadata (:data:`LAYER_OUTPUTS_KEY`) for per-layer parity.
+    """
+    import onnxscript.optimizer
+
+    model = with_input_shape(model, input_shape)
+    own_outputs = [o.name for o in model.graph.output]
+    # layer spikes as temporary graph outputs: the optimizer keeps graph outputs' names
+    model.graph.output.extend(helper.make_tensor_value_info(v, onnx.TensorProto.FLOAT, None)
+                              for v in layer_outputs.values() if v not in own_outputs)
+    model = onnxscript.optimizer.optimize(model)
+    while _drop_idle_loops(model.graph):  # shapes after a dropped Loop may fold the next one's condition
+        model = onnxscript.optimizer.optimize(model)
+    model = unroll_scans(model)
+    del model.graph.output[len(own_outputs):]
+    model = with_static_output_shapes(model)
+    left = sorted({n.op_type for n in walk_nodes(model.graph) if n.op_type in CONTROL_FLOW})
+    if left == ["Loop"]:
+        raise UsageError("--cuda-graph needs a graph without control flow, but a Loop remained: a probabilistic reset "
+                         "(--reset psu/stochastic, PSU modules) runs its doubling levels past 256 steps in a Loop; "
+                         "build for T <= 256 or convert with --reset exact.")
+    if left:
+        raise CaptureError(f"--cuda-graph: {', '.join(left)} remained in the static build; this is a psu-export limitation, please report it.")
+    entry = model.metadata_props.add()
+    entry.key, entry.value = LAYER_OUTPUTS_KEY, json.dumps(layer_outputs)
+    return model
+
+
+def with_static_output_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every graph output's shape as shape inference finds it (static in a
+    static build: :class:`psu_export.runtime.GraphRunner` allocates the output buffers from it)."""
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    known = {v.name: v for v in inferred.graph.value_info}
+    for out in model.graph.output:
+        if out.name in known:
+            out.type.CopyFrom(known[out.name].type)
+        elif not out.type.tensor_type.HasField("shape"):
+            found = next((o for o in inferred.graph.output if o.name == out.name), None)
+            if found is not None:
+                out.type.CopyFrom(found.type)
+    return model
+
+
+def with_input_shape(model: onnx.ModelProto, shape: tuple[int, ...]) -> onnx.ModelProto:
+    """A copy of ``model`` whose (single) input has the static ``shape``."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    dims = copy.graph.input[0].type.tensor_type.shape.dim
+    if len(dims) != len(shape):
+        raise UsageError(f"the model's input has {len(dims)} dimensions, the static build was given {list(shape)}")
+    for d, size in zip(dims, shape):
+        d.Clear()
+        d.dim_value = int(size)
+    return copy
+
+
+def _drop_idle_loops(graph: onnx.GraphProto) -> int:
+    """Replace each ``Loop`` that runs no iteration (no trip count, a constant false
+    condition, no per-iteration outputs) by copies of its initial loop-carried values.
+
+    The doubling scan of the probabilistic reset writes its first levels as plain nodes
+    and loops over the rest only while ``2^level < T`` (:data:`psu_export.ops.builders.UNROLLED_LEVELS`):
+    with a static T <= 256 that condition folds to false.  Returns how many were dropped.
+    """
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            constants[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    dropped = 0
+    for node in list(graph.node):
+        if node.op_type != "Loop" or node.input[0] or node.input[1] not in constants:
+            continue
+        carried = node.input[2:]
+        if bool(constants[node.input[1]].reshape(-1)[0]) or len(node.output) != len(carried):
+            continue
+        at = list(graph.node).index(node)
+        graph.node.remove(node)
+        for k, (src, dst) in enumerate(zip(carried, node.output)):
+            graph.node.insert(at + k, helper.make_node("Identity", [src], [dst]))
+        dropped += 1
+    return dropped
+
+
+def _static_length(graph: onnx.GraphProto, name: str, axis: int) -> int:
+    """The static size of ``name``'s dimension ``axis`` (from shape inference)."""
+    known = {v.name: v for v in list(graph.input) + list(graph.value_info) + list(graph.output)}
+    if name not in known:
+        raise CaptureError(f"--cuda-graph: cannot unroll the scan over {name!r}: its length is not static (please report it)")
+    dims = known[name].type.tensor_type.shape.dim
+    if axis >= len(dims) or not dims[axis].HasField("dim_value"):
+        raise CaptureError(f"--cuda-graph: cannot unroll the scan over {name!r}: its length is not static (please report it)")
+    return dims[axis].dim_value
+
+
+def unroll_scans(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every ``Scan`` of the main graph unrolled over its (static) length; in place.
+
+    Only forward scans over axis 0 occur in psu-export's graphs; others are refused.
+    Per-step outputs are stacked again by ``Concat`` trees no wider than
+    :data:`CONCAT_MAX_INPUTS`.
+    """
+    model = onnx.shape_inference.infer_shapes(model)
+    graph = model.graph
+    nodes = []
+    for k, node in enumerate(graph.node):
+        if node.op_type != "Scan":
+            nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if set(attrs) - {"body", "num_scan_inputs"}:
+            raise CaptureError(f"--cuda-graph: cannot unroll the Scan {node.name!r}: only forward scans over axis 0 are supported")
+        body, n_scan = attrs["body"], attrs["num_scan_inputs"]
+        n_state = len(node.input) - n_scan
+        steps = _static_length(graph, node.input[n_state], 0)
+        pre, axis0 = f"unrolled{k}_", f"unrolled{k}_axis0"
+        graph.initializer.append(numpy_helper.from_array(np.array([0], dtype=np.int64), axis0))
+        slices = []
+        for j, name in enumerate(node.input[n_state:]):
+            parts = [f"{pre}x{j}_{t}" for t in range(steps)]
+            nodes.append(helper.make_node("Split", [name], parts, axis=0, num_outputs=steps) if steps > 1
+                         else helper.make_node("Identity", [name], parts))
+            nodes += [helper.make_node("Squeeze", [p, axis0], [p + "_t"]) for p in parts]
+            slices.append([p + "_t" for p in parts])
+        internal = {o for n in body.node for o in n.output}
+        states, stacked = list(node.input[:n_state]), [[] for _ in body.output[n_state:]]
+        for t in range(steps):
+            rename = {i.name: src for i, src in zip(body.input, states + [s[t] for s in slices])}
+            rename.update({name: f"{pre}{t}_{name}" for name in internal})
+            for n in body.node:
+                copy = onnx.NodeProto()
+                copy.CopyFrom(n)
+                copy.name = ""
+                del copy.metadata_props[:]  # the exporter's provenance notes, not T copies of them
+                copy.input[:] = [rename.get(v, v) for v in n.input]
+                copy.output[:] = [rename.get(v, v) for v in n.output]
+                nodes.append(copy)
+            outs = [rename.get(o.name, o.name) for o in body.output]
+            states = outs[:n_state]
+            for j, value in enumerate(outs[n_state:]):
+                stacked[j].append(f"{pre}y{j}_{t}")
+                nodes.append(helper.make_node("Unsqueeze", [value, axis0], [stacked[j][-1]]))
+        nodes += [helper.make_node("Identity", [s], [o]) for s, o in zip(states, node.output[:n_state]) if o]
+        for values, output in zip(stacked, node.output[n_state:]):
+            if output:
+                nodes += _concat(values, output)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.value_info[:]
+    return model
+
+
+def _concat(values: list[str], output: str) -> list[onnx.NodeProto]:
+    """Nodes concatenating ``values`` on axis 0 into ``output``, none wider than the limit."""
+    if len(values) <= CONCAT_MAX_INPUTS:
+        return [helper.make_node("Concat", values, [output], axis=0)]
+    groups = [values[i:i + CONCAT_MAX_INPUTS] for i in range(0, len(values), CONCAT_MAX_INPUTS)]
+    parts = [f"{output}_part{k}" for k in range(len(groups))]
+    nodes = [helper.make_node("Concat", g, [p], axis=0) for g, p in zip(groups, parts)]
+    return nodes + _concat(parts, output)

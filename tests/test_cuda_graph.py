@@ -1,0 +1,98 @@
+"""``convert --cuda-graph``: a static build that onnxruntime's CUDA graphs take, with the
+floats of the default build.  Every reference model is also built this way in
+``test_meta.py``; here: the T that need the Concat tree, the closed form's ``If``, the
+probabilistic reset's idle ``Loop``, the CLI, and (with a GPU) the CUDA-graph replay."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_static_build_matches, run_onnx
+
+pytest.importorskip("snntorch")
+
+from psu_export.errors import UsageError  # noqa: E402
+from psu_export.runtime import GraphRunner, make_session, provider_available  # noqa: E402
+from test_cli_errors import run  # noqa: E402
+
+SMALL = "psu_export.models.ref_mlp:make_small_net"
+RESET_FREE = "psu_export.models.ref_mlp:make_small_reset_free_net"
+
+
+def _x(steps: int, batch: int) -> torch.Tensor:
+    return (torch.rand(steps, batch, 64, generator=torch.Generator().manual_seed(steps)) < 0.4).float()
+
+
+@pytest.mark.parametrize("spec, steps, algorithm", [(SMALL, 70, "scan"), (RESET_FREE, 40, "closed_form")])
+def test_static_build_matches_the_default_build(convert, tmp_path, spec, steps, algorithm):
+    """70 steps: 70 per-step outputs stacked by a Concat tree (at most 32 inputs each);
+    the reset-free layers' run-time choice of closed form (If on T) folds to one branch.
+    The build folds the closed form's T x T kernel (powers of the decay) to a constant,
+    computed by numpy, not onnxruntime: membranes may differ in the last bit."""
+    conversion, path = convert(spec, (64,), steps)
+    assert {s.algorithm.name for s in conversion.sites} == {algorithm}
+    static = tmp_path / "static.onnx"
+    conversion.export(static, batch=3, cuda_graph=True)
+    x = _x(steps, 3)
+    assert_static_build_matches(path, static, x, same_floats=algorithm == "scan")
+    assert run_onnx(static, x)[0].sum() > 0, "the test input should make the network fire"
+
+
+def test_probabilistic_reset_builds_up_to_256_steps(convert, tmp_path):
+    """--reset psu: the doubling levels past 256 steps are a Loop, idle at T <= 256 (dropped),
+    refused beyond, without leaving a file."""
+    conversion, path = convert(SMALL, (64,), 16, mode="psu")
+    static = tmp_path / "static.onnx"
+    conversion.export(static, batch=2, cuda_graph=True)
+    assert_static_build_matches(path, static, _x(16, 2))
+    long_run, _ = convert(SMALL, (64,), 300, mode="psu")
+    with pytest.raises(UsageError, match="T <= 256"):
+        long_run.export(tmp_path / "long.onnx", batch=1, cuda_graph=True)
+    assert not (tmp_path / "long.onnx").exists()
+
+
+def test_graph_runner_binding_returns_what_session_run_returns(convert, tmp_path):
+    """The IOBinding path of GraphRunner (on CPU buffers here; CUDA graphs need a GPU)."""
+    conversion, _ = convert(SMALL, (64,), 12)
+    static = tmp_path / "static.onnx"
+    conversion.export(static, batch=2, cuda_graph=True)
+    session = make_session(str(static), "cpu")
+    first, second = _x(12, 2).numpy(), (_x(13, 2)[:12] * 2).numpy()
+    runner = GraphRunner(session, first, device="cpu")
+    runner.clear_outputs()
+    assert np.isnan(runner.outputs[1].numpy()).all()
+    for x in (first, second):
+        want = session.run(None, {session.get_inputs()[0].name: x})
+        got = runner.run(x)
+        assert all(np.array_equal(w, g) for w, g in zip(want, got))
+
+
+def test_cli_convert_and_verify_a_static_build(tmp_path):
+    out = tmp_path / "net.onnx"
+    code, text = run("convert", SMALL, out, "--input-shape", "64", "--time-steps", "10", "--cuda-graph", "--batch", "3")
+    assert code == 0, text
+    assert "static build for CUDA graphs" in text and "static --cuda-graph build" in text
+    # verify reads batch and T from the file; other values are usage errors (exit 2)
+    assert run("verify", SMALL, out, "--input-shape", "64", "--time-steps", "10", "--provider", "cpu")[0] == 0
+    code, text = run("verify", SMALL, out, "--input-shape", "64", "--time-steps", "10", "--batch", "5")
+    assert code == 2 and "batch 3" in text
+    code, text = run("verify", SMALL, out, "--input-shape", "64", "--time-steps", "12")
+    assert code == 2 and "--time-steps 10" in text
+
+
+def test_cli_batch_without_cuda_graph_is_a_usage_error(tmp_path):
+    out = tmp_path / "net.onnx"
+    code, text = run("convert", SMALL, out, "--input-shape", "64", "--time-steps", "10", "--batch", "3")
+    assert code == 2 and "--cuda-graph" in text
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not provider_available("cuda"), reason="needs onnxruntime-gpu and a CUDA device")
+def test_cuda_graph_replay_has_parity(tmp_path):
+    out = tmp_path / "net.onnx"
+    code, text = run("convert", SMALL, out, "--input-shape", "64", "--time-steps", "64", "--cuda-graph", "--no-verify")
+    assert code == 0, text
+    code, text = run("verify", SMALL, out, "--input-shape", "64", "--time-steps", "64", "--provider", "cuda")
+    assert code == 0, text
