@@ -375,7 +375,7 @@ def run_benchmark(
     try:
         for steps in time_steps:
             say(f"T={steps}: converting with psu-export")
-            psu_paths = {}
+            psu_paths, exact = {}, None
             for mode in modes:
                 t0 = time.perf_counter()
                 with _quiet():
@@ -385,6 +385,7 @@ def run_benchmark(
                                                f"benchmark it with --time-steps {conv.layout.time_steps}")
                     path = work / f"psu_{mode}_T{steps}.onnx"
                     conv.export(path)
+                exact = conv if mode == "exact" else exact
                 seconds = time.perf_counter() - t0
                 name = "psu" if mode == "exact" else f"psu-{mode}"
                 psu_paths[name] = path
@@ -440,6 +441,8 @@ def run_benchmark(
                             f"exported with a fixed batch of {fixed} (torch.onnx.export failed with a dynamic batch)")
                         continue
                     runners[name] = lambda sess=sess, inp=inp.name: sess.run(None, {inp: feed})
+                if provider == "cuda" and exact is not None:  # the --cuda-graph build, replayed
+                    runners[GRAPH_VARIANT] = _graph_runner(exact, work, steps, batch, feed, exports)
                 # parity of ours against the naive export, on the spikes (first output)
                 agree = float(np.mean(runners["naive"]()[0] == runners["psu"]()[0])) if "naive" in runners else None
                 say(f"T={steps} B={batch}: timing {', '.join(runners)}" + (", then eager" if run_eager else ""))
@@ -448,6 +451,8 @@ def run_benchmark(
                 entry = asdict(cell)
                 entry["spike_agreement_psu_vs_naive"] = agree
                 entry["speedup_vs_naive"] = _r(cell.ratio("naive", "psu"))
+                if GRAPH_VARIANT in cell.times_ms:
+                    entry["cuda_graph_speedup_vs_naive"] = _r(cell.ratio("naive", GRAPH_VARIANT))
                 entry["speedup_vs_eager"] = _r(cell.ratio("eager", "psu"))
                 entry["psu_over_bound"] = _r(cell.ratio("psu", "bound"))
                 cells.append(entry)
@@ -460,6 +465,25 @@ def run_benchmark(
             tmp.cleanup()
     result.update({"modes": modes, "exports": exports, "cells": cells, "algorithms": sites})
     return result
+
+
+#: the variant name of the ``convert --cuda-graph`` build (CUDA provider only)
+GRAPH_VARIANT = "psu-cuda-graph"
+
+
+def _graph_runner(conversion, work: Path, steps: int, batch: int, feed, exports: list):
+    """Export the static build of ``conversion`` for (T, batch), and a function running it
+    under a CUDA graph with host input and outputs (as ``session.run`` has them)."""
+    from .runtime import GraphRunner
+
+    path = work / f"psu_cuda_graph_T{steps}_B{batch}.onnx"
+    t0 = time.perf_counter()
+    with _quiet():
+        conversion.export(path, batch=batch, cuda_graph=True)
+    exports.append({"variant": GRAPH_VARIANT, "time_steps": steps, "batch": batch, "export_s": round(time.perf_counter() - t0, 3),
+                    "file_bytes": file_size(path), "nodes": node_count(path)})
+    runner = GraphRunner(runtime.make_session(path, "cuda", cuda_graph=True), feed).warm_up()
+    return lambda: runner.run(feed)
 
 
 def _cached_path(cache_dir, model, weights, input_shape, steps):
@@ -507,21 +531,25 @@ def markdown(results: list[dict]) -> str:
         if r.get("skipped"):
             lines += ["", f"skipped: {r['skipped']}", ""]
             continue
-        variants = [v for v in ("eager", "naive", "psu", "psu-psu", "psu-stochastic", "bound") if any(v in c["times_ms"] for c in r["cells"])]
+        variants = [v for v in ("eager", "naive", "psu", GRAPH_VARIANT, "psu-psu", "psu-stochastic", "bound") if any(v in c["times_ms"] for c in r["cells"])]
         lines.append("")
-        lines.append("| T | batch | " + " | ".join(f"{v} ms" for v in variants) + " | speed-up vs naive | speed-up vs eager | psu / bound | runs |")
-        lines.append("|---:|---:|" + "---:|" * len(variants) + "---:|---:|---:|---:|")
+        graph = GRAPH_VARIANT in variants
+        lines.append("| T | batch | " + " | ".join(f"{v} ms" for v in variants) + " | speed-up vs naive |"
+                     + (" CUDA graph vs naive |" if graph else "") + " speed-up vs eager | psu / bound | runs |")
+        lines.append("|---:|---:|" + "---:|" * (len(variants) + graph) + "---:|---:|---:|---:|")
         for c in r["cells"]:
             t = c["times_ms"]
             row = [str(c["time_steps"]), str(c["batch"])] + [f"{t[v]:.3f}" if v in t else "-" for v in variants]
-            row += [_fmt(c["speedup_vs_naive"], "x"), _fmt(c["speedup_vs_eager"], "x"), _fmt(c["psu_over_bound"], "x"), str(c["runs"])]
+            row += [_fmt(c["speedup_vs_naive"], "x")] + ([_fmt(c.get("cuda_graph_speedup_vs_naive"), "x")] if graph else [])
+            row += [_fmt(c["speedup_vs_eager"], "x"), _fmt(c["psu_over_bound"], "x"), str(c["runs"])]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
         lines.append("| variant | T | export s | file kB | nodes |")
         lines.append("|---|---:|---:|---:|---:|")
         for e in r["exports"]:
             note = " (cached)" if e.get("cached") else ""
-            lines.append(f"| {e['variant']} | {e['time_steps']} | {e['export_s']:.2f}{note} | {e['file_bytes'] / 1024:.0f} | {e['nodes']} |")
+            variant = e["variant"] + (f" (batch {e['batch']})" if "batch" in e else "")
+            lines.append(f"| {variant} | {e['time_steps']} | {e['export_s']:.2f}{note} | {e['file_bytes'] / 1024:.0f} | {e['nodes']} |")
         lines.append("")
         for baseline, reason in r.get("baselines_unavailable", {}).items():
             lines.append(f"- no {baseline} baseline: {reason}")
