@@ -19,6 +19,6 @@ cat "$OUT/gpu_env.txt"
 # the models/ folder installs as psu_export.models: make it importable without installing
 [ -e psu_export/models ] || ln -s ../models psu_export/models
 [ -e psu_export/converters ] || ln -s ../converters psu_export/converters
-timeout 280 "$PY" benchmarks/run_suite.py --provider cuda --time-steps 64 --batch 1,32 --cache "" --out "$OUT" 2>&1 \
-  | grep -v -i warning | tee "$OUT/gpu_suite.log"
+timeout 240 "$PY" benchmarks/run_suite.py --provider cuda --time-steps 64 --batch 1,32 --cache "" --out "$OUT" 2>&1 \
+  | grep --line-buffered -v -i warning | tee "$OUT/gpu_suite.log"
 echo "exit: ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_suite.log"
