@@ -240,6 +240,36 @@ def make_single_step_loop() -> nn.Module:
         return SingleStepLoop()
 
 
+class FiringRateNet(nn.Module):
+    """SpikingJelly's classic ``lif_fc_mnist`` example: one static image, ``T`` single-step
+    calls, the output firing rate summed as ``out = f_0`` at step 0 and ``out += f_t``
+    after it (``style`` "if_first"), or with step 0 written before the loop
+    (``style`` "before_loop", ``out = out + f_t``), then divided by T."""
+
+    def __init__(self, time_steps: int = 8, style: str = "if_first"):
+        super().__init__()
+        self.time_steps, self.style = time_steps, style
+        self.layer = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10, bias=False), _neuron("lif", "s"))
+
+    def forward(self, x):
+        if self.style == "if_first":
+            for t in range(self.time_steps):
+                if t == 0:
+                    out_fr = self.layer(x)
+                else:
+                    out_fr += self.layer(x)
+        else:
+            out_fr = self.layer(x)
+            for _ in range(1, self.time_steps):
+                out_fr = out_fr + self.layer(x)
+        return out_fr / self.time_steps
+
+
+def make_firing_rate_net(style: str = "if_first", time_steps: int = 8) -> nn.Module:
+    with _seeded(5):
+        return FiringRateNet(time_steps, style)
+
+
 # ----------------------------------------------------------------------------- model zoo
 
 

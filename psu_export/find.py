@@ -216,6 +216,52 @@ def _match_loop(nodes: list[fx.Node], start: int, period: int, steps: int, calls
     return loop
 
 
+_ADDS = (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)
+
+
+def _start_first_step_sums(graph: fx.Graph, calls: dict[int, list[fx.Node]], pos: dict) -> bool:
+    """Give a running sum that step 0 starts by assignment an explicit first add; True if any.
+
+    SpikingJelly's classic examples sum the output as ``out = f_0`` at step 0 and
+    ``out += f_t`` (or ``out = out + f_t``) after it, so step 0 lacks the add every later
+    step has and the neuron calls are unevenly spaced.  Each such chain ``a_1 = f_0 + f_1``,
+    ``a_t = a_{t-1} + f_t`` gets ``a_0 = f_0 + 0`` at step 0's matching place (``a_1`` then
+    adds to it): the running sum of ``count = 0`` style (:func:`_accumulation`), the same
+    floats (``0 + f_0`` is ``f_0``, but for the sign of a zero).
+    """
+    first = [pos[c[1]] - pos[c[0]] for c in calls.values()]
+    later = {pos[c[k + 1]] - pos[c[k]] for c in calls.values() for k in range(1, len(c) - 1)}
+    if len(later) != 1 or len(set(first)) != 1:
+        return False
+    period, shift = later.pop(), first[0]  # step 1's nodes sit `shift` places after their step-0 copies
+    missing = period - shift  # the adds step 0 lacks
+    nodes = list(graph.nodes)
+    steps = len(next(iter(calls.values())))
+    call1 = min(pos[c[1]] for c in calls.values())
+    chains = []
+    for a1 in nodes[call1 - (period - 1):call1 + period]:
+        if a1.op != "call_function" or a1.target not in _ADDS or len(a1.args) != 2 or a1.kwargs.get("alpha", 1) != 1:
+            continue
+        f0, f1 = a1.args
+        if not (isinstance(f0, fx.Node) and isinstance(f1, fx.Node) and pos[f1] - pos[f0] == shift and len(f0.users) == 1):
+            continue
+        later_adds = [nodes[pos[a1] + k * period] if pos[a1] + k * period < len(nodes) else None for k in range(1, steps - 1)]
+        prev, ok = a1, True
+        for ak in later_adds:
+            ok = ok and ak is not None and ak.target is a1.target and ak.args[0] is prev
+            prev = ak
+        if ok:
+            chains.append((a1, f0))
+    if not chains or len(chains) != missing:
+        return False
+    for a1, f0 in chains:
+        with graph.inserting_before(nodes[pos[a1] - shift]):
+            a0 = graph.call_function(a1.target, (f0, 0))
+        a1.replace_input_with(f0, a0)
+    graph.lint()
+    return True
+
+
 def reroll(gm: fx.GraphModule) -> TimeLoop:
     """Find the repeating loop body in the captured graph (see module docstring)."""
     nodes = list(gm.graph.nodes)
@@ -230,6 +276,8 @@ def reroll(gm: fx.GraphModule) -> TimeLoop:
     if steps == 1:
         raise CaptureError("the capture ran a single time step; at least two are needed to find the loop")
     periods = {pos[c[k + 1]] - pos[c[k]] for c in calls.values() for k in range(steps - 1)}
+    if len(periods) != 1 and _start_first_step_sums(gm.graph, calls, pos):
+        return reroll(gm)
     if len(periods) != 1:
         raise NotConvertibleError({"time loop": "the neuron calls are not evenly spaced: the time steps do not repeat the same computation"})
     period = periods.pop()

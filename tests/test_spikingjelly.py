@@ -113,6 +113,20 @@ def test_single_step_neurons_in_a_forward_loop(tmp_path):
     assert conversion.layout.kind == "sequence"
 
 
+@pytest.mark.parametrize("style", ["if_first", "before_loop"])
+def test_running_sum_started_by_assignment_at_step_0(style, tmp_path):
+    """lif_fc_mnist's ``out = f_0``, then ``out += f_t``: step 0 has one add fewer than the
+    others (and so the neuron calls were unevenly spaced)."""
+    conversion = prepare(R.make_firing_rate_net(style), input_shape=(1, 28, 28), time_steps=8)
+    assert conversion.layout.kind == "static" and len(conversion.loop.accumulators) == 1
+    path = tmp_path / "m.onnx"
+    conversion.export(path)
+    x = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(1)) * 1.5
+    ref = reference_outputs(conversion.loaded.module, x, "static")[0]
+    assert 0 < float(ref.mean()) < 1
+    np.testing.assert_array_equal(run_onnx(path, x)[0], ref.numpy())
+
+
 def test_reset_net_state_is_not_baked_in(tmp_path):
     """State left in the neurons by an earlier call must not leak into the export."""
     from spikingjelly.activation_based import functional
