@@ -6,6 +6,8 @@ A plain PyTorch ``forward`` that loops over time with tensors for the membrane::
     s = spike_fn(v - thr)              # autograd surrogate whose forward is (x > 0).float(),
                                        # (v >= thr).float(), torch.heaviside(v - thr, 0), ...
     v = v - s.detach() * thr           # subtract reset   | v = v * (1 - s)  zero reset | none
+                                       # (zero reset also torch.where(s > 0, 0, v), v.masked_fill(s.bool(), 0),
+                                       #  torch.where(v > thr, 0, v))
 
 has no neuron module, so :func:`psu_export.capture.capture` (``torch.export`` with no
 opaque neurons) records the recurrence as ordinary ATen ops carrying ``v`` between the
@@ -30,7 +32,8 @@ stopped and why.  Two rules:
 Op-order rules that keep spikes bit-exact (NeuronSpec docstring, same-step timing):
 ``decay * v + d`` (IEEE ``*`` and ``+`` commute exactly); ``h - thr > 0`` is the same
 test as ``h > thr`` (with gradual underflow ``a - b`` is 0 only when ``a == b`` and keeps
-its sign); ``h - s * thr``; ``h * (1 - s)`` and ``h - h * s`` equal ``s * 0 + (1 - s) * h``.
+its sign); ``h - s * thr``; ``h * (1 - s)`` and ``h - h * s`` equal ``s * 0 + (1 - s) * h``, and
+so does ``where(s, 0, h)`` but for the sign of a zero membrane (which no spike test sees).
 SpikingJelly-style charges written by hand (``v = v + (x - (v - v_rest)) / tau``,
 ``v = v - (v - v_rest) / tau + x`` and their ``* inv_tau`` forms) map to the spec's
 ``charge="sj_*"`` forms, which keep that op order.  Other forms are refused with the node
@@ -327,13 +330,16 @@ def _split_compare(c: fx.Node, consts: _Consts) -> tuple[fx.Node, torch.Tensor, 
     return x, thr, kind, owned
 
 
-def _spikes_of(c: fx.Node) -> list[fx.Node]:
-    """The float 0/1 spike tensors made from comparison ``c`` (casts and aliases)."""
+def _spikes_of(c: fx.Node, h: fx.Node) -> list[fx.Node]:
+    """The float 0/1 spike tensors made from comparison ``c`` of ``h`` (casts and aliases);
+    a ``where(c, 0, h)`` zero reset that reads ``c`` directly is left to :func:`_find_reset`."""
     if c.target is _HEAVISIDE:
         spikes = [c]
     else:
         spikes = []
         for u in _users(c):
+            if _zeroes_where(u, h, {c}):
+                continue
             cast = (
                 (u.target is aten.to.dtype and u.args[0] is c and u.args[1] == torch.float32)
                 or (u.target is aten._to_copy.default and u.args[0] is c and u.kwargs.get("dtype") == torch.float32)
@@ -356,12 +362,57 @@ def _spikes_of(c: fx.Node) -> list[fx.Node]:
     return spikes
 
 
+_WHERE = {aten.where.self, aten.where.ScalarSelf}
+#: a bool mask of the spikes: ``s > 0``, ``s != 0``, ``s == 1``, ``s.bool()``
+_MASKS = {aten.gt.Scalar: 0, aten.ne.Scalar: 0, aten.eq.Scalar: 1}
+
+
+def _zeroes_where(u: fx.Node, h: fx.Node, masks: set, consts: "_Consts | None" = None) -> bool:
+    """``u`` is ``where(mask, 0, h)`` or ``h.masked_fill(mask, 0)`` with ``mask`` in ``masks``
+    (the zero value checked when ``consts`` is given)."""
+    if u.target in _WHERE and len(u.args) == 3 and u.args[0] in masks and u.args[2] is h:
+        zero = u.args[1]
+    elif u.target is aten.masked_fill.Scalar and len(u.args) == 3 and u.args[0] is h and u.args[1] in masks:
+        zero = u.args[2]
+    else:
+        return False
+    if consts is None:
+        return True
+    value = consts.value(zero)
+    return value is not None and bool(torch.all(value == 0))
+
+
+def _spike_masks(step: "_Step") -> set:
+    """The bool tensors that are true where the step spiked: its comparison (or the same
+    comparison written again), and masks of its spikes."""
+    c = step.compare
+    masks = {c} if c.target is not _HEAVISIDE else set()
+    masks |= {u for u in _users(c.args[0]) if u is not c and u.target is c.target and u.args[1:] == c.args[1:] and not u.kwargs}
+    for s in step.spikes:
+        for u in _users(s):
+            if (u.target in _MASKS and u.args[0] is s and u.args[1] == _MASKS[u.target]) or (
+                    u.target in (aten.to.dtype, aten._to_copy.default) and u.args[0] is s
+                    and (u.args[1:2] == (torch.bool,) or u.kwargs.get("dtype") is torch.bool)):
+                masks.add(u)
+    return masks
+
+
 def _find_reset(step: _Step, consts: _Consts) -> None:
     """Find how ``h`` is reset by the step's spikes; sets reset, v_post, owned."""
     h, spikes = step.h, set(step.spikes)
+    masks = _spike_masks(step)
     for u in _users(h):
         if u in step.owned:
             continue
+        # zero: where(mask, 0, h) or h.masked_fill(mask, 0); equal to s * 0 + (1 - s) * h but
+        # for the sign of a zero membrane (never a spike)
+        if _zeroes_where(u, h, masks, consts):
+            mask, zero = (u.args[0], u.args[1]) if u.target in _WHERE else (u.args[1], u.args[2])
+            step.reset, step.v_post = "zero", u
+            step.owned |= {u} | ({mask} if mask is not step.compare and len(_users(mask)) == 1 else set())
+            if _is_node(zero) and zero.target in _FILLS and len(_users(zero)) == 1:  # zeros_like(h): reads h's shape only
+                step.owned.add(zero)
+            return
         # subtract: h - s * thr   (or h - s when thr == 1)
         if u.target is aten.sub.Tensor and u.args[0] is h and u.kwargs.get("alpha", 1) == 1 and _is_node(u.args[1]):
             m = u.args[1]
@@ -407,7 +458,7 @@ def _match_step(c: fx.Node, consts: _Consts) -> _Step:
         raise _Fail(h, f"the value tested against the threshold ({h.target}) is not a charge 'decay * v + input'"
                        + _hint(h))
     step = _Step(h=h, charges=charges, compare=c, threshold=thr, cmp=kind, owned=owned | {h})
-    step.spikes = _spikes_of(c)
+    step.spikes = _spikes_of(c, h)
     step.owned |= set(step.spikes)
     _find_reset(step, consts)
     return step
@@ -638,13 +689,17 @@ def _dedupe(fails: list) -> dict[str, str]:
 
 
 def _match_lif(gm, consts, fails) -> list[HandwrittenSite]:
-    steps = []
+    steps, failed = [], []
     for n in gm.graph.nodes:
         if n.op == "call_function" and n.target in _COMPARE_TARGETS:
             try:
                 steps.append(_match_step(n, consts))
             except _Fail as exc:
-                fails.append(exc)
+                failed.append((n, exc))
+    # a step's spike mask (s > 0, or its comparison written again for the reset) is no spike test
+    masks = {n for s in steps for n in s.owned if n is not s.compare}
+    steps = [s for s in steps if s.compare not in masks]
+    fails += [exc for n, exc in failed if n not in masks]
     sites = []
     pos = {n: i for i, n in enumerate(gm.graph.nodes)}
     for chain in _chains(steps, _carried_lif, pos, fails):
@@ -708,7 +763,7 @@ def _replace(gm: fx.GraphModule, site: HandwrittenSite, index: int, renamed: dic
     """Each step becomes ``call = psu_capture.neuron(drive, states, index, 2)``; its nodes are removed."""
     graph = gm.graph
     doomed = _all_owned(site)
-    keep = lambda u: u not in doomed  # noqa: E731
+    keep = lambda u: u not in doomed and u.target not in _ASSERTS  # noqa: E731  (a removed node's dtype checks go with it)
 
     def now(n):
         while n in renamed:

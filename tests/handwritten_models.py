@@ -60,6 +60,34 @@ class BatchFirstMLP(TwoLayerMLP):
         return tuple(o.transpose(0, 1) for o in super().forward(x.transpose(0, 1)))
 
 
+class WhereResets(nn.Module):
+    """Zero resets written with ``torch.where`` / ``masked_fill``: on a float spike's mask,
+    on the spike test itself (a second comparison), and spikes made by ``where(v > thr, 1, 0)``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(8, 16), nn.Linear(16, 12), nn.Linear(12, 4)
+        self.beta, self.thr = 0.85, 1.0
+
+    def forward(self, x):
+        v1, v2, v3 = torch.zeros(x.shape[1], 16), torch.zeros(x.shape[1], 12), torch.zeros(x.shape[1], 4)
+        spikes, mems = [], []
+        for t in range(x.shape[0]):
+            v1 = self.beta * v1 + self.fc1(x[t])
+            s1 = torch.where(v1 > self.thr, 1.0, 0.0)
+            v1 = torch.where(s1 > 0, torch.zeros_like(v1), v1)
+            v2 = self.beta * v2 + self.fc2(s1)
+            s2 = (v2 > self.thr).float()
+            v2 = v2.masked_fill(s2.bool(), 0.0)
+            v3 = self.beta * v3 + self.fc3(s2)
+            s3 = (v3 > self.thr).float()
+            v3 = torch.where(v3 > self.thr, 0.0, v3)
+            spikes.append(s3)
+            mems.append(v3)
+        return torch.stack(spikes), torch.stack(mems)
+
+
 class OddConvNet(nn.Module):
     """Nobody would write it like this: lazy state, per-channel decay buffer, heaviside,
     ``cur + v * decay`` order, a leaky readout with ``1 - 1/tau`` and a Python-float accumulator."""
@@ -167,6 +195,10 @@ class PreResetReadout(nn.Module):
 
 def make_mlp():
     return TwoLayerMLP()
+
+
+def make_where():
+    return WhereResets()
 
 
 def make_conv():

@@ -46,6 +46,7 @@ def _check_parity(path, model, x):
         ("make_mlp", (8,), "leaky", ["subtract", "zero"]),
         ("make_conv", (1, 8, 8), "leaky", ["subtract", "none", "none"]),
         ("make_tau", (8,), "sj_decay_input", ["zero"]),
+        ("make_where", (8,), "leaky", ["zero", "zero", "zero"]),
     ],
 )
 def test_sequence_loops_convert_exactly(convert, factory, shape, charge, resets):
