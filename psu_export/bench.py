@@ -255,6 +255,9 @@ def export_bound(module, neurons, layout, path) -> float:
 
     from .capture import is_multi_step
 
+    if any(n.converter.name == "handwritten" for n in neurons):
+        raise BaselineExportError("the neurons are arithmetic written in the model's forward (hand-written loops), "
+                                  "not modules that an activation could replace, so no bound is built")
     if layout.kind == "static" and not is_multi_step(neurons):
         raise BaselineExportError(f"the model repeats one input {layout.time_steps} times in its own loop; with its neurons "
                                   "replaced by activations it would still run every step, so no time-folded bound is built")

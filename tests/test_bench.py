@@ -189,6 +189,19 @@ def test_bound_of_a_model_returning_nested_states(tmp_path):
     assert export_bound(conv.loaded.module, conv.neurons, conv.layout, tmp_path / "bound.onnx") > 0
 
 
+def test_no_bound_for_hand_written_neurons_with_the_reason(tmp_path):
+    from pathlib import Path
+
+    from psu_export.bench import BaselineExportError, export_bound
+    from psu_export.pipeline import prepare
+
+    models = Path(__file__).resolve().parent / "handwritten_models.py"
+    conv = prepare(f"{models}:make_mlp", input_shape=(8,), time_steps=6)
+    with pytest.raises(BaselineExportError, match="hand-written loops"):
+        export_bound(conv.loaded.module, conv.neurons, conv.layout, tmp_path / "bound.onnx")
+    assert not (tmp_path / "bound.onnx").exists()
+
+
 def test_cuda_is_skipped_cleanly_when_unavailable():
     from psu_export.bench import provider_available, run_benchmark
 
