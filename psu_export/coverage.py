@@ -53,7 +53,7 @@ def handwritten_rows() -> list[CoverageRow]:
         exact("lif", f"{sj}; any of the resets", spec_options("subtract", charge="sj_decay_input")),
         exact("lif", "the reset written before the charge (v = v - s * thr at the top of the next step)"),
         exact("lif", "inside forward over a [T, B, ...] sequence, or over a static [B, ...] input repeated for a fixed T"),
-        exact("integrator", "v = decay * v + x or acc = acc + x with no spike test (readouts, spike counters)", spec_options("none")),
+        exact("integrator", "v = decay * v + x with no spike test (readouts; a plain acc = acc + x becomes a cumulative sum)", spec_options("none")),
         unsupported("lif", "a subtract reset that removes something other than the threshold",
                     "the subtract reset removes ..., not the threshold (NeuronSpec subtracts the threshold)"),
         unsupported("lif", "a threshold that depends on the input or on time", "the threshold is not a constant"),

@@ -26,8 +26,10 @@ stopped and why.  Two rules:
                 charge (``v = v - s * thr`` at the top of the next step): the data flow
                 is the same, and the value carried is then the pre-reset membrane, which
                 must not be used outside the neuron (the spec reports the post-reset one)
-``integrator``  a reset-free chain ``v = decay * v + d`` or ``acc = acc + d`` (readouts,
-                spike counters): a spec with ``reset="none"`` and threshold ``+inf``
+``integrator``  a reset-free chain ``v = decay * v + d`` (readouts): a spec with
+                ``reset="none"`` and threshold ``+inf``; a plain running sum ``acc = acc + d``
+                (a spike counter) is left to the re-roll, which computes it as one
+                cumulative sum (:attr:`psu_export.find.TimeLoop.accumulators`)
 
 Op-order rules that keep spikes bit-exact (NeuronSpec docstring, same-step timing):
 ``decay * v + d`` (IEEE ``*`` and ``+`` commute exactly); ``h - thr > 0`` is the same
@@ -747,6 +749,8 @@ def _match_integrators(gm, consts, taken: set, period: int | None, steps_n: int 
         gaps = {pos[b.h] - pos[a.h] for a, b in zip(chain, chain[1:])}
         if len(chain) != steps_n or gaps != {period}:
             continue  # not a recurrence over the time loop
+        if all(s.charge.form == "leaky" and s.charge.decay is None and s.charge.mul is None for s in chain[1:]):
+            continue  # a plain running sum (acc = acc + d): the re-roll makes it one cumulative sum
         try:
             ch0, node0, v0 = _first_charge(chain[0], chain[1], consts)
             chain[0].charge = ch0

@@ -44,7 +44,7 @@ def _check_parity(path, model, x):
     "factory, shape, charge, resets",
     [
         ("make_mlp", (8,), "leaky", ["subtract", "zero"]),
-        ("make_conv", (1, 8, 8), "leaky", ["subtract", "none", "none"]),
+        ("make_conv", (1, 8, 8), "leaky", ["subtract", "none"]),  # and acc = acc + u: a cumulative sum
         ("make_tau", (8,), "sj_decay_input", ["zero"]),
         ("make_where", (8,), "leaky", ["zero", "zero", "zero"]),
     ],
