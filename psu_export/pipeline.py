@@ -118,7 +118,7 @@ class Conversion:
             raise UsageError(f"{onnx_path} is a --cuda-graph build for inputs of shape {list(static)}; the --data input is {list(x.shape)}.")
         if raster:
             self.write_raster(onnx_path, x, raster)
-        rewrite_result, provider_results = self._compare(onnx_path, x, providers, required_providers)
+        rewrite_result, provider_results = self._compare(onnx_path, x, providers, required_providers, cuda_graph=static is not None)
         report = ParityReport(
             mode=self.mode,
             time_steps=self.layout.time_steps if self.layout.time_axis is None else int(x.shape[self.layout.time_axis]),
@@ -167,7 +167,8 @@ class Conversion:
             raise UsageError(f"{onnx_path} is a --cuda-graph build for batch {static[self.layout.batch_axis]}; leave out --batch or give that.")
         return static[self.layout.batch_axis]
 
-    def _compare(self, onnx_path, x, providers, required=()):
+    def _compare(self, onnx_path, x, providers, required=(), cuda_graph: bool = False):
+        """Original vs rewrite vs onnxruntime on ``x``; ``cuda_graph``: the CUDA run replays a CUDA graph."""
         time_first = self.layout.batch_axis == 1  # the outputs' layout; layer spikes are always [T, B, ...]
         ref_out, ref_layers = run_original(self.loaded.module, self.neurons, self.layout, x)
         par_out, par_layers = run_parallel(self.parallel, x)
@@ -180,13 +181,12 @@ class Conversion:
         rewrite_result.layers = [compare_tensors(name, ref_layers[name], par_layers[name], True, gaps.get(name)) for name in par_layers if name in ref_layers]
         _excuse_propagated_ties(rewrite_result)
         model_bytes, layer_outputs, n_outputs = onnx_with_layer_outputs(onnx_path)
-        static = static_input_shape(onnx_path) is not None
         results = []
         for provider in providers:
             result = ProviderResult(provider, approximate=approximate)
             try:
                 onnx_out, onnx_layers = run_onnx(model_bytes, layer_outputs, n_outputs, x.numpy(), provider,
-                                                 cuda_graph=static and provider == "cuda")
+                                                 cuda_graph=cuda_graph and provider == "cuda")
             except ProviderUnavailable as exc:
                 result.available = False
                 # asked for by name: a failure; part of "all": listed as unavailable
