@@ -332,7 +332,7 @@ def _split_compare(c: fx.Node, consts: _Consts) -> tuple[fx.Node, torch.Tensor, 
     return x, thr, kind, owned
 
 
-def _spikes_of(c: fx.Node, h: fx.Node) -> list[fx.Node]:
+def _spikes_of(c: fx.Node, h: fx.Node, consts: "_Consts") -> list[fx.Node]:
     """The float 0/1 spike tensors made from comparison ``c`` of ``h`` (casts and aliases);
     a ``where(c, 0, h)`` zero reset that reads ``c`` directly is left to :func:`_find_reset`."""
     if c.target is _HEAVISIDE:
@@ -340,7 +340,7 @@ def _spikes_of(c: fx.Node, h: fx.Node) -> list[fx.Node]:
     else:
         spikes = []
         for u in _users(c):
-            if _zeroes_where(u, h, {c}):
+            if _zeroes_where(u, h, {c}, consts):
                 continue
             cast = (
                 (u.target is aten.to.dtype and u.args[0] is c and u.args[1] == torch.float32)
@@ -369,17 +369,14 @@ _WHERE = {aten.where.self, aten.where.ScalarSelf}
 _MASKS = {aten.gt.Scalar: 0, aten.ne.Scalar: 0, aten.eq.Scalar: 1}
 
 
-def _zeroes_where(u: fx.Node, h: fx.Node, masks: set, consts: "_Consts | None" = None) -> bool:
-    """``u`` is ``where(mask, 0, h)`` or ``h.masked_fill(mask, 0)`` with ``mask`` in ``masks``
-    (the zero value checked when ``consts`` is given)."""
+def _zeroes_where(u: fx.Node, h: fx.Node, masks: set, consts: "_Consts") -> bool:
+    """``u`` is ``where(mask, 0, h)`` or ``h.masked_fill(mask, 0)`` with ``mask`` in ``masks``."""
     if u.target in _WHERE and len(u.args) == 3 and u.args[0] in masks and u.args[2] is h:
         zero = u.args[1]
     elif u.target is aten.masked_fill.Scalar and len(u.args) == 3 and u.args[0] is h and u.args[1] in masks:
         zero = u.args[2]
     else:
         return False
-    if consts is None:
-        return True
     value = consts.value(zero)
     return value is not None and bool(torch.all(value == 0))
 
@@ -460,7 +457,7 @@ def _match_step(c: fx.Node, consts: _Consts) -> _Step:
         raise _Fail(h, f"the value tested against the threshold ({h.target}) is not a charge 'decay * v + input'"
                        + _hint(h))
     step = _Step(h=h, charges=charges, compare=c, threshold=thr, cmp=kind, owned=owned | {h})
-    step.spikes = _spikes_of(c, h)
+    step.spikes = _spikes_of(c, h, consts)
     step.owned |= set(step.spikes)
     _find_reset(step, consts)
     return step
