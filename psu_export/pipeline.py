@@ -59,6 +59,9 @@ class Conversion:
     def export(self, out_path, batch: int = 2, extra_metadata: dict[str, str] | None = None, cuda_graph: bool = False) -> EmittedModel:
         """Write the ONNX file; ``cuda_graph``: a static build for batch ``batch`` and this T
         (:mod:`psu_export.cuda_graph`)."""
+        if cuda_graph and not self.captured.dynamic_batch and batch != 2:
+            raise UsageError(f"--batch {batch}: this model was captured with its batch fixed at 2 ({'; '.join(self.captured.notes)}); "
+                             "build it with --batch 2.")
         example = self.layout.example(batch)
         meta = dict(metadata(self.parallel, self.loaded.source, self.mode), **(extra_metadata or {}))
         if self.mode != "exact":

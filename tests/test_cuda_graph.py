@@ -53,6 +53,14 @@ def test_probabilistic_reset_builds_up_to_256_steps(convert, tmp_path):
     assert not (tmp_path / "long.onnx").exists()
 
 
+def test_a_model_captured_at_a_fixed_batch_builds_at_that_batch_only(convert, tmp_path):
+    conversion, _ = convert(SMALL, (64,), 8)
+    conversion.captured.dynamic_batch = False  # as when torch.export could not keep the batch symbolic
+    with pytest.raises(UsageError, match="--batch 2"):
+        conversion.export(tmp_path / "static.onnx", batch=1, cuda_graph=True)
+    assert not (tmp_path / "static.onnx").exists()
+
+
 def test_graph_runner_binding_returns_what_session_run_returns(convert, tmp_path):
     """The IOBinding path of GraphRunner (on CPU buffers here; CUDA graphs need a GPU)."""
     conversion, _ = convert(SMALL, (64,), 12)
