@@ -14,7 +14,9 @@ bound to fixed device buffers (IOBinding).
 1. the input's batch and time dimensions are fixed;
 2. the model-local ``psu`` functions are inlined and the shape computations folded
    (onnxscript's optimizer; a ``T <= limit`` choice between closed form and scan is then
-   a constant and keeps its branch);
+   a constant and keeps its branch; a closed form's ``T x T`` kernel of decay powers is
+   folded too, computed by numpy instead of onnxruntime, so a reset-free layer's membrane
+   may differ in the last bit while its spikes do not);
 3. every ``Scan`` is unrolled over T (:func:`unroll_scans`): step t's copy of the body
    reads slice t of the scan input and the states of step t-1, the same nodes in the same
    order as the scan ran them, so membranes and spikes are bit-identical.
