@@ -16,7 +16,8 @@ bound to fixed device buffers (IOBinding).
    (onnxscript's optimizer; a ``T <= limit`` choice between closed form and scan is then
    a constant and keeps its branch; a closed form's ``T x T`` kernel of decay powers is
    folded too, computed by numpy instead of onnxruntime, so a reset-free layer's membrane
-   may differ in the last bit while its spikes do not);
+   may differ in the last bit, and a spike only at a float tie with the threshold, which
+   verify reports);
 3. every ``Scan`` is unrolled over T (:func:`unroll_scans`): step t's copy of the body
    reads slice t of the scan input and the states of step t-1, the same nodes in the same
    order as the scan ran them, so membranes and spikes are bit-identical.
