@@ -7,7 +7,8 @@ A plain PyTorch ``forward`` that loops over time with tensors for the membrane::
                                        # (v >= thr).float(), torch.heaviside(v - thr, 0), ...
     v = v - s.detach() * thr           # subtract reset   | v = v * (1 - s)  zero reset | none
                                        # (zero reset also torch.where(s > 0, 0, v), v.masked_fill(s.bool(), 0),
-                                       #  torch.where(v > thr, 0, v))
+                                       #  torch.where(v > thr, 0, v), v[s > 0] = 0; updates may be in place:
+                                       #  v -= s * thr, v *= 1 - s, v.masked_fill_(...), see _out_of_place)
 
 has no neuron module, so :func:`psu_export.capture.capture` (``torch.export`` with no
 opaque neurons) records the recurrence as ordinary ATen ops carrying ``v`` between the
@@ -75,6 +76,9 @@ _COMPARE_TARGETS = set(_CMP) | {_HEAVISIDE}
 _COMPARE_FUNCS = {"gt", "ge", "lt", "le", "greater", "greater_equal", "less", "less_equal",
                   "__gt__", "__ge__", "__lt__", "__le__", "heaviside"}
 _ALIASES = {aten.detach.default, aten.clone.default, aten.alias.default, aten.contiguous.default, aten.lift_fresh_copy.default}
+#: ops whose result shares memory with their input
+_VIEWS = {aten.view.default, aten.reshape.default, aten.expand.default, aten.alias.default, aten.slice.Tensor, aten.select.int,
+          aten.transpose.int, aten.permute.default, aten.squeeze.dim, aten.unsqueeze.default, aten.t.default, aten.detach.default}
 _ASSERTS = {aten._assert_tensor_metadata.default} if hasattr(aten, "_assert_tensor_metadata") else set()
 _FILLS = {
     aten.zeros.default: lambda n: 0.0,
@@ -375,10 +379,18 @@ def _zeroes_where(u: fx.Node, h: fx.Node, masks: set, consts: "_Consts") -> bool
         zero = u.args[1]
     elif u.target is aten.masked_fill.Scalar and len(u.args) == 3 and u.args[0] is h and u.args[1] in masks:
         zero = u.args[2]
+    elif (u.target is aten.index_put.default and len(u.args) == 3 and _is_copy_of(u.args[0], h) and len(u.args[1]) == 1
+          and u.args[1][0] in masks):  # h[mask] = 0, on h or on h.clone()
+        zero = u.args[2]
     else:
         return False
     value = consts.value(zero)
     return value is not None and bool(torch.all(value == 0))
+
+
+def _is_copy_of(x, h: fx.Node) -> bool:
+    """``x`` is ``h`` or a clone of it read by nothing else."""
+    return x is h or (_is_node(x) and x.target is aten.clone.default and x.args[0] is h and len(_users(x)) == 1)
 
 
 def _spike_masks(step: "_Step") -> set:
@@ -400,15 +412,19 @@ def _find_reset(step: _Step, consts: _Consts) -> None:
     """Find how ``h`` is reset by the step's spikes; sets reset, v_post, owned."""
     h, spikes = step.h, set(step.spikes)
     masks = _spike_masks(step)
-    for u in _users(h):
+    copies = [c for c in _users(h) if c is not h and _is_copy_of(c, h)]
+    for u in _users(h) + [cu for c in copies for cu in _users(c)]:
         if u in step.owned:
             continue
         # zero: where(mask, 0, h) or h.masked_fill(mask, 0); equal to s * 0 + (1 - s) * h but
         # for the sign of a zero membrane (never a spike)
         if _zeroes_where(u, h, masks, consts):
             mask, zero = (u.args[0], u.args[1]) if u.target in _WHERE else (u.args[1], u.args[2])
+            mask = mask[0] if isinstance(mask, (list, tuple)) else mask  # index_put's [mask]
             step.reset, step.v_post = "zero", u
             step.owned |= {u} | ({mask} if mask is not step.compare and len(_users(mask)) == 1 else set())
+            if u.args[0] is not h:  # the clone the reset wrote into
+                step.owned.add(u.args[0])
             if _is_node(zero) and zero.target in _FILLS and len(_users(zero)) == 1:  # zeros_like(h): reads h's shape only
                 step.owned.add(zero)
             return
@@ -824,9 +840,48 @@ def _all_owned(site: HandwrittenSite) -> set:
     return owned
 
 
+#: in-place ops of hand-written updates (``mem -= spk * thr``, ``mem *= 1 - spk``,
+#: ``mem.masked_fill_(mask, 0)``, ``mem[mask] = 0``) and their out-of-place forms
+_OUT_OF_PLACE = {
+    aten.add_.Tensor: aten.add.Tensor, aten.sub_.Tensor: aten.sub.Tensor, aten.mul_.Tensor: aten.mul.Tensor,
+    aten.div_.Tensor: aten.div.Tensor, aten.add_.Scalar: aten.add.Scalar, aten.sub_.Scalar: aten.sub.Scalar,
+    aten.mul_.Scalar: aten.mul.Scalar, aten.div_.Scalar: aten.div.Scalar,
+    aten.masked_fill_.Scalar: aten.masked_fill.Scalar, aten.index_put_.default: aten.index_put.default,
+}
+
+
+def _out_of_place(graph: fx.Graph) -> None:
+    """Rewrite in-place updates of tensors computed in the graph as out-of-place ones.
+
+    ``y = x.op_(...)`` becomes ``y = op(x, ...)`` and every later reader of ``x`` reads
+    ``y``: the same values, and a recurrence the rules can follow from step to step.  A
+    tensor with a view (whose readers would see the update through it) is left alone.
+    """
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _OUT_OF_PLACE:
+            continue
+        x = node.args[0]
+        if not _is_node(x) or x.op != "call_function" or any(u.target in _VIEWS for u in x.users):
+            continue
+        later = False
+        after = set()
+        for n in graph.nodes:  # the nodes after the update
+            if later:
+                after.add(n)
+            later = later or n is node
+        with graph.inserting_after(node):
+            functional = graph.call_function(_OUT_OF_PLACE[node.target], node.args, node.kwargs)
+        node.replace_all_uses_with(functional)
+        for u in list(x.users):
+            if u in after and u is not functional:
+                u.replace_input_with(x, functional)
+        graph.erase_node(node)
+
+
 def apply_patterns(captured: CapturedGraph) -> list[HandwrittenSite]:
     """Replace every recognised recurrence of ``captured`` by opaque neuron calls (in place)."""
     gm = captured.graph_module
+    _out_of_place(gm.graph)
     consts = _Consts(gm)
     fails: list[_Fail] = []
     sites = _match_lif(gm, consts, fails)

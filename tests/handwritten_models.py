@@ -88,6 +88,36 @@ class WhereResets(nn.Module):
         return torch.stack(spikes), torch.stack(mems)
 
 
+class InPlaceResets(nn.Module):
+    """Resets written in place: ``-=``, ``*=``, ``masked_fill_`` and ``v[mask] = 0`` on a clone."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.fcs = nn.ModuleList([nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 12), nn.Linear(12, 4)])
+        self.beta, self.thr = 0.9, 1.0
+
+    def forward(self, x):
+        v = [torch.zeros(x.shape[1], fc.out_features) for fc in self.fcs]
+        spikes = []
+        for t in range(x.shape[0]):
+            h = x[t]
+            for i, fc in enumerate(self.fcs):
+                v[i] = self.beta * v[i] + fc(h)
+                h = (v[i] > self.thr).float()
+                if i == 0:
+                    v[i] -= h * self.thr
+                elif i == 1:
+                    v[i] *= 1 - h
+                elif i == 2:
+                    v[i].masked_fill_(h.bool(), 0.0)
+                else:
+                    v[i] = v[i].clone()
+                    v[i][h > 0] = 0.0
+            spikes.append(h)
+        return torch.stack(spikes)
+
+
 class OddConvNet(nn.Module):
     """Nobody would write it like this: lazy state, per-channel decay buffer, heaviside,
     ``cur + v * decay`` order, a leaky readout with ``1 - 1/tau`` and a Python-float accumulator."""
@@ -195,6 +225,10 @@ class PreResetReadout(nn.Module):
 
 def make_mlp():
     return TwoLayerMLP()
+
+
+def make_in_place():
+    return InPlaceResets()
 
 
 def make_where():

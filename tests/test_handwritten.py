@@ -47,6 +47,7 @@ def _check_parity(path, model, x):
         ("make_conv", (1, 8, 8), "leaky", ["subtract", "none"]),  # and acc = acc + u: a cumulative sum
         ("make_tau", (8,), "sj_decay_input", ["zero"]),
         ("make_where", (8,), "leaky", ["zero", "zero", "zero"]),
+        ("make_in_place", (8,), "leaky", ["subtract", "zero", "zero", "zero"]),
     ],
 )
 def test_sequence_loops_convert_exactly(convert, factory, shape, charge, resets):
