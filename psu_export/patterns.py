@@ -97,7 +97,7 @@ _ELEMENTWISE = {
     aten.div.Tensor, aten.div.Scalar, aten.rsub.Scalar, aten.rsub.Tensor, aten.neg.default, aten.reciprocal.default,
     aten.sigmoid.default, aten.exp.default, aten.log.default, aten.sqrt.default, aten.tanh.default, aten.abs.default,
     aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default, aten.pow.Tensor_Scalar, aten.pow.Scalar,
-    aten.to.dtype, aten._to_copy.default, aten.detach.default, aten.clone.default, aten.alias.default,
+    aten.to.dtype, aten._to_copy.default, aten.detach.default, aten.detach_.default, aten.clone.default, aten.alias.default,
     aten.lift_fresh_copy.default, aten.view.default, aten.reshape.default, aten.expand.default,
 }
 

@@ -89,7 +89,8 @@ class WhereResets(nn.Module):
 
 
 class InPlaceResets(nn.Module):
-    """Resets written in place: ``-=``, ``*=``, ``masked_fill_`` and ``v[mask] = 0`` on a clone."""
+    """Resets written in place: ``-=``, ``*=``, ``masked_fill_`` and ``v[mask] = 0`` on a clone;
+    the first spike test a ``torch.heaviside`` with a tensor made in ``forward``."""
 
     def __init__(self):
         super().__init__()
@@ -104,7 +105,8 @@ class InPlaceResets(nn.Module):
             h = x[t]
             for i, fc in enumerate(self.fcs):
                 v[i] = self.beta * v[i] + fc(h)
-                h = (v[i] > self.thr).float()
+                # (a tensor made in forward is a lifted constant, detached in place)
+                h = torch.heaviside(v[i] - self.thr, torch.tensor(0.0)) if i == 0 else (v[i] > self.thr).float()
                 if i == 0:
                     v[i] -= h * self.thr
                 elif i == 1:
