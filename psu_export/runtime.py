@@ -100,6 +100,8 @@ class GraphRunner:
             shape = [d if isinstance(d, int) else None for d in out.shape]
             if None in shape:
                 raise ValueError(f"output {out.name} has no static shape {out.shape}; CUDA graphs need a static build")
+            if out.type not in _NUMPY_TYPES:
+                raise ValueError(f"output {out.name} is a {out.type}, which GraphRunner does not bind")
             self.outputs.append(ort.OrtValue.ortvalue_from_shape_and_type(shape, _NUMPY_TYPES[out.type], device, 0))
             self.binding.bind_ortvalue_output(out.name, self.outputs[-1])
 
@@ -126,4 +128,6 @@ class GraphRunner:
         return [o.numpy() for o in self.outputs]
 
 
-_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(bool)": np.bool_, "tensor(double)": np.float64}
+_NUMPY_TYPES = {f"tensor({name})": dtype for name, dtype in (
+    ("float", np.float32), ("double", np.float64), ("float16", np.float16), ("int64", np.int64), ("int32", np.int32),
+    ("int8", np.int8), ("uint8", np.uint8), ("bool", np.bool_))}
