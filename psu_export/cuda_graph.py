@@ -137,9 +137,7 @@ def _drop_idle_loops(graph: onnx.GraphProto) -> int:
 def _static_length(graph: onnx.GraphProto, name: str, axis: int) -> int:
     """The static size of ``name``'s dimension ``axis`` (from shape inference)."""
     known = {v.name: v for v in list(graph.input) + list(graph.value_info) + list(graph.output)}
-    if name not in known:
-        raise CaptureError(f"--cuda-graph: cannot unroll the scan over {name!r}: its length is not static (please report it)")
-    dims = known[name].type.tensor_type.shape.dim
+    dims = known[name].type.tensor_type.shape.dim if name in known else []
     if axis >= len(dims) or not dims[axis].HasField("dim_value"):
         raise CaptureError(f"--cuda-graph: cannot unroll the scan over {name!r}: its length is not static (please report it)")
     return dims[axis].dim_value

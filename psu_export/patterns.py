@@ -412,7 +412,7 @@ def _find_reset(step: _Step, consts: _Consts) -> None:
     """Find how ``h`` is reset by the step's spikes; sets reset, v_post, owned."""
     h, spikes = step.h, set(step.spikes)
     masks = _spike_masks(step)
-    copies = [c for c in _users(h) if c is not h and _is_copy_of(c, h)]
+    copies = [c for c in _users(h) if _is_copy_of(c, h)]
     for u in _users(h) + [cu for c in copies for cu in _users(c)]:
         if u in step.owned:
             continue
@@ -863,12 +863,10 @@ def _out_of_place(graph: fx.Graph) -> None:
         x = node.args[0]
         if not _is_node(x) or x.op != "call_function" or any(u.target in _VIEWS for u in x.users):
             continue
-        later = False
-        after = set()
-        for n in graph.nodes:  # the nodes after the update
-            if later:
-                after.add(n)
-            later = later or n is node
+        after, n = set(), node.next
+        while n.op != "root":  # the nodes after the update (fx keeps them in a ring)
+            after.add(n)
+            n = n.next
         with graph.inserting_after(node):
             functional = graph.call_function(_OUT_OF_PLACE[node.target], node.args, node.kwargs)
         node.replace_all_uses_with(functional)

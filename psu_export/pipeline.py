@@ -111,8 +111,7 @@ class Conversion:
 
         ``raster``: also write a PNG spike raster of the original vs onnxruntime (CPU).
         """
-        check_onnx_matches(onnx_path, self)
-        static = static_input_shape(onnx_path)
+        static = static_input_shape(check_onnx_matches(onnx_path, self))
         if static is not None:  # a --cuda-graph build runs at its own batch and T only
             batch, extra_time_steps = self._static_batch(static, onnx_path, batch), False
         batch = batch or 4
@@ -267,16 +266,16 @@ def accuracies(conversion: Conversion, x, target) -> dict[str, float]:
     return out
 
 
-def static_input_shape(onnx_path) -> tuple[int, ...] | None:
+def static_input_shape(model: onnx.ModelProto) -> tuple[int, ...] | None:
     """The input shape of a ``--cuda-graph`` build (None for other files)."""
-    model = onnx.load(str(onnx_path), load_external_data=False)
     if {p.key: p.value for p in model.metadata_props}.get(STATIC_KEY) != "true":
         return None
     return tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim)
 
 
-def check_onnx_matches(onnx_path, conversion: Conversion) -> None:
-    """Refuse to verify an ONNX file that was not converted from this model."""
+def check_onnx_matches(onnx_path, conversion: Conversion) -> onnx.ModelProto:
+    """Refuse to verify an ONNX file that was not converted from this model; returns the
+    file's model (without external weights)."""
     path = Path(onnx_path)
     if not path.is_file():
         raise UsageError(f"The ONNX file {path} does not exist.")
@@ -301,6 +300,7 @@ def check_onnx_matches(onnx_path, conversion: Conversion) -> None:
             f"(file: {[s['name'] for s in sites]}, shape {meta.get('psu_export.sample_shape')}; "
             f"model: {[s['name'] for s in ours]}, shape {list(conversion.layout.sample_shape)}). Convert it again."
         )
+    return model
 
 
 def sample_shape_from(input_shape: str | None, onnx_path=None) -> tuple[int, ...]:

@@ -95,7 +95,7 @@ class GraphRunner:
         name = session.get_inputs()[0].name
         self.input = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x), device, 0)
         self.binding.bind_ortvalue_input(name, self.input)
-        self.outputs = []
+        self.outputs, self._blanks = [], []  # the device buffers, and what clear_outputs fills them with
         for out in session.get_outputs():  # a static build: every output shape is known
             shape = [d if isinstance(d, int) else None for d in out.shape]
             if None in shape:
@@ -104,6 +104,7 @@ class GraphRunner:
                 raise ValueError(f"output {out.name} is a {out.type}, which GraphRunner does not bind")
             self.outputs.append(ort.OrtValue.ortvalue_from_shape_and_type(shape, _NUMPY_TYPES[out.type], device, 0))
             self.binding.bind_ortvalue_output(out.name, self.outputs[-1])
+            self._blanks.append(np.full(shape, np.nan if np.dtype(_NUMPY_TYPES[out.type]).kind == "f" else 0, _NUMPY_TYPES[out.type]))
 
     def warm_up(self, runs: int = 3) -> "GraphRunner":
         """Run a few times: onnxruntime first runs the graph normally, then captures it."""
@@ -113,9 +114,8 @@ class GraphRunner:
 
     def clear_outputs(self) -> None:
         """Fill the output buffers with NaN (zeros for integers): a replay that skipped work shows."""
-        for o in self.outputs:
-            current = o.numpy()
-            o.update_inplace(np.full(current.shape, np.nan if current.dtype.kind == "f" else 0, dtype=current.dtype))
+        for o, blank in zip(self.outputs, self._blanks):
+            o.update_inplace(blank)
 
     def replay(self) -> None:
         """One run on the bound buffers, nothing copied to or from the host."""
