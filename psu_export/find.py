@@ -60,6 +60,31 @@ class TimeLoop:
     #: no loop at all: every neuron takes the whole sequence (multi-step modules), so the
     #: captured graph already runs all steps at once; every node is ``static``
     sequence: bool = False
+    #: suffix node -> positions of its arguments that are the number of steps T (``count /
+    #: x.shape[0]`` after a loop over ``x``: the capture wrote its own T as a number)
+    time_length_args: dict[fx.Node, list[int]] = field(default_factory=dict)
+
+    def reads_capture_length(self) -> bool:
+        """Whether a suffix argument is a number equal to the capture's T (it may be T itself:
+        :func:`mark_time_length_args` tells by a second capture)."""
+        return any(_is_number(a, self.steps) for node in self.suffix for a in node.args)
+
+
+def _is_number(value, equal_to) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == equal_to
+
+
+def mark_time_length_args(loop: TimeLoop, longer: TimeLoop) -> None:
+    """Record in ``loop`` the suffix arguments that are T: equal to ``loop.steps`` there and to
+    ``longer.steps`` in ``longer``, the same model captured one step longer (its suffix the
+    same nodes).  Other numbers derived from T stay as captured (verify's runs at other T
+    catch them)."""
+    if [n.target for n in loop.suffix] != [n.target for n in longer.suffix]:
+        return
+    for node, other in zip(loop.suffix, longer.suffix):
+        for i, (a, b) in enumerate(zip(node.args, other.args)):
+            if _is_number(a, loop.steps) and _is_number(b, longer.steps):
+                loop.time_length_args.setdefault(node, []).append(i)
 
 
 def _calls(graph: fx.Graph) -> dict[int, list[fx.Node]]:
@@ -262,8 +287,31 @@ def _start_first_step_sums(graph: fx.Graph, calls: dict[int, list[fx.Node]], pos
     return True
 
 
+def _selects_from_unbind(graph: fx.Graph) -> None:
+    """Write ``for x_t in x`` (``x.unbind(dim)``, one ``getitem`` per step, all made before
+    the loop) as ``select(x, dim, t)`` at step t's first use, where a loop over
+    ``range(T)`` reading ``x[t]`` has it: each step then reads its own time step."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for unbind in [n for n in graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.unbind.int]:
+        source, dim = unbind.args[0], (unbind.args[1] if len(unbind.args) > 1 else unbind.kwargs.get("dim", 0))
+        if not (isinstance(source, fx.Node) and _is_input_view(source)):
+            continue
+        for item in list(unbind.users):
+            if item.target is not operator.getitem or not item.users:
+                continue
+            with graph.inserting_before(min(item.users, key=order.__getitem__)):
+                select = graph.call_function(torch.ops.aten.select.int, (source, dim, item.args[1]))
+            select.meta = dict(item.meta)
+            item.replace_all_uses_with(select)
+            graph.erase_node(item)
+        if not unbind.users:
+            graph.erase_node(unbind)
+    graph.lint()
+
+
 def reroll(gm: fx.GraphModule) -> TimeLoop:
     """Find the repeating loop body in the captured graph (see module docstring)."""
+    _selects_from_unbind(gm.graph)
     nodes = list(gm.graph.nodes)
     calls = _calls(gm.graph)
     if not calls:

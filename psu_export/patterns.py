@@ -1048,6 +1048,22 @@ def _probe(model, sample_shape, time_steps, kind, batch_first=False) -> InputLay
     )
 
 
+def capture_handwritten(model: torch.nn.Module, layout, capture_steps: int = 4):
+    """Capture ``model`` at a small T and replace its recognised neuron steps by neuron calls;
+    returns ``(captured, the spike comparisons of the capture, the matched sites)``."""
+    captured = capture(model, [], layout, capture_steps)
+    compares = [n for n in captured.graph_module.graph.nodes if n.op == "call_function" and n.target in _COMPARE_TARGETS]
+    sites = apply_patterns(captured)
+    try:
+        reroll(captured.graph_module)
+    except NotConvertibleError as exc:  # a recurrence no rule recognised: name where matching stopped
+        reasons = _dedupe(captured.pattern_failures)
+        reasons.update(exc.reasons)
+        raise NotConvertibleError(reasons, "The model has a recurrence that is not a recognised neuron:") from exc
+    captured.capture_steps = len(sites[0].steps)
+    return captured, compares, sites
+
+
 def prepare_handwritten(loaded: LoadedModel, sample_shape: tuple[int, ...], time_steps: int, kind: str = "auto", say=None, batch_first: bool = False):
     """Probe, capture and pattern-match a model without neuron modules.
 
@@ -1058,19 +1074,10 @@ def prepare_handwritten(loaded: LoadedModel, sample_shape: tuple[int, ...], time
     model = loaded.module
     layout = _probe(model, tuple(sample_shape), time_steps, kind, batch_first)
     say(f"hand-written loop, input: {layout.kind}; capturing")
-    captured = capture(model, [], layout)
-    compares = [n for n in captured.graph_module.graph.nodes if n.op == "call_function" and n.target in _COMPARE_TARGETS]
-    sites = apply_patterns(captured)
-    try:
-        reroll(captured.graph_module)
-    except NotConvertibleError as exc:  # a recurrence no rule recognised: name where matching stopped
-        reasons = _dedupe(captured.pattern_failures)
-        reasons.update(exc.reasons)
-        raise NotConvertibleError(reasons, "The model has a recurrence that is not a recognised neuron:") from exc
+    captured, compares, sites = capture_handwritten(model, layout)
     steps = len(sites[0].steps)
     if not layout.dynamic_time:
         layout.time_steps = steps
-    captured.capture_steps = steps
     # which eager comparison belongs to which neuron (for per-layer parity)
     index = {c: i for i, c in enumerate(compares)}
     offsets, per_step = {}, 0

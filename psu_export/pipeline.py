@@ -21,7 +21,7 @@ from .capture import CapturedGraph, InputLayout, NeuronModule, capture, find_neu
 from .cuda_graph import STATIC_KEY
 from .emit import EmittedModel, export_onnx, metadata
 from .errors import UsageError, one_line
-from .find import NeuronSite, TimeLoop, find_sites
+from .find import NeuronSite, TimeLoop, find_sites, mark_time_length_args
 from .loading import LoadedModel, load_model
 from .rewrite import ParallelModel, rewrite
 from .verify import (
@@ -352,8 +352,20 @@ def prepare(model: "str | torch.nn.Module", weights: str | None = None, input_sh
         captured.notes.extend(getattr(loaded.module, "conversion_notes", []))  # e.g. a .nir graph's discretisation
     say("re-rolling the time loop")
     sites, loop = find_sites(captured, mode)
+    if layout.dynamic_time and not loop.sequence and loop.reads_capture_length():
+        say("the output reads a number equal to the captured T; capturing one step longer to see whether it is T")
+        mark_time_length_args(loop, find_sites(_recapture(loaded, neurons, layout, captured.capture_steps + 1), mode)[1])
     parallel = rewrite(captured, sites, loop, mode, seed)
     return Conversion(loaded, neurons, layout, captured, sites, loop, parallel, mode, seed)
+
+
+def _recapture(loaded: LoadedModel, neurons: list[NeuronModule], layout: InputLayout, steps: int) -> CapturedGraph:
+    """The model captured again at ``steps`` steps, as :func:`prepare` captured it."""
+    from .patterns import HandwrittenOriginal, capture_handwritten
+
+    if isinstance(loaded.module, HandwrittenOriginal):
+        return capture_handwritten(loaded.module.model, layout, steps)[0]
+    return capture(loaded.module, neurons, layout, steps)
 
 
 def file_reset_mode(onnx_path) -> tuple[str, int, dict]:

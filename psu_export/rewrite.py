@@ -288,6 +288,9 @@ class ParallelModel(torch.nn.Module):
                 d = dim if dim >= 0 else dim + value.dim() - 1
                 return moved.flatten(d, d + 1)
             args.append(value[-1] if plan[0] == "last" else value[plan[2]])
+        for i in self.loop.time_length_args.get(node, ()):  # the capture's T as a number: this run's T
+            source, dim = next(iter(self.loop.time_selects.values()))
+            args[i] = env[source].shape[dim]
         kwargs = tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, node.kwargs)
         return node.target(*args, **kwargs)
 

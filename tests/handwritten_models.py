@@ -60,6 +60,24 @@ class BatchFirstMLP(TwoLayerMLP):
         return tuple(o.transpose(0, 1) for o in super().forward(x.transpose(0, 1)))
 
 
+class FiringRate(TwoLayerMLP):
+    """``for x_t in x`` and the firing rate ``count / x.shape[0]`` after the loop (with the last spikes)."""
+
+    def forward(self, x):
+        v1 = torch.zeros(x.shape[1], 16)
+        v2 = torch.zeros(x.shape[1], 4)
+        count = torch.zeros(x.shape[1], 4)
+        for x_t in x:
+            v1 = self.beta * v1 + self.fc1(x_t)
+            s1 = (v1 > self.thr).float()
+            v1 = v1 - s1 * self.thr
+            v2 = self.beta * v2 + self.fc2(s1)
+            s2 = (v2 > self.thr).float()
+            v2 = v2 - s2 * self.thr
+            count = count + s2
+        return count / x.shape[0], s2
+
+
 class WhereResets(nn.Module):
     """Zero resets written with ``torch.where`` / ``masked_fill``: on a float spike's mask,
     on the spike test itself (a second comparison), and spikes made by ``where(v > thr, 1, 0)``."""
@@ -227,6 +245,10 @@ class PreResetReadout(nn.Module):
 
 def make_mlp():
     return TwoLayerMLP()
+
+
+def make_firing_rate():
+    return FiringRate()
 
 
 def make_in_place():

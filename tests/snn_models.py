@@ -67,6 +67,30 @@ def batch_first_loop() -> nn.Module:
     return _scaled(BatchFirstLoopNet(snn.Leaky(beta=0.8), snn.Leaky(beta=0.7, reset_mechanism="zero")))
 
 
+class IteratedLoopNet(LoopNet):
+    """``for x_t in x`` (time-first) or ``for x_t in x.unbind(1)`` (batch-first), and the output
+    layer's firing rate ``count / x.shape[0]`` (T read from the input after the loop), its
+    membranes and its last spikes."""
+
+    def __init__(self, batch_first: bool):
+        super().__init__(snn.Leaky(beta=0.8), snn.Leaky(beta=0.7, reset_mechanism="zero"))
+        self.batch_first = batch_first
+
+    def forward(self, x):
+        mem1, mem2 = self.lif1.init_leaky(), self.lif2.init_leaky()
+        count, mems = 0, []
+        for x_t in (x.unbind(1) if self.batch_first else x):
+            spk1, mem1 = self.lif1(self.fc1(x_t), mem1)
+            spk2, mem2 = self.lif2(self.fc2(spk1), mem2)
+            count = count + spk2
+            mems.append(mem2)
+        return count / x.shape[1 if self.batch_first else 0], torch.stack(mems, dim=1 if self.batch_first else 0), spk2
+
+
+def iterated_loop(batch_first: bool = False) -> nn.Module:
+    return _scaled(IteratedLoopNet(batch_first))
+
+
 class Counting(LoopNet):
     """Running sums over the steps inside forward: the output layer's spike count and the sum
     of its membranes (``style``: how the sums start and grow), and the last step's spikes."""

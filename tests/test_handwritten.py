@@ -48,6 +48,7 @@ def _check_parity(path, model, x):
         ("make_tau", (8,), "sj_decay_input", ["zero"]),
         ("make_where", (8,), "leaky", ["zero", "zero", "zero"]),
         ("make_in_place", (8,), "leaky", ["subtract", "zero", "zero", "zero"]),
+        ("make_firing_rate", (8,), "leaky", ["subtract", "subtract"]),  # count / x.shape[0]: each run's T
     ],
 )
 def test_sequence_loops_convert_exactly(convert, factory, shape, charge, resets):

@@ -168,6 +168,20 @@ def test_running_sums_over_the_steps(style, tmp_path):
     np.testing.assert_allclose(got[1], ref[1].numpy(), rtol=1e-5)  # the membranes themselves agree to float precision
 
 
+@pytest.mark.parametrize("batch_first", [False, True], ids=["time_first", "batch_first"])
+def test_loop_over_the_input_tensor_and_its_firing_rate(batch_first, tmp_path):
+    """``for x_t in x`` reads time step t as ``x[t]`` does; ``count / x.shape[0]`` after the loop
+    divides by each run's T, not by the T of the capture (checked at T = 12, 5 and 23)."""
+    conversion, path = _check(M.iterated_loop(batch_first), (M.IN,), 12, tmp_path, batch_first=batch_first)
+    assert conversion.layout.batch_first is batch_first
+    assert len(conversion.loop.time_length_args) == 1
+    x = conversion.layout.example(3, 40, torch.Generator().manual_seed(0)) * 1.5
+    rate = run_onnx(path, x)[0]
+    ref = reference_outputs(M.iterated_loop(batch_first), x, "sequence", conversion.layout.time_axis)[0].numpy()
+    np.testing.assert_array_equal(rate, ref)
+    assert 0 < rate.max() <= 1
+
+
 def test_init_hidden_synaptic(tmp_path):
     _check(M.synaptic_sequential(), (M.IN,), 8, tmp_path)
 
