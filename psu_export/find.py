@@ -60,14 +60,15 @@ class TimeLoop:
     #: no loop at all: every neuron takes the whole sequence (multi-step modules), so the
     #: captured graph already runs all steps at once; every node is ``static``
     sequence: bool = False
-    #: suffix node -> positions of its arguments that are the number of steps T (``count /
-    #: x.shape[0]`` after a loop over ``x``: the capture wrote its own T as a number)
+    #: body or suffix node -> positions of its arguments that are the number of steps T
+    #: (``count / x.shape[0]`` in or after a loop over ``x``: the capture wrote its own T as
+    #: a number)
     time_length_args: dict[fx.Node, list[int]] = field(default_factory=dict)
 
     def reads_capture_length(self) -> bool:
-        """Whether a suffix argument is a number equal to the capture's T (it may be T itself:
-        :func:`mark_time_length_args` tells by a second capture)."""
-        return any(_is_number(a, self.steps) for node in self.suffix for a in node.args)
+        """Whether a body or suffix argument is a number equal to the capture's T (it may be
+        T itself: :func:`mark_time_length_args` tells by a second capture)."""
+        return any(_is_number(a, self.steps) for node in self.body + self.suffix for a in node.args)
 
 
 def _is_number(value, equal_to) -> bool:
@@ -75,16 +76,17 @@ def _is_number(value, equal_to) -> bool:
 
 
 def mark_time_length_args(loop: TimeLoop, longer: TimeLoop) -> None:
-    """Record in ``loop`` the suffix arguments that are T: equal to ``loop.steps`` there and to
-    ``longer.steps`` in ``longer``, the same model captured one step longer (its suffix the
-    same nodes).  Other numbers derived from T stay as captured (verify's runs at other T
-    catch them)."""
-    if [n.target for n in loop.suffix] != [n.target for n in longer.suffix]:
-        return
-    for node, other in zip(loop.suffix, longer.suffix):
-        for i, (a, b) in enumerate(zip(node.args, other.args)):
-            if _is_number(a, loop.steps) and _is_number(b, longer.steps):
-                loop.time_length_args.setdefault(node, []).append(i)
+    """Record in ``loop`` the body and suffix arguments that are T: equal to ``loop.steps``
+    there and to ``longer.steps`` in ``longer``, the same model captured one step longer (its
+    body and suffix the same nodes).  Other numbers derived from T stay as captured
+    (verify's runs at other T catch them)."""
+    for mine, theirs in ((loop.body, longer.body), (loop.suffix, longer.suffix)):
+        if [n.target for n in mine] != [n.target for n in theirs]:
+            continue
+        for node, other in zip(mine, theirs):
+            for i, (a, b) in enumerate(zip(node.args, other.args)):
+                if _is_number(a, loop.steps) and _is_number(b, longer.steps):
+                    loop.time_length_args.setdefault(node, []).append(i)
 
 
 def _calls(graph: fx.Graph) -> dict[int, list[fx.Node]]:
@@ -309,8 +311,96 @@ def _selects_from_unbind(graph: fx.Graph) -> None:
     graph.lint()
 
 
+def _same_tensor_type(value, shape: tuple, dtype) -> bool:
+    return value is not None and tuple(value.shape) == shape and value.dtype == dtype
+
+
+def _stacks_from_step_writes(graph: fx.Graph) -> None:
+    """Write ``out = torch.zeros(T, ...)`` filled by ``out[t] = v_t`` in the loop (one
+    ``copy_`` into ``select(out, dim, t)`` per step, every index written once, ``out`` read only
+    after the last write) as ``torch.stack([v_0, ..., v_{T-1}], dim)`` after the loop, which
+    the suffix reads as a whole sequence (and at any T)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    by_buffer: dict[fx.Node, list] = {}  # buffer -> [(index, select, copy)]
+    for copy in [n for n in graph.nodes if n.target is torch.ops.aten.copy_.default and not n.users]:
+        select = copy.args[0]
+        if isinstance(select, fx.Node) and select.target is torch.ops.aten.select.int and len(select.users) == 1:
+            buffer = _whole_slice_of(select.args[0]) or select.args[0]  # out[:, t] selects from out[:]
+            by_buffer.setdefault(buffer, []).append((select.args[2], select, copy))
+    for buffer, writes in by_buffer.items():
+        if len(writes) < 2:
+            continue
+        writes.sort(key=lambda w: order[w[2]])
+        dims = {w[1].args[1] for w in writes}
+        full, values, last = buffer.meta.get("val"), [w[2].args[1] for w in writes], writes[-1][2]
+        views = {w[1].args[0] for w in writes}
+        reads = [u for u in buffer.users if u not in views and u not in {w[1] for w in writes}]
+        if len(dims) != 1 or full is None or [w[0] for w in writes] != list(range(len(writes))):
+            continue
+        dim = dims.pop()
+        step_shape = tuple(full.shape[:dim]) + tuple(full.shape[dim + 1:])
+        if (not reads or full.shape[dim] != len(writes) or any(order[r] < order[last] for r in reads)
+                or not all(isinstance(v, fx.Node) and _same_tensor_type(v.meta.get("val"), step_shape, full.dtype) for v in values)):
+            continue
+        with graph.inserting_before(min(reads, key=order.__getitem__)):  # after the loop: where it is first read
+            stacked = graph.call_function(torch.ops.aten.stack.default, (values, dim))
+        stacked.meta["val"] = full
+        for read in reads:
+            read.replace_input_with(buffer, stacked)
+        for _, select, copy in writes:
+            graph.erase_node(copy)
+            graph.erase_node(select)
+        for view in views - {buffer}:
+            if not view.users:
+                graph.erase_node(view)
+        if not buffer.users:
+            graph.erase_node(buffer)
+    graph.lint()
+
+
+def _cats_from_growing_records(graph: fx.Graph) -> None:
+    """Write a record grown by one concatenation a step (``rec = torch.empty(0, ...)``, then
+    ``rec = torch.cat((rec, v_t.unsqueeze(0)))`` in the loop) as one ``torch.cat([u_0, ...,
+    u_{T-1}], dim)`` of the steps' pieces where the record is read after the loop."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+
+    def grows(node) -> bool:
+        return (node.op == "call_function" and node.target is torch.ops.aten.cat.default and len(node.args[0]) == 2
+                and isinstance(node.args[0][0], fx.Node))
+
+    def dim_of(node) -> int:
+        return node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+
+    erased = set()
+    for first in [n for n in graph.nodes if grows(n)]:
+        if first in erased:
+            continue
+        start = first.args[0][0]
+        empty = start.meta.get("val")
+        if grows(start) or empty is None or empty.dim() == 0 or empty.shape[dim_of(first)] != 0:
+            continue
+        chain = [first]
+        while len(chain[-1].users) == 1 and grows(next(iter(chain[-1].users))) and next(iter(chain[-1].users)).args[0][0] is chain[-1]:
+            chain.append(next(iter(chain[-1].users)))
+        if len(chain) < 2 or len({dim_of(c) for c in chain}) != 1 or not chain[-1].users:
+            continue
+        reads = list(chain[-1].users)
+        with graph.inserting_before(min(reads, key=order.__getitem__)):  # after the loop: where it is first read
+            whole = graph.call_function(torch.ops.aten.cat.default, ([c.args[0][1] for c in chain], dim_of(first)))
+        whole.meta = dict(chain[-1].meta)
+        chain[-1].replace_all_uses_with(whole)
+        for node in reversed(chain):
+            graph.erase_node(node)
+        erased.update(chain)
+        if not start.users:
+            graph.erase_node(start)
+    graph.lint()
+
+
 def reroll(gm: fx.GraphModule) -> TimeLoop:
     """Find the repeating loop body in the captured graph (see module docstring)."""
+    _cats_from_growing_records(gm.graph)
+    _stacks_from_step_writes(gm.graph)
     _selects_from_unbind(gm.graph)
     nodes = list(gm.graph.nodes)
     calls = _calls(gm.graph)

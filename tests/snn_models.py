@@ -91,6 +91,37 @@ def iterated_loop(batch_first: bool = False) -> nn.Module:
     return _scaled(IteratedLoopNet(batch_first))
 
 
+class PreallocatedLoopNet(LoopNet):
+    """Spikes written into a buffer made before the loop (``out[t] = spk``, or ``out[:, t]``
+    batch-first), a running mean summed in the loop (``acc = acc + mem / x.shape[0]``) and
+    the membranes in a record grown by ``torch.cat`` each step."""
+
+    def __init__(self, batch_first: bool):
+        super().__init__(snn.Leaky(beta=0.8), snn.Leaky(beta=0.7))
+        self.batch_first = batch_first
+
+    def forward(self, x):
+        mem1, mem2 = self.lif1.init_leaky(), self.lif2.init_leaky()
+        time_dim = 1 if self.batch_first else 0
+        out = torch.zeros(x.shape[0], x.shape[1], OUT)
+        record = torch.empty(0, x.shape[1 - time_dim], OUT).movedim(0, time_dim)
+        acc = 0
+        for t in range(x.shape[time_dim]):
+            spk1, mem1 = self.lif1(self.fc1(x[:, t] if self.batch_first else x[t]), mem1)
+            spk2, mem2 = self.lif2(self.fc2(spk1), mem2)
+            if self.batch_first:
+                out[:, t] = spk2
+            else:
+                out[t] = spk2
+            acc = acc + mem2 / x.shape[time_dim]
+            record = torch.cat((record, mem2.unsqueeze(time_dim)), dim=time_dim)
+        return out, acc, record
+
+
+def preallocated_loop(batch_first: bool = False) -> nn.Module:
+    return _scaled(PreallocatedLoopNet(batch_first))
+
+
 class Counting(LoopNet):
     """Running sums over the steps inside forward: the output layer's spike count and the sum
     of its membranes (``style``: how the sums start and grow), and the last step's spikes."""

@@ -182,6 +182,15 @@ def test_loop_over_the_input_tensor_and_its_firing_rate(batch_first, tmp_path):
     assert 0 < rate.max() <= 1
 
 
+@pytest.mark.parametrize("batch_first", [False, True], ids=["time_first", "batch_first"])
+def test_records_written_into_a_buffer_or_grown_and_a_mean_summed_in_the_loop(batch_first, tmp_path):
+    """``out[t] = spk`` into ``torch.zeros(T, ...)`` and ``rec = torch.cat((rec, mem.unsqueeze(0)))``
+    are the stacked steps, and ``mem / x.shape[0]`` inside the loop divides by each run's T
+    (checked at T = 12, 5 and 23)."""
+    conversion, _ = _check(M.preallocated_loop(batch_first), (M.IN,), 12, tmp_path, batch_first=batch_first)
+    assert len(conversion.loop.time_length_args) == 1
+
+
 def test_init_hidden_synaptic(tmp_path):
     _check(M.synaptic_sequential(), (M.IN,), 8, tmp_path)
 
