@@ -79,7 +79,8 @@ UNSUPPORTED = "unsupported"
 
 
 def spec_options(reset: str, reset_timing: str = "same_step", compare: str = "gt", charge: str = "leaky",
-                 reset_form: str = "standard", zero_scope: str = "membrane", two_state: bool = False) -> dict:
+                 reset_form: str = "standard", zero_scope: str = "membrane", two_state: bool = False,
+                 spike_from: str = "updated") -> dict:
     """The discrete options of a :class:`NeuronSpec` (no parameters), as coverage rows state them.
 
     :func:`options_of` gives the same dict for a real spec, so a row's claim can be checked
@@ -89,12 +90,15 @@ def spec_options(reset: str, reset_timing: str = "same_step", compare: str = "gt
            "reset_form": reset_form, "two_state": bool(two_state)}
     if reset == "zero":
         out["zero_scope"] = zero_scope
+    if spike_from != "updated":
+        out["spike_from"] = spike_from
     return out
 
 
 def options_of(spec: NeuronSpec) -> dict:
     """:func:`spec_options` of a real spec."""
-    return spec_options(spec.reset, spec.reset_timing, spec.compare, spec.charge, spec.reset_form, spec.zero_scope, spec.two_state)
+    return spec_options(spec.reset, spec.reset_timing, spec.compare, spec.charge, spec.reset_form, spec.zero_scope, spec.two_state,
+                        spec.spike_from)
 
 
 class CoverageRow(NamedTuple):

@@ -46,6 +46,8 @@ def _opaque_neuron_fake(x, states, site, n_out):
 
 
 OPAQUE_NEURON = torch.ops.psu_capture.neuron.default
+#: torch.export's dtype / shape assertions (``x.float()`` records one): nodes that compute nothing
+METADATA_ASSERTS = {torch.ops.aten._assert_tensor_metadata.default} if hasattr(torch.ops.aten, "_assert_tensor_metadata") else set()
 
 
 @dataclass

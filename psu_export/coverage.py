@@ -52,6 +52,10 @@ def handwritten_rows() -> list[CoverageRow]:
         exact("lif", f"{charge}; no reset", spec_options("none")),
         exact("lif", f"{sj}; any of the resets", spec_options("subtract", charge="sj_decay_input")),
         exact("lif", "the reset written before the charge (v = v - s * thr at the top of the next step)"),
+        exact("lif", "the spike tests the stored membrane, then the charge is reset by it (snnTorch tutorial 2: "
+                     "spk = mem > thr; mem = beta * mem + x - spk * thr, bool spikes too; also snnTorch Leaky written by hand: "
+                     "reset = mem > thr, that update, spk = mem > thr); subtract reset, or zero reset u * (1 - s)",
+              spec_options("subtract", reset_timing="previous_step", spike_from="stored")),
         exact("lif", "inside forward over a [T, B, ...] sequence, or over a static [B, ...] input repeated for a fixed T"),
         exact("integrator", "v = decay * v + x with no spike test (readouts; a plain acc = acc + x becomes a cumulative sum)", spec_options("none")),
         unsupported("lif", "a subtract reset that removes something other than the threshold",
@@ -77,7 +81,7 @@ def _example_spec(options: dict, per_channel: bool = False) -> NeuronSpec:
     return NeuronSpec(
         decay=decay, threshold=1.0, reset=options["reset"], reset_timing=options["reset_timing"], compare=options["compare"],
         charge=options["charge"], reset_form=options["reset_form"], zero_scope=options.get("zero_scope", "membrane"),
-        syn_decay=0.8 if options["two_state"] else None, **extra,
+        syn_decay=0.8 if options["two_state"] else None, spike_from=options.get("spike_from", "updated"), **extra,
     )
 
 

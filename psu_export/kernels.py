@@ -57,6 +57,8 @@ def choose_algorithm(spec: NeuronSpec, time_steps: int, mode: str = "exact") -> 
         return Algorithm(exact.name, f"{approximate.reason}; {exact.reason}")
     if spec.reset != "none":
         return Algorithm("scan", f"{spec.reset} reset makes each step depend on the previous spikes: exact scan")
+    if spec.spike_from != "updated":
+        return Algorithm("scan", "the spike tests the stored membrane of the previous step: exact scan")
     if getattr(spec, "charge", "leaky") != "leaky":
         return Algorithm("scan", f"charge form {spec.charge!r} is reproduced bit for bit only by the exact scan")
     scalar = spec.decay.numel() == 1 and (spec.syn_decay is None or spec.syn_decay.numel() == 1)
@@ -73,6 +75,8 @@ def _approximate_algorithm(spec: NeuronSpec, mode: str) -> Algorithm:
         return Algorithm("exact", f"--reset {mode}: reset-free, nothing to estimate (exact)")
     if spec.reset == "zero":
         return Algorithm("exact", f"--reset {mode}: zero/to-v_reset reset is not linear in the spikes, so it has no probabilistic form; kept exact")
+    if spec.spike_from != "updated":
+        return Algorithm("exact", f"--reset {mode}: a spike that tests the stored membrane is not mapped to the estimate yet; kept exact")
     if getattr(spec, "charge", "leaky") != "leaky" or getattr(spec, "reset_form", "standard") != "standard":
         return Algorithm("exact", f"--reset {mode}: charge form {getattr(spec, 'charge', 'leaky')!r} / reset form {getattr(spec, 'reset_form', 'standard')!r} is not mapped to the estimate yet; kept exact")
     name = "probabilistic_reset" if mode == "psu" else "stochastic_reset"

@@ -55,7 +55,7 @@ import torch
 from torch import fx
 from torch.overrides import TorchFunctionMode
 
-from .capture import OPAQUE_NEURON, CapturedGraph, InputLayout, NeuronModule, capture, probe_sequence
+from .capture import METADATA_ASSERTS, OPAQUE_NEURON, CapturedGraph, InputLayout, NeuronModule, capture, probe_sequence
 from .converters import CallConvention, FrameworkConverter
 from .errors import NotConvertibleError, UsageError
 from .find import reroll
@@ -79,7 +79,6 @@ _ALIASES = {aten.detach.default, aten.clone.default, aten.alias.default, aten.co
 #: ops whose result shares memory with their input
 _VIEWS = {aten.view.default, aten.reshape.default, aten.expand.default, aten.alias.default, aten.slice.Tensor, aten.select.int,
           aten.transpose.int, aten.permute.default, aten.squeeze.dim, aten.unsqueeze.default, aten.t.default, aten.detach.default}
-_ASSERTS = {aten._assert_tensor_metadata.default} if hasattr(aten, "_assert_tensor_metadata") else set()
 _FILLS = {
     aten.zeros.default: lambda n: 0.0,
     aten.zeros_like.default: lambda n: 0.0,
@@ -116,7 +115,7 @@ def _is_node(a) -> bool:
 
 
 def _users(node: fx.Node) -> list[fx.Node]:
-    return [u for u in node.users if u.target not in _ASSERTS]
+    return [u for u in node.users if u.target not in METADATA_ASSERTS]
 
 
 def _fetch_attr(gm: torch.nn.Module, target: str):
@@ -223,6 +222,9 @@ class _Step:
     owned: set = field(default_factory=set)  # nodes of this step that the replacement removes
     charge: _Charge | None = None
     problem: _Fail | None = None
+    #: the spike tests the stored membrane (the previous step's), not the charged one
+    #: (:func:`_match_stored_step`)
+    stored: bool = False
 
 
 def _charges(h: fx.Node, consts: _Consts) -> list[_Charge]:
@@ -305,8 +307,9 @@ def _sj_charges(h: fx.Node, consts: _Consts) -> list[_Charge]:
     return out
 
 
-def _split_compare(c: fx.Node, consts: _Consts) -> tuple[fx.Node, torch.Tensor, str, set]:
-    """(h, threshold, gt/ge, nodes of the test) for a spike test ``h > thr`` in any of its spellings."""
+def _split_compare(c: fx.Node, consts: _Consts, constant_ok: bool = False) -> tuple[fx.Node, torch.Tensor, str, set]:
+    """(h, threshold, gt/ge, nodes of the test) for a spike test ``h > thr`` in any of its
+    spellings; ``constant_ok``: ``h`` may be a constant (a stored membrane's initial value)."""
     owned = {c}
     if c.target is _HEAVISIDE:
         x, values = c.args[0], consts.value(c.args[1])
@@ -331,7 +334,7 @@ def _split_compare(c: fx.Node, consts: _Consts) -> tuple[fx.Node, torch.Tensor, 
         if theta is not None and _is_node(x.args[0]) and len(_users(x)) == 1:
             owned.add(x)
             return x.args[0], theta, kind, owned
-    if consts.value(x) is not None:
+    if consts.value(x) is not None and not constant_ok:
         raise _Fail(c, "the comparison is between constants")
     return x, thr, kind, owned
 
@@ -345,6 +348,10 @@ def _spikes_of(c: fx.Node, h: fx.Node, consts: "_Consts") -> list[fx.Node]:
         spikes = []
         for u in _users(c):
             if _zeroes_where(u, h, {c}, consts):
+                continue
+            if _uses_bool_spike(u, c, consts):  # spk * thr, torch.stack of the bool spikes: the test is the spike
+                if c not in spikes:
+                    spikes.insert(0, c)
                 continue
             cast = (
                 (u.target is aten.to.dtype and u.args[0] is c and u.args[1] == torch.float32)
@@ -366,6 +373,14 @@ def _spikes_of(c: fx.Node, h: fx.Node, consts: "_Consts") -> list[fx.Node]:
                     spikes.append(u)
                     frontier.append(u)
     return spikes
+
+
+def _uses_bool_spike(u: fx.Node, c: fx.Node, consts: "_Consts") -> bool:
+    """``u`` reads the bool spike test ``c`` as a number (``spk * thr``) or records it
+    (``torch.stack`` / ``torch.cat`` of the steps' spikes), as snnTorch tutorial 2 does."""
+    if u.target is aten.mul.Tensor and len(u.args) == 2 and c in u.args:
+        return consts.value(u.args[1] if u.args[0] is c else u.args[0]) is not None
+    return u.target in (aten.stack.default, aten.cat.default) and c in u.args[0]
 
 
 _WHERE = {aten.where.self, aten.where.ScalarSelf}
@@ -476,6 +491,35 @@ def _match_step(c: fx.Node, consts: _Consts) -> _Step:
     step.spikes = _spikes_of(c, h, consts)
     step.owned |= set(step.spikes)
     _find_reset(step, consts)
+    return step
+
+
+def _match_stored_step(c: fx.Node, consts: _Consts) -> _Step:
+    """A spike test of the stored membrane, snnTorch tutorial 2's hand-written LIF::
+
+        s = v > thr                    # the membrane the previous step stored
+        v = decay * v + d - s * thr    # charge, then the reset by that spike (or a zero reset)
+
+    the spec's ``reset_timing="previous_step"`` with ``spike_from="stored"``.  Step 0 may
+    test a constant initial membrane."""
+    v, thr, kind, owned = _split_compare(c, consts, constant_ok=True)
+    if not _is_node(v):
+        raise _Fail(c, "the spike test does not read a membrane")
+    near = _users(v) + [w for u in _users(v) for w in _users(u)]  # the charge, or its decay * v
+    found = [(h, ch) for h in dict.fromkeys(near) for ch in _charges(h, consts) if ch.v_prev is v]
+    if len(found) != 1:
+        raise _Fail(c, f"the tested value {v.name} is not charged once as 'decay * v + input'" + _hint(v))
+    h, charge = found[0]
+    step = _Step(h=h, charges=[charge], compare=c, threshold=thr, cmp=kind, owned=owned | {h}, stored=True)
+    step.spikes = _spikes_of(c, h, consts)
+    step.owned |= set(step.spikes)
+    _find_reset(step, consts)
+    if step.reset is None:
+        raise _Fail(h, f"the charge {h.name} of the tested membrane is not reset by the spike of {c.name}")
+    order = {n: i for i, n in enumerate(c.graph.nodes)}
+    early = [u for sp in step.spikes for u in _users(sp) if u not in step.owned and order[u] < order[h]]
+    if early:  # the spike belongs to the step before this charge: not the stored-membrane form
+        raise _Fail(early[0], f"{early[0].name} reads the spikes of {c.name} before the membrane update they reset")
     return step
 
 
@@ -643,6 +687,13 @@ def _spec_of(rule: str, chain: list[_Step], v_init) -> NeuronSpec:
     reset = resets.pop() or "none"
     if chain[-1].reset not in (None, reset):
         raise _Fail(chain[-1].h, "the last step resets differently")
+    if len({s.stored for s in chain}) != 1:
+        raise _Fail(chain[0].compare, "some steps test the stored membrane and others the charged one")
+    if first.stored:  # u = C(v, d); subtract: u - s * thr; zero: u - u * s (or u * (1 - s))
+        if law.form != "leaky":
+            raise _Fail(first.h, f"a spike test of the stored membrane is only supported with the charge 'decay * v + input' (not {law.form})")
+        return NeuronSpec(decay=decay, threshold=first.threshold, reset=reset, reset_timing="previous_step", compare=first.cmp,
+                          zero_scope="total", v_init=v_init, spike_from="stored")
     return NeuronSpec(decay=decay, threshold=first.threshold, reset=reset, reset_timing="same_step", compare=first.cmp,
                       reset_value=torch.tensor(0.0), v_init=v_init, **extra)
 
@@ -710,7 +761,10 @@ def _match_lif(gm, consts, fails) -> list[HandwrittenSite]:
             try:
                 steps.append(_match_step(n, consts))
             except _Fail as exc:
-                failed.append((n, exc))
+                try:
+                    steps.append(_match_stored_step(n, consts))
+                except _Fail:
+                    failed.append((n, exc))
     # a step's spike mask (s > 0, or its comparison written again for the reset) is no spike test
     masks = {n for s in steps for n in s.owned if n is not s.compare}
     steps = [s for s in steps if s.compare not in masks]
@@ -780,7 +834,7 @@ def _replace(gm: fx.GraphModule, site: HandwrittenSite, index: int, renamed: dic
     """Each step becomes ``call = psu_capture.neuron(drive, states, index, 2)``; its nodes are removed."""
     graph = gm.graph
     doomed = _all_owned(site)
-    keep = lambda u: u not in doomed and u.target not in _ASSERTS  # noqa: E731  (a removed node's dtype checks go with it)
+    keep = lambda u: u not in doomed and u.target not in METADATA_ASSERTS  # noqa: E731  (a removed node's dtype checks go with it)
 
     def now(n):
         while n in renamed:
@@ -795,8 +849,12 @@ def _replace(gm: fx.GraphModule, site: HandwrittenSite, index: int, renamed: dic
             spikes = graph.call_function(operator.getitem, (call, 0))
             membrane = graph.call_function(operator.getitem, (call, 1))
         for s in step.spikes:
-            s.replace_all_uses_with(spikes, delete_user_cb=keep)
-            renamed[s] = spikes
+            value = spikes
+            if s.meta.get("val") is not None and s.meta["val"].dtype == torch.bool:  # a bool spike test read as is
+                with graph.inserting_after(spikes):
+                    value = graph.call_function(aten.ne.Scalar, (spikes, 0))
+            s.replace_all_uses_with(value, delete_user_cb=keep)
+            renamed[s] = value
         carried = _carried_lif(step) if site.rule == "lif" else step.h
         carried.replace_all_uses_with(membrane, delete_user_cb=keep)
         renamed[carried] = membrane
@@ -805,7 +863,7 @@ def _replace(gm: fx.GraphModule, site: HandwrittenSite, index: int, renamed: dic
     for n in reversed(list(graph.nodes)):
         if n in doomed and n not in gone:
             for u in list(n.users):
-                if u.target in _ASSERTS:
+                if u.target in METADATA_ASSERTS:
                     graph.erase_node(u)
             if n.users:
                 raise _Fail(next(iter(n.users)), f"still uses {n.name} after the replacement")
@@ -822,7 +880,7 @@ def _erase_dead(graph: fx.Graph, node: fx.Node, gone: set) -> None:
         n = work.pop()
         if n in gone or n.users or n.op != "call_function":
             continue
-        if n is not node and (n.target in _IMPURE or n.target in _ASSERTS or str(n.target).endswith("_") or
+        if n is not node and (n.target in _IMPURE or n.target in METADATA_ASSERTS or str(n.target).endswith("_") or
                               getattr(n.target, "_schema", None) is not None and n.target._schema.is_mutable):
             continue
         inputs = list(n.all_input_nodes)
@@ -949,6 +1007,9 @@ def _describe(site: HandwrittenSite) -> str:
     if site.rule == "integrator":
         return f"integrator v = {_short(spec.decay)} * v + input (no spikes)"
     test = ">" if spec.compare == "gt" else ">="
+    if spec.spike_from == "stored":
+        return (f"LIF spike v {test} {_short(spec.threshold)} on the stored membrane, then v = {_short(spec.decay)} * v + input, "
+                f"{spec.reset} reset by that spike")
     return f"LIF v = {_short(spec.decay)} * v + input, spike v {test} {_short(spec.threshold)}, {spec.reset} reset (same step)"
 
 

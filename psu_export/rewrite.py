@@ -21,7 +21,7 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from .capture import OPAQUE_NEURON, CapturedGraph
+from .capture import METADATA_ASSERTS, OPAQUE_NEURON, CapturedGraph
 from .errors import NotConvertibleError
 from .find import NeuronSite, TimeLoop
 from .ops.neuron import StepOptions, closed_form_neuron, exact_neuron
@@ -62,6 +62,8 @@ class _Folded(Timed):
 _WHOLE = "whole"  # a suffix argument that lists every step's value in order
 
 _aten = torch.ops.aten
+#: dtype casts, elementwise: run once on all steps' values
+_CASTS = {_aten.to.dtype, _aten._to_copy.default}
 #: ops that treat dim 0 as the batch, with the rank of their batched input: time is folded
 #: into the batch (``[T*B, ...]``) instead of vmapped, which keeps T and B symbolic in export
 _BATCH_FOLDABLE = {
@@ -195,15 +197,20 @@ class ParallelModel(torch.nn.Module):
             return self._run_accumulator(node, env)
         if node.target is OPAQUE_NEURON:
             return self._run_site(self._site_of[node], node, env)
+        if node.target in METADATA_ASSERTS:
+            return None  # an assertion on one step's tensor (torch.export's, of a cast): nothing to compute
         if node.target is operator.getitem and isinstance(env[node.args[0]], list):
             return env[node.args[0]][node.args[1]]
         if node.target is torch.ops.aten.sym_size.int and isinstance(env[node.args[0]], Timed):
             return env[node.args[0]].value.shape[node.args[1] + 1]
         args, kwargs = tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, (node.args, node.kwargs))
+        args = self._this_time_length(node, args, env)
         leaves, spec = tree_flatten((args, kwargs))
         timed = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Timed)]
         if not timed:
             return node.target(*args, **kwargs)  # identical at every step: computed once
+        if timed == [0] and node.target in _CASTS:  # the same on every step's tensor (vmapped, export traced a
+            return Timed(node.target(leaves[0].value, *args[1:], **kwargs))  # metadata check on the batched one)
         if timed == [0] and node.target in _BATCH_FOLDABLE:
             rank = _BATCH_FOLDABLE[node.target]
             if isinstance(leaves[0], _Folded):
@@ -225,6 +232,15 @@ class ParallelModel(torch.nn.Module):
         if isinstance(out, (tuple, list)):
             return [Timed(o) for o in out]
         return Timed(out)
+
+    def _this_time_length(self, node: fx.Node, args, env) -> list:
+        """``args`` with the capture's T written as a number (:attr:`TimeLoop.time_length_args`)
+        replaced by this run's T, the length of the input's time axis."""
+        args = list(args)
+        for i in self.loop.time_length_args.get(node, ()):
+            source, dim = next(iter(self.loop.time_selects.values()))
+            args[i] = env[source].shape[dim]
+        return args
 
     def _run_accumulator(self, node: fx.Node, env) -> Timed:
         """``acc_t = acc_{t-1} + f_t`` from ``acc_{-1}`` = the initial value, for every t: a
@@ -288,9 +304,7 @@ class ParallelModel(torch.nn.Module):
                 d = dim if dim >= 0 else dim + value.dim() - 1
                 return moved.flatten(d, d + 1)
             args.append(value[-1] if plan[0] == "last" else value[plan[2]])
-        for i in self.loop.time_length_args.get(node, ()):  # the capture's T as a number: this run's T
-            source, dim = next(iter(self.loop.time_selects.values()))
-            args[i] = env[source].shape[dim]
+        args = self._this_time_length(node, args, env)
         kwargs = tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, node.kwargs)
         return node.target(*args, **kwargs)
 

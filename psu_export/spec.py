@@ -19,6 +19,10 @@ synaptic current ``i``.  One step with layer input ``x_t`` (H is ``>`` for
         zero, zero_scope="total":    u = C(v_{t-1}, d_t);  v_t = u - u * r_t
         none:     v_t = C(v_{t-1}, d_t)
         s_t = g * H(v_t - θ)                          # v_t is returned (pre-reset)
+        with spike_from="stored": s_t = g * r_t       # the spike is the test of the stored
+                                                      # membrane (snnTorch tutorial 2's
+                                                      # hand-written LIF: spk = mem > thr, then
+                                                      # mem = beta * mem + x - spk * thr)
 
     reset_timing="same_step_guarded"   (snnTorch ``reset_delay=False``)
         as "previous_step" to get v_t and s_t, then with δ = s_t / g - r_t:
@@ -71,6 +75,7 @@ Charge = Literal[
     "leaky", "if", "sj_decay_input", "sj_no_decay_input", "sj_decay_input_mul", "sj_no_decay_input_mul", "norse_lif", "norse_box"
 ]
 ResetForm = Literal["standard", "blend"]
+SpikeFrom = Literal["updated", "stored"]
 
 #: per charge form, the extra parameters its arithmetic reads (besides threshold etc.)
 CHARGE_PARAMS: dict[str, tuple[str, ...]] = {
@@ -117,6 +122,7 @@ class NeuronSpec:
     i_init: torch.Tensor = field(default_factory=lambda: torch.tensor(0.0))
     charge: Charge = "leaky"
     reset_form: ResetForm = "standard"
+    spike_from: SpikeFrom = "updated"
     tau: torch.Tensor | None = None
     inv_tau: torch.Tensor | None = None
     v_rest: torch.Tensor | None = None
@@ -145,6 +151,10 @@ class NeuronSpec:
             raise ValueError(f"charge form {self.charge!r} needs {missing}")
         if self.charge == "norse_lif" and self.syn_decay is None:
             raise ValueError("charge form 'norse_lif' is two-state: set syn_decay (the equivalent current decay)")
+        if self.spike_from not in ("updated", "stored"):
+            raise ValueError(f"unknown spike source {self.spike_from!r}")
+        if self.spike_from == "stored" and self.reset_timing != "previous_step":
+            raise ValueError("spike_from='stored' (the spike tests the stored membrane) needs reset_timing='previous_step'")
         if self.charge != "leaky" and self.reset_timing != "same_step":
             raise ValueError(f"charge form {self.charge!r} is only defined with reset_timing='same_step'")
 
@@ -169,6 +179,8 @@ class NeuronSpec:
             out["charge"] = self.charge
         if self.reset_form != "standard":
             out["reset_form"] = self.reset_form
+        if self.spike_from != "updated":
+            out["spike_from"] = self.spike_from
         for name in self.param_names():
             out[name] = getattr(self, name).tolist()
         return out

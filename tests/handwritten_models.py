@@ -78,6 +78,54 @@ class FiringRate(TwoLayerMLP):
         return count / x.shape[0], s2
 
 
+def leaky_integrate_and_fire(mem, x, w, beta, threshold=1):
+    """snnTorch tutorial 2's hand-written LIF, as published: the spike tests the stored membrane."""
+    spk = (mem > threshold)
+    mem = beta * mem + w * x - spk * threshold
+    return spk, mem
+
+
+class StoredMembraneTest(TwoLayerMLP):
+    """Tutorial 2's neuron in a network (``style="tutorial"``: bool spikes, as published;
+    ``"float"``: the spike cast first; ``"zero"``: a zero reset; ``"leaky"``: snnTorch ``Leaky``
+    rewritten by hand, the reset from the stored membrane and the output spike from the new one)."""
+
+    def __init__(self, style: str):
+        super().__init__()
+        self.style = style
+        with torch.no_grad():  # every layer fires
+            self.fc1.weight.mul_(2.0)
+            self.fc2.weight.mul_(2.0)
+
+    def forward(self, x):
+        mem1 = torch.zeros(x.shape[1], 16)
+        mem2 = torch.zeros(x.shape[1], 4)
+        spikes = []
+        for t in range(x.shape[0]):
+            if self.style == "tutorial":
+                spk1, mem1 = leaky_integrate_and_fire(mem1, self.fc1(x[t]), 1.0, self.beta)
+                spk2, mem2 = leaky_integrate_and_fire(mem2, self.fc2(spk1.float()), 1.0, self.beta)
+            elif self.style == "float":
+                spk1 = (mem1 > self.thr).float()
+                mem1 = self.beta * mem1 + self.fc1(x[t]) - spk1 * self.thr
+                spk2 = (mem2 > self.thr).float()
+                mem2 = self.beta * mem2 + self.fc2(spk1) - spk2 * self.thr
+            elif self.style == "zero":
+                spk1 = (mem1 > self.thr).float()
+                mem1 = (self.beta * mem1 + self.fc1(x[t])) * (1 - spk1)
+                spk2 = (mem2 > self.thr).float()
+                mem2 = (self.beta * mem2 + self.fc2(spk1)) * (1 - spk2)
+            else:
+                reset1 = (mem1 > self.thr).float()
+                mem1 = self.beta * mem1 + self.fc1(x[t]) - reset1 * self.thr
+                spk1 = (mem1 > self.thr).float()
+                reset2 = (mem2 > self.thr).float()
+                mem2 = self.beta * mem2 + self.fc2(spk1) - reset2 * self.thr
+                spk2 = (mem2 > self.thr).float()
+            spikes.append(spk2)
+        return torch.stack(spikes), mem2
+
+
 class WhereResets(nn.Module):
     """Zero resets written with ``torch.where`` / ``masked_fill``: on a float spike's mask,
     on the spike test itself (a second comparison), and spikes made by ``where(v > thr, 1, 0)``."""
@@ -249,6 +297,22 @@ def make_mlp():
 
 def make_firing_rate():
     return FiringRate()
+
+
+def make_tutorial_2():
+    return StoredMembraneTest("tutorial")
+
+
+def make_stored_test_float():
+    return StoredMembraneTest("float")
+
+
+def make_stored_test_zero():
+    return StoredMembraneTest("zero")
+
+
+def make_leaky_by_hand():
+    return StoredMembraneTest("leaky")
 
 
 def make_in_place():

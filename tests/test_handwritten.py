@@ -69,6 +69,27 @@ def test_sequence_loops_convert_exactly(convert, factory, shape, charge, resets)
     assert all(c.spike_agreement == 1.0 for c in layers.values())
 
 
+@pytest.mark.parametrize("factory, reset", [("make_tutorial_2", "subtract"), ("make_stored_test_float", "subtract"),
+                                            ("make_stored_test_zero", "zero"), ("make_leaky_by_hand", "subtract")])
+def test_spike_tests_the_stored_membrane(convert, factory, reset):
+    """snnTorch tutorial 2's ``spk = mem > thr; mem = beta * mem + x - spk * thr``: snnTorch's
+    previous-step reset with the spike taken from the stored membrane (bool spikes as
+    published), and snnTorch ``Leaky`` written by hand (its output spike tests the new one)."""
+    conversion, path = convert(f"{MODELS}:{factory}", (8,), 6)
+    specs = [s.spec for s in conversion.sites]
+    assert [(s.reset_timing, s.spike_from, s.reset) for s in specs] == [("previous_step", "stored", reset)] * 2
+    model = _factory(factory).eval()
+    gen = torch.Generator().manual_seed(0)
+    for steps in (6, 17):
+        x = torch.rand(steps, 3, 8, generator=gen) * 2
+        _check_parity(path, model, x)
+        with torch.no_grad():
+            fired = model(x)[0].float().mean()
+        assert 0 < fired < 1
+    report = conversion.verify(path, providers=("cpu",), extra_time_steps=False)
+    assert report.passed
+
+
 def test_static_input_with_reset_before_charge(convert):
     conversion, path = convert(f"{MODELS}:make_static", (6,), 25)
     assert conversion.layout.kind == "static" and conversion.layout.time_steps == 7

@@ -59,10 +59,12 @@ class StepOptions:
     #: parameters with their identity value everywhere (``+``-joined, of :data:`IDENTITY_PARAMS`):
     #: the step skips the multiply or subtraction by them (bit for bit), one node less each
     identity_params: str = ""
+    spike_from: str = "updated"
 
     @classmethod
     def of(cls, spec: NeuronSpec) -> "StepOptions":
-        base = cls(spec.reset, spec.reset_timing, spec.compare, spec.zero_scope, spec.two_state, spec.charge, spec.reset_form)
+        base = cls(spec.reset, spec.reset_timing, spec.compare, spec.zero_scope, spec.two_state, spec.charge, spec.reset_form,
+                   spike_from=spec.spike_from)
         applies = {
             "v_rest": base.charge.startswith("sj_"),  # Norse's charge computes v_rest - v: no identity
             "reset_value": base.reset == "zero" and base.reset_timing == "same_step",  # the only step that reads it
@@ -86,6 +88,8 @@ class StepOptions:
             parts.append(self.charge)
         if self.reset_form != "standard":
             parts.append(self.reset_form)
+        if self.spike_from != "updated":
+            parts.append(self.spike_from)
         parts.extend(suffix for name, (_, suffix) in IDENTITY_PARAMS.items() if name in self.identities)
         return "_".join(parts)
 
@@ -116,20 +120,23 @@ class StepOptions:
             "charge": self.charge,
             "reset_form": self.reset_form,
             "identity_params": self.identity_params,
+            "spike_from": self.spike_from,
         }
 
     @classmethod
     def parse(cls, key: str) -> "StepOptions":
         fields = dict(item.split("=", 1) for item in key.split(","))
         return cls(fields["reset"], fields["reset_timing"], fields["compare"], fields["zero_scope"], fields["two_state"] == "1",
-                   fields.get("charge", "leaky"), fields.get("reset_form", "standard"), fields.get("identity_params", ""))
+                   fields.get("charge", "leaky"), fields.get("reset_form", "standard"), fields.get("identity_params", ""),
+                   fields.get("spike_from", "updated"))
 
     @classmethod
     def from_node(cls, node: onnx.NodeProto) -> "StepOptions":
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         text = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items() if k != "layer"}
         return cls(text["reset"], text["reset_timing"], text["compare"], text["zero_scope"], bool(text["two_state"]),
-                   text.get("charge", "leaky"), text.get("reset_form", "standard"), text.get("identity_params", ""))
+                   text.get("charge", "leaky"), text.get("reset_form", "standard"), text.get("identity_params", ""),
+                   text.get("spike_from", "updated"))
 
 
 def exact_step(b, o: StepOptions, p: dict, v_prev, i_prev, x):
@@ -185,7 +192,7 @@ def exact_step(b, o: StepOptions, p: dict, v_prev, i_prev, x):
         v = b.sub(u, b.mul(u, r))
     else:
         v = charge(v_prev)
-    spike = times(b.step(v, theta, o.compare), "spike_scale")
+    spike = times(r if o.spike_from == "stored" else b.step(v, theta, o.compare), "spike_scale")
     if o.reset_timing == "same_step_guarded" and o.reset != "none":
         delta = b.sub(b.div(spike, p["spike_scale"]), r)
         v = b.sub(v, b.mul(delta, theta if o.reset == "subtract" else v))
