@@ -56,6 +56,10 @@ def handwritten_rows() -> list[CoverageRow]:
                      "spk = mem > thr; mem = beta * mem + x - spk * thr, bool spikes too; also snnTorch Leaky written by hand: "
                      "reset = mem > thr, that update, spk = mem > thr); subtract reset, or zero reset u * (1 - s)",
               spec_options("subtract", reset_timing="previous_step", spike_from="stored")),
+        exact("lif", "the previous step's spike resets the charge, then the spike tests the reset membrane (snnTorch's "
+                     "own order: mem = beta * mem + x - spk * thr; spk = mem > thr, spk 0 before the first step); "
+                     "subtract reset, or zero reset u * (1 - s)",
+              spec_options("subtract", reset_timing="previous_step")),
         exact("lif", "inside forward over a [T, B, ...] sequence, or over a static [B, ...] input repeated for a fixed T"),
         exact("integrator", "v = decay * v + x with no spike test (readouts; a plain acc = acc + x becomes a cumulative sum)", spec_options("none")),
         unsupported("lif", "a subtract reset that removes something other than the threshold",

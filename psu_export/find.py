@@ -7,6 +7,11 @@ next are neuron states (anything else is recurrent feedback, which is refused wi
 node where matching stopped).  The result, :class:`TimeLoop`, tells the rewrite which
 nodes run once (static), which run over all steps at once (body, iteration 0 standing for
 every step), and how the suffix gathers per-step values.
+
+Before matching, :func:`reroll` writes three Python idioms in the form a loop over
+``range(T)`` has: a record grown by ``torch.cat`` each step and a buffer filled by
+``out[t] = v`` become one ``cat`` / ``stack`` after the loop, and ``for x_t in x`` (an
+``unbind`` before the loop) becomes ``x[t]`` at each step.
 """
 
 from __future__ import annotations
@@ -328,7 +333,7 @@ def _stacks_from_step_writes(graph: fx.Graph) -> None:
             buffer = _whole_slice_of(select.args[0]) or select.args[0]  # out[:, t] selects from out[:]
             by_buffer.setdefault(buffer, []).append((select.args[2], select, copy))
     for buffer, writes in by_buffer.items():
-        if len(writes) < 2:
+        if len(writes) < 2 or buffer.op != "call_function":  # a tensor made in forward (not an input or a parameter)
             continue
         writes.sort(key=lambda w: order[w[2]])
         dims = {w[1].args[1] for w in writes}
@@ -371,6 +376,11 @@ def _cats_from_growing_records(graph: fx.Graph) -> None:
     def dim_of(node) -> int:
         return node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
 
+    def grown(node) -> fx.Node | None:
+        """The next step's concatenation onto ``node``, if that is its only reader."""
+        (user,) = node.users if len(node.users) == 1 else (None,)
+        return user if user is not None and grows(user) and user.args[0][0] is node else None
+
     erased = set()
     for first in [n for n in graph.nodes if grows(n)]:
         if first in erased:
@@ -380,8 +390,8 @@ def _cats_from_growing_records(graph: fx.Graph) -> None:
         if grows(start) or empty is None or empty.dim() == 0 or empty.shape[dim_of(first)] != 0:
             continue
         chain = [first]
-        while len(chain[-1].users) == 1 and grows(next(iter(chain[-1].users))) and next(iter(chain[-1].users)).args[0][0] is chain[-1]:
-            chain.append(next(iter(chain[-1].users)))
+        while grown(chain[-1]) is not None:
+            chain.append(grown(chain[-1]))
         if len(chain) < 2 or len({dim_of(c) for c in chain}) != 1 or not chain[-1].users:
             continue
         reads = list(chain[-1].users)
@@ -392,7 +402,7 @@ def _cats_from_growing_records(graph: fx.Graph) -> None:
         for node in reversed(chain):
             graph.erase_node(node)
         erased.update(chain)
-        if not start.users:
+        if not start.users and start.op == "call_function":
             graph.erase_node(start)
     graph.lint()
 

@@ -225,6 +225,8 @@ class _Step:
     #: the spike tests the stored membrane (the previous step's), not the charged one
     #: (:func:`_match_stored_step`)
     stored: bool = False
+    #: the spike of the previous step that resets this one's charge (:func:`_match_carried_spike_step`)
+    carried_spike: object = None
 
 
 def _charges(h: fx.Node, consts: _Consts) -> list[_Charge]:
@@ -523,6 +525,55 @@ def _match_stored_step(c: fx.Node, consts: _Consts) -> _Step:
     return step
 
 
+def _match_carried_spike_step(c: fx.Node, consts: _Consts) -> _Step:
+    """A spike test of the membrane after a reset by the previous step's spike (snnTorch's own
+    order, written by hand)::
+
+        v = decay * v + d - s * thr    # (or (decay * v + d) * (1 - s)); s from the last step
+        s = v > thr
+
+    the spec's ``reset_timing="previous_step"``: its reset test ``H(v_{t-1} - thr)`` is the
+    spike carried from step t-1.  Step 0's carried spike must be the constant 0."""
+    v, thr, kind, owned = _split_compare(c, consts)
+    reset = _carried_spike_reset(v, thr, consts)
+    if reset is None:
+        raise _Fail(v, f"{v.name} is not a charge reset by the previous step's spike")
+    h, how, carried, parts = reset
+    zero = consts.value(carried)
+    if zero is not None:  # step 0: the spikes before the first step, a constant
+        if not bool(torch.all(zero == 0)):
+            raise _Fail(v, "the first step is reset by constant spikes that are not 0")
+        carried = 0.0
+    charges = _charges(h, consts)
+    if not charges:
+        raise _Fail(h, f"the value reset by the previous spike ({h.target}) is not a charge 'decay * v + input'" + _hint(h))
+    step = _Step(h=h, charges=charges, compare=c, threshold=thr, cmp=kind, owned=owned | {h, v} | parts,
+                 reset=how, v_post=v, carried_spike=carried)
+    step.spikes = _spikes_of(c, v, consts)
+    step.owned |= set(step.spikes)
+    return step
+
+
+def _carried_spike_reset(v: fx.Node, thr: torch.Tensor, consts: _Consts):
+    """``(h, reset, carried spike, reset nodes)`` when ``v`` is ``h - s * thr`` (``h - s`` for a
+    threshold of 1) or ``h * (1 - s)`` with ``s`` a spike or a constant 0; else None."""
+    if v.target is aten.sub.Tensor and v.kwargs.get("alpha", 1) == 1 and _is_node(v.args[0]) and _is_node(v.args[1]):
+        h, m = v.args
+        if m.target is aten.mul.Tensor and len(_users(m)) == 1:
+            amounts = [(a, consts.value(b)) for a, b in (m.args, m.args[::-1]) if _is_node(a)]
+            for s, amount in amounts:
+                if amount is not None and _same(amount, thr):
+                    return h, "subtract", s, {m}
+        if bool(torch.all(thr == 1)):
+            return h, "subtract", m, set()
+    if v.target is aten.mul.Tensor and len(v.args) == 2:
+        for h, r in (v.args, v.args[::-1]):
+            if (_is_node(h) and _is_node(r) and r.target is aten.rsub.Scalar and r.args[1] == 1
+                    and r.kwargs.get("alpha", 1) == 1 and len(_users(r)) == 1 and _is_node(r.args[0])):
+                return h, "zero", r.args[0], {r}
+    return None
+
+
 def _hint(h: fx.Node) -> str:
     return ("; recognised charges: 'decay * v + x', 'v + (x - (v - v_rest)) / tau', 'v - (v - v_rest) / tau + x' "
             "(or '* inv_tau'), with x not depending on v")
@@ -687,8 +738,12 @@ def _spec_of(rule: str, chain: list[_Step], v_init) -> NeuronSpec:
     reset = resets.pop() or "none"
     if chain[-1].reset not in (None, reset):
         raise _Fail(chain[-1].h, "the last step resets differently")
-    if len({s.stored for s in chain}) != 1:
-        raise _Fail(chain[0].compare, "some steps test the stored membrane and others the charged one")
+    if len({s.stored for s in chain}) != 1 or len({s.carried_spike is None for s in chain}) != 1:
+        raise _Fail(chain[0].compare, "the steps test different membranes (stored, charged, reset by the previous spike)")
+    if first.carried_spike is not None:
+        _check_carried_spikes(chain, v_init)
+        return NeuronSpec(decay=decay, threshold=first.threshold, reset=reset, reset_timing="previous_step", compare=first.cmp,
+                          zero_scope="total", v_init=v_init)
     if first.stored:  # u = C(v, d); subtract: u - s * thr; zero: u - u * s (or u * (1 - s))
         if law.form != "leaky":
             raise _Fail(first.h, f"a spike test of the stored membrane is only supported with the charge 'decay * v + input' (not {law.form})")
@@ -696,6 +751,21 @@ def _spec_of(rule: str, chain: list[_Step], v_init) -> NeuronSpec:
                           zero_scope="total", v_init=v_init, spike_from="stored")
     return NeuronSpec(decay=decay, threshold=first.threshold, reset=reset, reset_timing="same_step", compare=first.cmp,
                       reset_value=torch.tensor(0.0), v_init=v_init, **extra)
+
+
+def _check_carried_spikes(chain: list[_Step], v_init: torch.Tensor) -> None:
+    """Each step is reset by the spikes of the step before; step 0 by constant zeros, which is
+    the spec's reset test of the initial membrane only if that does not fire."""
+    for prev, step in zip(chain, chain[1:]):
+        if step.carried_spike not in prev.spikes:
+            raise _Fail(step.v_post, f"{step.v_post.name} is reset by {getattr(step.carried_spike, 'name', step.carried_spike)}, "
+                                     f"not by the spikes of the previous step ({prev.compare.name})")
+    first = chain[0]
+    if _is_node(first.carried_spike) or first.carried_spike != 0.0:
+        raise _Fail(first.v_post, "step 0 is not reset by constant zero spikes")
+    fires = v_init > first.threshold if first.cmp == "gt" else v_init >= first.threshold
+    if bool(torch.any(fires)):
+        raise _Fail(first.v_post, "the initial membrane is above the threshold, but step 0 is reset by zero spikes")
 
 
 def _carried_lif(s: _Step):
@@ -755,6 +825,21 @@ def _dedupe(fails: list) -> dict[str, str]:
 
 
 def _match_lif(gm, consts, fails) -> list[HandwrittenSite]:
+    """The LIF sites, reading a spike test that is not of a charge as a test of the stored
+    membrane or as one after the previous spike's reset, whichever explains more steps
+    (each can also read the other's graph, shifted by a step, but then leaves steps over)."""
+    best = None
+    for other_form in (_match_stored_step, _match_carried_spike_step):
+        tried: list[_Fail] = []
+        sites = _match_lif_with(gm, consts, tried, other_form)
+        explained = sum(len(s.steps) for s in sites) if len({len(s.steps) for s in sites}) <= 1 else -1
+        if best is None or explained > best[0]:
+            best = (explained, sites, tried)
+    fails += best[2]
+    return best[1]
+
+
+def _match_lif_with(gm, consts, fails, other_form) -> list[HandwrittenSite]:
     steps, failed = [], []
     for n in gm.graph.nodes:
         if n.op == "call_function" and n.target in _COMPARE_TARGETS:
@@ -762,7 +847,7 @@ def _match_lif(gm, consts, fails) -> list[HandwrittenSite]:
                 steps.append(_match_step(n, consts))
             except _Fail as exc:
                 try:
-                    steps.append(_match_stored_step(n, consts))
+                    steps.append(other_form(n, consts))
                 except _Fail:
                     failed.append((n, exc))
     # a step's spike mask (s > 0, or its comparison written again for the reset) is no spike test
@@ -1010,7 +1095,8 @@ def _describe(site: HandwrittenSite) -> str:
     if spec.spike_from == "stored":
         return (f"LIF spike v {test} {_short(spec.threshold)} on the stored membrane, then v = {_short(spec.decay)} * v + input, "
                 f"{spec.reset} reset by that spike")
-    return f"LIF v = {_short(spec.decay)} * v + input, spike v {test} {_short(spec.threshold)}, {spec.reset} reset (same step)"
+    timing = "same step" if spec.reset_timing == "same_step" else "by the previous step's spike"
+    return f"LIF v = {_short(spec.decay)} * v + input, spike v {test} {_short(spec.threshold)}, {spec.reset} reset ({timing})"
 
 
 def _short(t: torch.Tensor) -> str:

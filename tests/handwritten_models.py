@@ -88,7 +88,8 @@ def leaky_integrate_and_fire(mem, x, w, beta, threshold=1):
 class StoredMembraneTest(TwoLayerMLP):
     """Tutorial 2's neuron in a network (``style="tutorial"``: bool spikes, as published;
     ``"float"``: the spike cast first; ``"zero"``: a zero reset; ``"leaky"``: snnTorch ``Leaky``
-    rewritten by hand, the reset from the stored membrane and the output spike from the new one)."""
+    rewritten by hand, the reset from the stored membrane and the output spike from the new one;
+    ``"carried"``: the same neuron with the spike carried to the next step's reset)."""
 
     def __init__(self, style: str):
         super().__init__()
@@ -100,6 +101,7 @@ class StoredMembraneTest(TwoLayerMLP):
     def forward(self, x):
         mem1 = torch.zeros(x.shape[1], 16)
         mem2 = torch.zeros(x.shape[1], 4)
+        spk1, spk2 = torch.zeros(x.shape[1], 16), torch.zeros(x.shape[1], 4)
         spikes = []
         for t in range(x.shape[0]):
             if self.style == "tutorial":
@@ -115,6 +117,11 @@ class StoredMembraneTest(TwoLayerMLP):
                 mem1 = (self.beta * mem1 + self.fc1(x[t])) * (1 - spk1)
                 spk2 = (mem2 > self.thr).float()
                 mem2 = (self.beta * mem2 + self.fc2(spk1)) * (1 - spk2)
+            elif self.style == "carried":  # the spike of step t - 1 resets step t's charge
+                mem1 = self.beta * mem1 + self.fc1(x[t]) - spk1 * self.thr
+                spk1 = (mem1 > self.thr).float()
+                mem2 = self.beta * mem2 + self.fc2(spk1) - spk2 * self.thr
+                spk2 = (mem2 > self.thr).float()
             else:
                 reset1 = (mem1 > self.thr).float()
                 mem1 = self.beta * mem1 + self.fc1(x[t]) - reset1 * self.thr
@@ -309,6 +316,10 @@ def make_stored_test_float():
 
 def make_stored_test_zero():
     return StoredMembraneTest("zero")
+
+
+def make_carried_spike():
+    return StoredMembraneTest("carried")
 
 
 def make_leaky_by_hand():

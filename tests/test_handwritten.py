@@ -70,14 +70,17 @@ def test_sequence_loops_convert_exactly(convert, factory, shape, charge, resets)
 
 
 @pytest.mark.parametrize("factory, reset", [("make_tutorial_2", "subtract"), ("make_stored_test_float", "subtract"),
-                                            ("make_stored_test_zero", "zero"), ("make_leaky_by_hand", "subtract")])
-def test_spike_tests_the_stored_membrane(convert, factory, reset):
+                                            ("make_stored_test_zero", "zero"), ("make_leaky_by_hand", "subtract"),
+                                            ("make_carried_spike", "subtract")])
+def test_previous_step_resets_written_by_hand(convert, factory, reset):
     """snnTorch tutorial 2's ``spk = mem > thr; mem = beta * mem + x - spk * thr``: snnTorch's
     previous-step reset with the spike taken from the stored membrane (bool spikes as
-    published), and snnTorch ``Leaky`` written by hand (its output spike tests the new one)."""
+    published); snnTorch ``Leaky`` written by hand (its output spike tests the new one,
+    with the reset test written out, or carried to the next step's reset)."""
     conversion, path = convert(f"{MODELS}:{factory}", (8,), 6)
     specs = [s.spec for s in conversion.sites]
-    assert [(s.reset_timing, s.spike_from, s.reset) for s in specs] == [("previous_step", "stored", reset)] * 2
+    spike_from = "updated" if factory == "make_carried_spike" else "stored"
+    assert [(s.reset_timing, s.spike_from, s.reset) for s in specs] == [("previous_step", spike_from, reset)] * 2
     model = _factory(factory).eval()
     gen = torch.Generator().manual_seed(0)
     for steps in (6, 17):
