@@ -65,15 +65,25 @@ class TimeLoop:
     #: no loop at all: every neuron takes the whole sequence (multi-step modules), so the
     #: captured graph already runs all steps at once; every node is ``static``
     sequence: bool = False
-    #: body or suffix node -> positions of its arguments that are the number of steps T
-    #: (``count / x.shape[0]`` in or after a loop over ``x``: the capture wrote its own T as
-    #: a number)
-    time_length_args: dict[fx.Node, list[int]] = field(default_factory=dict)
+    #: node -> where its arguments hold the number of steps T: ``(i,)`` for ``args[i]``,
+    #: ``(i, j)`` for ``args[i][j]`` (``x.view(x.size(0), ...)`` before a loop over ``x``,
+    #: ``count / x.shape[0]`` in or after it: the capture wrote its own T as a number)
+    time_length_args: dict[fx.Node, list[tuple[int, ...]]] = field(default_factory=dict)
+
+    def ordered_nodes(self) -> list[fx.Node]:
+        """The static prefix, the body (iteration 0) and the suffix, each in graph order."""
+        graph = (self.body or self.suffix)[0].graph
+        return [n for n in graph.nodes if n in self.static] + self.body + self.suffix
 
     def reads_capture_length(self) -> bool:
-        """Whether a body or suffix argument is a number equal to the capture's T (it may be
-        T itself: :func:`mark_time_length_args` tells by a second capture)."""
-        return any(_is_number(a, self.steps) for node in self.body + self.suffix for a in node.args)
+        """Whether an argument is a number equal to the capture's T (it may be T itself:
+        :func:`mark_time_length_args` tells by a second capture)."""
+        return any(_is_number(a, self.steps) for node in self.ordered_nodes() for a in _numbers(node.args))
+
+
+def _numbers(args) -> list:
+    """The arguments and the items of list arguments."""
+    return [x for a in args for x in (a if isinstance(a, (list, tuple)) else [a])]
 
 
 def _is_number(value, equal_to) -> bool:
@@ -81,17 +91,21 @@ def _is_number(value, equal_to) -> bool:
 
 
 def mark_time_length_args(loop: TimeLoop, longer: TimeLoop) -> None:
-    """Record in ``loop`` the body and suffix arguments that are T: equal to ``loop.steps``
-    there and to ``longer.steps`` in ``longer``, the same model captured one step longer (its
-    body and suffix the same nodes).  Other numbers derived from T stay as captured
-    (verify's runs at other T catch them)."""
-    for mine, theirs in ((loop.body, longer.body), (loop.suffix, longer.suffix)):
-        if [n.target for n in mine] != [n.target for n in theirs]:
-            continue
-        for node, other in zip(mine, theirs):
-            for i, (a, b) in enumerate(zip(node.args, other.args)):
-                if _is_number(a, loop.steps) and _is_number(b, longer.steps):
-                    loop.time_length_args.setdefault(node, []).append(i)
+    """Record in ``loop`` the arguments that are T: equal to ``loop.steps`` there and to
+    ``longer.steps`` in ``longer``, the same model captured one step longer (its prefix, body
+    and suffix the same nodes).  Other numbers derived from T stay as captured (verify's
+    runs at other T catch them)."""
+    mine, theirs = loop.ordered_nodes(), longer.ordered_nodes()
+    if [n.target for n in mine] != [n.target for n in theirs]:
+        return
+    for node, other in zip(mine, theirs):
+        for i, (a, b) in enumerate(zip(node.args, other.args)):
+            if _is_number(a, loop.steps) and _is_number(b, longer.steps):
+                loop.time_length_args.setdefault(node, []).append((i,))
+            elif isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+                loop.time_length_args.setdefault(node, []).extend(
+                    (i, j) for j, (x, y) in enumerate(zip(a, b)) if _is_number(x, loop.steps) and _is_number(y, longer.steps))
+    loop.time_length_args = {node: where for node, where in loop.time_length_args.items() if where}
 
 
 def _calls(graph: fx.Graph) -> dict[int, list[fx.Node]]:
@@ -102,10 +116,13 @@ def _calls(graph: fx.Graph) -> dict[int, list[fx.Node]]:
     return calls
 
 
-#: ops that only reorder, copy or cast their input: a loop may read time steps from their result
+#: ops that only reorder, reshape, copy or cast their input: a loop may read time steps from
+#: their result (a reshape must keep the time axis: :func:`_time_select` checks its length)
 _INPUT_VIEWS = {
     torch.ops.aten.transpose.int, torch.ops.aten.permute.default, torch.ops.aten.clone.default,
     torch.ops.aten.contiguous.default, torch.ops.aten.alias.default, torch.ops.aten._to_copy.default,
+    torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
+    torch.ops.aten.flatten.using_ints, torch.ops.aten.unflatten.int, torch.ops.aten.unsqueeze.default,
 }
 
 
@@ -211,6 +228,10 @@ def _match_loop(nodes: list[fx.Node], start: int, period: int, steps: int, calls
             if selected is not None:
                 if _time_select(nk, k, before_loop) != selected:
                     raise _Mismatch(nk, f"step {k} does not read time step {k} of the input")
+                source, dim = selected
+                length = source.meta["val"].shape[dim] if source.meta.get("val") is not None else None
+                if source.op != "placeholder" and length != steps:  # x.view(T * B, -1)[t] is no time step
+                    raise _Mismatch(n0, f"reads {source.name} (a reshape of the input) along a dimension of {length}, not the {steps} time steps")
                 loop.time_selects[n0] = selected
                 continue
             if k > 0:

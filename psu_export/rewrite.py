@@ -105,7 +105,10 @@ class ParallelModel(torch.nn.Module):
             self._options.append(options)
             for name in options.param_names:
                 self.register_buffer(f"site{i}_{name}", params[name].clone())
-        self._suffix_refs = {node: self._plan_suffix_args(node) for node in loop.suffix}
+        # (the output node reads loop values itself: _read_after_loop, checked by _check_output_reads)
+        self._suffix_refs = {node: self._plan_suffix_args(node) for node in loop.suffix if node.op != "output"}
+        self._input = next(n for n in captured.graph_module.graph.nodes if n.op == "placeholder")
+        self._check_output_reads()
         #: per site, the kernel outputs of the last eager call (for per-layer parity)
         self.site_outputs: dict[str, list[torch.Tensor]] = {}
         #: per site, the kernel input and parameters of the last eager call (for telling float ties)
@@ -148,6 +151,19 @@ class ParallelModel(torch.nn.Module):
             raise NotConvertibleError({node.name: f"{node.target} over all time steps is not supported (only stack / cat)"})
         return planned
 
+    def _check_output_reads(self) -> None:
+        """Refuse, before any export, an output that reads one time step other than the last
+        when T varies (:meth:`_read_after_loop` could not give it at another T)."""
+        if not self.layout.dynamic_time or self.loop.sequence:
+            return
+        output = next(n for n in self.graph_module.graph.nodes if n.op == "output")
+        early = [n for n in tree_flatten(output.args[0])[0]
+                 if isinstance(n, fx.Node) and n in self.loop.copy_of and self.loop.copy_of[n][1] != self.loop.steps - 1]
+        if early:
+            raise NotConvertibleError({early[0].name: (
+                "the model returns values of single time steps (e.g. a Python list with one tensor per step); an ONNX "
+                "model has a fixed number of outputs for any T: return torch.stack(...) of the list instead")})
+
     # -- execution --------------------------------------------------------------------
     def forward(self, x):
         env: dict[fx.Node, object] = {}
@@ -164,7 +180,8 @@ class ParallelModel(torch.nn.Module):
             elif loop.sequence and node in self._site_of:
                 env[node] = self._run_sequence_site(node, env)
             elif node in loop.static:
-                env[node] = _call(node, env)
+                args, kwargs = tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, (node.args, node.kwargs))
+                env[node] = node.target(*self._this_time_length(node, args, env), **kwargs)
             elif node in loop.copy_of:
                 if loop.copy_of[node][1] == 0:
                     env[node] = self._run_body_node(node, env)
@@ -237,9 +254,13 @@ class ParallelModel(torch.nn.Module):
         """``args`` with the capture's T written as a number (:attr:`TimeLoop.time_length_args`)
         replaced by this run's T, the length of the input's time axis."""
         args = list(args)
-        for i in self.loop.time_length_args.get(node, ()):
-            source, dim = next(iter(self.loop.time_selects.values()))
-            args[i] = env[source].shape[dim]
+        for where in self.loop.time_length_args.get(node, ()):
+            steps = env[self._input].shape[self.layout.time_axis]
+            if len(where) == 1:
+                args[where[0]] = steps
+            else:
+                i, j = where
+                args[i] = [*args[i][:j], steps, *args[i][j + 1:]]
         return args
 
     def _run_accumulator(self, node: fx.Node, env) -> Timed:
@@ -319,11 +340,6 @@ def _folded_run(target, flat: torch.Tensor, steps, batch, rest, kwargs):
     if isinstance(out, (tuple, list)):
         return [_Folded(o, steps, batch) if o.dim() > 0 and o.shape[0] == flat.shape[0] else o for o in out]
     return _Folded(out, steps, batch)
-
-
-def _call(node: fx.Node, env):
-    args, kwargs = tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, (node.args, node.kwargs))
-    return node.target(*args, **kwargs)
 
 
 def _fetch_attr(module: torch.nn.Module, target: str):

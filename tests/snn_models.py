@@ -122,6 +122,34 @@ def preallocated_loop(batch_first: bool = False) -> nn.Module:
     return _scaled(PreallocatedLoopNet(batch_first))
 
 
+class ReshapedInputNet(LoopNet):
+    """``x[T, B, 3, 4]`` flattened before the loop (``x.view(x.size(0), x.size(1), -1)``)."""
+
+    def forward(self, x):
+        return super().forward(x.view(x.size(0), x.size(1), -1))
+
+
+def reshaped_input() -> nn.Module:
+    return _scaled(ReshapedInputNet(snn.Leaky(beta=0.8), snn.Leaky(beta=0.7)))
+
+
+class StepListNet(LoopNet):
+    """Returns the per-step spikes as a Python list (one output per step)."""
+
+    def forward(self, x):
+        mem1, mem2 = self.lif1.init_leaky(), self.lif2.init_leaky()
+        spikes = []
+        for t in range(x.shape[0]):
+            spk1, mem1 = self.lif1(self.fc1(x[t]), mem1)
+            spk2, mem2 = self.lif2(self.fc2(spk1), mem2)
+            spikes.append(spk2)
+        return spikes
+
+
+def step_list() -> nn.Module:
+    return _scaled(StepListNet(snn.Leaky(beta=0.8), snn.Leaky(beta=0.7)))
+
+
 class Counting(LoopNet):
     """Running sums over the steps inside forward: the output layer's spike count and the sum
     of its membranes (``style``: how the sums start and grow), and the last step's spikes."""

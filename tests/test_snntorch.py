@@ -191,6 +191,13 @@ def test_records_written_into_a_buffer_or_grown_and_a_mean_summed_in_the_loop(ba
     assert len(conversion.loop.time_length_args) == 1
 
 
+def test_input_reshaped_before_the_loop(tmp_path):
+    """``x = x.view(x.size(0), x.size(1), -1)``: the view keeps the time axis, and its size
+    argument (the capture's T) is each run's T (checked at T = 12, 5 and 23)."""
+    conversion, _ = _check(M.reshaped_input(), (3, 4), 12, tmp_path)
+    assert [(1, 0)] in conversion.loop.time_length_args.values()  # view(x, [T, B, -1]): T is args[1][0]
+
+
 def test_init_hidden_synaptic(tmp_path):
     _check(M.synaptic_sequential(), (M.IN,), 8, tmp_path)
 
@@ -228,6 +235,7 @@ def test_report_passes_and_names_each_layer(tmp_path):
         (M.with_state_quant, "state_quant"),
         (M.with_rleaky, "recurrent"),
         (lambda: M.counting("feedback"), "carried between time steps"),
+        (M.step_list, "return torch.stack"),
     ],
 )
 def test_unconvertible_options_are_refused_with_a_reason(factory, expected):
