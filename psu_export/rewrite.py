@@ -226,8 +226,8 @@ class ParallelModel(torch.nn.Module):
         timed = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Timed)]
         if not timed:
             return node.target(*args, **kwargs)  # identical at every step: computed once
-        if timed == [0] and node.target in _CASTS:  # the same on every step's tensor (vmapped, export traced a
-            return Timed(node.target(leaves[0].value, *args[1:], **kwargs))  # metadata check on the batched one)
+        if timed == [0] and node.target in _CASTS:  # (vmapped, export traced a metadata check on the batched tensor)
+            return Timed(node.target(leaves[0].value, *args[1:], **kwargs))
         if timed == [0] and node.target in _BATCH_FOLDABLE:
             rank = _BATCH_FOLDABLE[node.target]
             if isinstance(leaves[0], _Folded):

@@ -59,6 +59,8 @@ class StepOptions:
     #: parameters with their identity value everywhere (``+``-joined, of :data:`IDENTITY_PARAMS`):
     #: the step skips the multiply or subtraction by them (bit for bit), one node less each
     identity_params: str = ""
+    #: :attr:`NeuronSpec.spike_from`: the spike tests the updated membrane, or is the reset
+    #: test of the stored one (previous-step timing)
     spike_from: str = "updated"
 
     @classmethod
