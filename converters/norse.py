@@ -41,8 +41,15 @@ _REFRACTORY = "the refractory counter holds the membrane and blocks spikes for s
 _ADAPTIVE = "adaptive neurons carry a second state that feeds back into the membrane or threshold"
 _IZHIKEVICH = "Izhikevich neurons carry a recovery variable coupled to the membrane"
 _EXPONENTIAL = "the exponential LIF charge (exp of the membrane) is not supported"
+_LIF_ENCODER = ("an encoder that runs its own LIF over seq_length steps from the static input is not converted yet: "
+                "run it outside the model and convert the network that takes its spikes [T, B, ...]")
+_RANDOM_ENCODER = "draws random spikes (outputs change from run to run): run it outside the model and feed its spikes as the input"
 #: Norse neuron classes recognised and refused, by name (known without Norse installed)
 UNSUPPORTED_CLASSES = (
+    ("ConstantCurrentLIFEncoder", _LIF_ENCODER),
+    ("SpikeLatencyLIFEncoder", _LIF_ENCODER),
+    ("PoissonEncoder", _RANDOM_ENCODER),
+    ("SignedPoissonEncoder", _RANDOM_ENCODER),
     ("LIFRecurrentCell", _RECURRENT),
     ("LIFRecurrent", _RECURRENT),
     ("LIFRefracCell", _REFRACTORY),

@@ -404,4 +404,29 @@ def capture(model: torch.nn.Module, neurons: list[NeuronModule], layout: InputLa
             except Exception as exc2:
                 raise CaptureError(f"torch.export could not capture the model: {type(exc2).__name__}: {exc2}") from exc2
             dynamic_batch = False
-    return CapturedGraph(ep.module(), neurons, layout, steps, dynamic_batch, notes)
+    graph_module = ep.module()
+    _refuse_random_draws(graph_module.graph)
+    return CapturedGraph(graph_module, neurons, layout, steps, dynamic_batch, notes)
+
+
+def _draws_random_numbers(node: torch.fx.Node) -> bool:
+    """A call of a random op (``torch.rand_like``, ``bernoulli``, dropout in training mode, ...)."""
+    tags = getattr(node.target, "tags", ())
+    if node.op != "call_function" or torch.Tag.nondeterministic_seeded not in tags:
+        return False
+    names = [a.name for a in node.target._schema.arguments]
+    for flag in ("train", "training"):  # dropout & co. in eval mode draw nothing
+        if flag in names:
+            i = names.index(flag)
+            return bool(node.args[i] if i < len(node.args) else node.kwargs.get(flag, False))
+    return True
+
+
+def _refuse_random_draws(graph: torch.fx.Graph) -> None:
+    """A forward that draws random numbers (a Poisson encoder: ``torch.rand_like(x) < x``) gives
+    other outputs at every run: refused, before any export, with where it draws."""
+    draws = [n for n in graph.nodes if _draws_random_numbers(n)]
+    if draws:
+        raise NotConvertibleError({draws[0].name: (
+            f"the forward draws random numbers ({draws[0].target}); its outputs change from run to run, so no "
+            "conversion can be checked against it: move the random encoding out of the model and feed its spikes as the input")})

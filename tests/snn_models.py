@@ -150,6 +150,17 @@ def step_list() -> nn.Module:
     return _scaled(StepListNet(snn.Leaky(beta=0.8), snn.Leaky(beta=0.7)))
 
 
+class PoissonInputNet(LoopNet):
+    """Rate-codes its input in forward (``torch.rand_like(x[t]) < x[t]``): random every run."""
+
+    def forward(self, x):
+        return super().forward((torch.rand_like(x) < x).float())
+
+
+def poisson_input() -> nn.Module:
+    return _scaled(PoissonInputNet(snn.Leaky(beta=0.8), snn.Leaky(beta=0.7)))
+
+
 class Counting(LoopNet):
     """Running sums over the steps inside forward: the output layer's spike count and the sum
     of its membranes (``style``: how the sums start and grow), and the last step's spikes."""

@@ -110,6 +110,17 @@ def test_unsupported_cells_are_refused(factory, name):
     assert any(name in why for why in info.value.reasons.values())
 
 
+@pytest.mark.parametrize("encoder, reason", [("ConstantCurrentLIFEncoder", "its own LIF"), ("PoissonEncoder", "random")])
+def test_encoders_inside_the_model_are_refused(encoder, reason):
+    """Norse's MNIST tutorial encodes the image inside forward; the refusal says what to do."""
+    import norse.torch as nt
+
+    model = nt.SequentialState(getattr(nt, encoder)(seq_length=5), torch.nn.Linear(4, 4), nt.LIFCell())
+    with pytest.raises(NotConvertibleError) as info:
+        prepare(model, input_shape=(4,), time_steps=5)
+    assert any(encoder in why and reason in why and "outside the model" in why for why in info.value.reasons.values())
+
+
 def test_adjoint_method_is_refused():
     import norse.torch as nt
 

@@ -236,6 +236,7 @@ def test_report_passes_and_names_each_layer(tmp_path):
         (M.with_rleaky, "recurrent"),
         (lambda: M.counting("feedback"), "carried between time steps"),
         (M.step_list, "return torch.stack"),
+        (M.poisson_input, "draws random numbers"),
     ],
 )
 def test_unconvertible_options_are_refused_with_a_reason(factory, expected):
