@@ -1,4 +1,4 @@
-"""Norse (1.1): ``LIFCell``, ``LIFBoxCell``, ``LICell`` (per step, state passed explicitly), ``LIF`` and ``LI`` (sequence).
+"""Norse (1.1): ``LIFCell``, ``LIFBoxCell``, ``LICell``, ``LILinearCell`` (per step, state passed explicitly), ``LIF`` and ``LI`` (sequence).
 
 Semantics (NEURON_SEMANTICS.md section 1.3, checked against ``functional/lif.py`` and
 ``functional/lif_box.py``): strict ``>``; reset in the same step; the parameters live in
@@ -18,6 +18,8 @@ Semantics (NEURON_SEMANTICS.md section 1.3, checked against ``functional/lif.py`
 
 * ``LICell`` / ``LI`` (``li_feed_forward_step``): the ``LIFCell`` charge with no threshold
   and no reset; it returns the membrane ``v'`` (a readout layer), state ``LIState(v, i)``.
+  ``LILinearCell`` (``li_step``) is ``LICell`` with ``x = W u`` (``F.linear(u, input_weights)``):
+  the product is written before the neuron call, so it runs over all steps at once.
 
 Call styles: cells called as ``z, s = cell(x, s)`` inside a user loop, cells and ``LIF``
 inside ``SequentialState`` driven one step at a time as ``out, state = model(x, state)``
@@ -108,7 +110,7 @@ class NorseConverter(FrameworkConverter):
         nt = _norse()
         if nt is None:
             return ()
-        return (nt.LIFCell, nt.LIFBoxCell, nt.LIF, nt.LICell, nt.LI)
+        return (nt.LIFCell, nt.LIFBoxCell, nt.LIF, nt.LICell, nt.LI, nt.LILinearCell)
 
     def unsupported_classes(self):
         return classes_by_name(_norse(), UNSUPPORTED_CLASSES)
@@ -138,6 +140,8 @@ class NorseConverter(FrameworkConverter):
             exact("LICell", "parameters read from p (LIParameters: tau_syn_inv, tau_mem_inv, v_leak) and dt; returns the "
                             "membrane (no threshold, no reset); called in a loop, in SequentialState, or as the whole model", li),
             exact("LI", "the whole [T, B, ...] sequence in one call (alone or in SequentialState)", li),
+            exact("LILinearCell", "LICell with its input weights (i = i + W x): the product runs over all steps before "
+                                  "the neuron; called in a loop (the readout of Norse's ConvNet / ConvNet4)", li),
         ]
         rows += [unsupported(cls, "any", why) for cls, why in UNSUPPORTED_CLASSES]
         return rows
@@ -177,9 +181,9 @@ class NorseConverter(FrameworkConverter):
 
     @staticmethod
     def _integrator(module) -> bool:
-        """``LICell`` / ``LI``: no threshold, the membrane is the output."""
+        """``LICell`` / ``LI`` / ``LILinearCell``: no threshold, the membrane is the output."""
         nt = _norse()
-        return isinstance(module, (nt.LICell, nt.LI))
+        return isinstance(module, (nt.LICell, nt.LI, nt.LILinearCell))
 
     # ---------------------------------------------------------------- calls
     def consumes_sequence(self, module) -> bool:
@@ -188,7 +192,7 @@ class NorseConverter(FrameworkConverter):
 
     def threads_state(self, model) -> bool:
         nt = _norse()
-        return nt is not None and isinstance(model, (nt.SequentialState, nt.LIFCell, nt.LIFBoxCell, nt.LIF, nt.LICell, nt.LI))
+        return nt is not None and isinstance(model, (nt.SequentialState, nt.LIFCell, nt.LIFBoxCell, nt.LIF, nt.LICell, nt.LI, nt.LILinearCell))
 
     def call_convention(self, module) -> CallConvention:
         from norse.torch.functional.lif import LIFFeedForwardState
@@ -208,9 +212,12 @@ class NorseConverter(FrameworkConverter):
         if self._integrator(module):
             from norse.torch.functional.leaky_integrator import LIState
 
+            linear = isinstance(module, nt.LILinearCell)  # i = i + W x: the product outside the neuron
+
             def make_forward(call):
-                def forward(input_tensor, state=None):
-                    _, i, v = call(input_tensor, [] if state is None else [state.i, state.v])
+                def forward(input_tensor, state=None):  # (the weights read at call time: export swaps them)
+                    drive = torch.nn.functional.linear(input_tensor, module.input_weights) if linear else input_tensor
+                    _, i, v = call(drive, [] if state is None else [state.i, state.v])
                     return v, (LIState(v=v[-1], i=i[-1]) if sequence else LIState(v=v, i=i))
                 return forward
 

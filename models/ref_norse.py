@@ -32,7 +32,9 @@ SAMPLE = 16
 FRAMEWORK = "norse"
 #: neuron class -> factory of a reference model using it (read by tests/test_meta.py)
 REFERENCE_MODELS = {"LIFCell": "make_cell_loop", "LIFBoxCell": "make_cell_loop", "LIF": "make_lif_sequence",
-                    "LICell": "make_li_readout", "LI": "make_li_sequence"}
+                    "LICell": "make_li_readout", "LI": "make_li_sequence", "LILinearCell": "make_convnet4"}
+#: one step's input shape of the factories that do not take ``SAMPLE`` features
+SAMPLE_SHAPES = {"make_convnet4": (1, 16, 16)}
 
 
 @contextlib.contextmanager
@@ -159,6 +161,20 @@ def make_li_sequence() -> nn.Module:
 
     with _seeded(6):
         return nt.SequentialState(nn.Linear(SAMPLE, 32), nt.LIF(_lif_p()), nn.Linear(32, 10), nt.LI())
+
+
+def make_convnet4() -> nn.Module:
+    """Norse's own ``models.conv.ConvNet4`` (its MNIST example network: convolutions, ``LIFCell``
+    x 3, an ``LILinearCell`` readout, outputs written into a buffer each step), for
+    ``1,16,16`` inputs; weights scaled by 5 so that every layer fires (as after training)."""
+    from norse.torch.models.conv import ConvNet4
+
+    with _seeded(7):
+        net = ConvNet4(num_channels=1, feature_size=16)
+    with torch.no_grad():
+        for layer in (net.conv1, net.conv2, net.fc1):
+            layer.weight.mul_(5.0)
+    return net
 
 
 def make_single_cell() -> nn.Module:

@@ -347,12 +347,15 @@ def _stacks_from_step_writes(graph: fx.Graph) -> None:
     after the last write) as ``torch.stack([v_0, ..., v_{T-1}], dim)`` after the loop, which
     the suffix reads as a whole sequence (and at any T)."""
     order = {n: i for i, n in enumerate(graph.nodes)}
-    by_buffer: dict[fx.Node, list] = {}  # buffer -> [(index, select, copy)]
+    by_buffer: dict[fx.Node, list] = {}  # buffer -> [(index, select, copy, whole slices of the select)]
     for copy in [n for n in graph.nodes if n.target is torch.ops.aten.copy_.default and not n.users]:
-        select = copy.args[0]
+        select, trailing = copy.args[0], []
+        while _whole_slice_of(select) is not None and len(select.users) == 1:  # out[t, :, :] = v
+            trailing.append(select)
+            select = _whole_slice_of(select)
         if isinstance(select, fx.Node) and select.target is torch.ops.aten.select.int and len(select.users) == 1:
             buffer = _whole_slice_of(select.args[0]) or select.args[0]  # out[:, t] selects from out[:]
-            by_buffer.setdefault(buffer, []).append((select.args[2], select, copy))
+            by_buffer.setdefault(buffer, []).append((select.args[2], select, copy, trailing))
     for buffer, writes in by_buffer.items():
         if len(writes) < 2 or buffer.op != "call_function":  # a tensor made in forward (not an input or a parameter)
             continue
@@ -373,9 +376,9 @@ def _stacks_from_step_writes(graph: fx.Graph) -> None:
         stacked.meta["val"] = full
         for read in reads:
             read.replace_input_with(buffer, stacked)
-        for _, select, copy in writes:
-            graph.erase_node(copy)
-            graph.erase_node(select)
+        for _, select, copy, trailing in writes:
+            for node in [copy, *trailing, select]:
+                graph.erase_node(node)
         for view in views - {buffer}:
             if not view.users:
                 graph.erase_node(view)

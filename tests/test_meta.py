@@ -2,8 +2,8 @@
 and that model converts with parity against its own framework's sequential run.
 
 Reference models are declared in ``models/ref_*.py``: ``FRAMEWORK`` (the converter's
-name), ``SAMPLE`` (one step's input size) and ``REFERENCE_MODELS`` (neuron class ->
-factory name).  The classes to cover are those with an ``exact`` row in the converter's
+name), ``SAMPLE`` (one step's input size; ``SAMPLE_SHAPES``: a factory's own shape) and
+``REFERENCE_MODELS`` (neuron class -> factory name).  The classes to cover are those with an ``exact`` row in the converter's
 coverage (:meth:`FrameworkConverter.coverage`, the README table), which must in turn
 name every class of ``neuron_classes()`` for installed frameworks.
 """
@@ -106,7 +106,8 @@ def test_reference_model_converts_with_parity(framework, module, factory, classe
     from psu_export.verify import run_original
 
     model = getattr(module, factory)()
-    conversion = prepare(model, input_shape=(module.SAMPLE,), time_steps=TIME_STEPS)
+    shape = getattr(module, "SAMPLE_SHAPES", {}).get(factory, (module.SAMPLE,))
+    conversion = prepare(model, input_shape=shape, time_steps=TIME_STEPS)
     path = tmp_path / f"{factory}.onnx"
     conversion.export(path)
 

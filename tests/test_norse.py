@@ -26,8 +26,8 @@ def _spikes(t: torch.Tensor) -> bool:
     return bool(torch.isin(t, torch.tensor([0.0, 1.0])).all())
 
 
-def _check(factory: str, time_steps, tmp_path, input_kind="auto", other_steps=(3, 13), batch=3):
-    conversion = prepare(f"{MODELS}:{factory}", input_shape=(R.SAMPLE,), time_steps=time_steps, input_kind=input_kind)
+def _check(factory: str, time_steps, tmp_path, input_kind="auto", other_steps=(3, 13), batch=3, shape=(R.SAMPLE,)):
+    conversion = prepare(f"{MODELS}:{factory}", input_shape=shape, time_steps=time_steps, input_kind=input_kind)
     path = tmp_path / "m.onnx"
     conversion.export(path)
     model, kind = conversion.loaded.module, conversion.layout.kind
@@ -89,6 +89,13 @@ def test_leaky_integrator_readout(factory, tmp_path):
 
 def test_bare_cell_step_by_step(tmp_path):
     _check("make_single_cell", 5, tmp_path, input_kind="step", other_steps=(9,))
+
+
+def test_norse_convnet4_from_the_library(tmp_path):
+    """Norse's MNIST example network as the library ships it: its ``LILinearCell`` readout
+    (the input weights applied before the neuron) and ``voltages[ts, :, :] = v``."""
+    conversion = _check("make_convnet4", 6, tmp_path, shape=(1, 16, 16))
+    assert [s.source_class for s in conversion.sites] == ["norse.LIFCell"] * 3 + ["norse.LILinearCell"]
 
 
 def test_params_are_read_from_p_and_dt():
