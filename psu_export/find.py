@@ -98,14 +98,18 @@ def mark_time_length_args(loop: TimeLoop, longer: TimeLoop) -> None:
     mine, theirs = loop.ordered_nodes(), longer.ordered_nodes()
     if [n.target for n in mine] != [n.target for n in theirs]:
         return
+    def follows_t(a, b) -> bool:
+        return _is_number(a, loop.steps) and _is_number(b, longer.steps)
+
     for node, other in zip(mine, theirs):
+        where = []
         for i, (a, b) in enumerate(zip(node.args, other.args)):
-            if _is_number(a, loop.steps) and _is_number(b, longer.steps):
-                loop.time_length_args.setdefault(node, []).append((i,))
+            if follows_t(a, b):
+                where.append((i,))
             elif isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
-                loop.time_length_args.setdefault(node, []).extend(
-                    (i, j) for j, (x, y) in enumerate(zip(a, b)) if _is_number(x, loop.steps) and _is_number(y, longer.steps))
-    loop.time_length_args = {node: where for node, where in loop.time_length_args.items() if where}
+                where += [(i, j) for j, (x, y) in enumerate(zip(a, b)) if follows_t(x, y)]
+        if where:
+            loop.time_length_args[node] = where
 
 
 def _calls(graph: fx.Graph) -> dict[int, list[fx.Node]]:
@@ -414,8 +418,8 @@ def _cats_from_growing_records(graph: fx.Graph) -> None:
         if grows(start) or empty is None or empty.dim() == 0 or empty.shape[dim_of(first)] != 0:
             continue
         chain = [first]
-        while grown(chain[-1]) is not None:
-            chain.append(grown(chain[-1]))
+        while (nxt := grown(chain[-1])) is not None:
+            chain.append(nxt)
         if len(chain) < 2 or len({dim_of(c) for c in chain}) != 1 or not chain[-1].users:
             continue
         reads = list(chain[-1].users)
