@@ -163,7 +163,7 @@ class Comparison:
 def compare_tensors(name: str, ref: torch.Tensor, got: torch.Tensor, time_first: bool, threshold_gap: torch.Tensor | None = None) -> Comparison:
     ref, got = ref.float(), got.float()
     if ref.shape != got.shape:
-        return Comparison(name, 0.0, float("inf"), 0.0, ref.numel(), 0, False)
+        return Comparison(name, spike_agreement=0.0, max_abs_error=float("inf"), argmax_agreement=0.0, mismatches=ref.numel(), passed=False)
     err = float((ref - got).abs().max()) if ref.numel() else 0.0
     c = Comparison(name, max_abs_error=err)
     ref_classes, got_classes = _argmax_classes(ref, time_first), _argmax_classes(got, time_first)

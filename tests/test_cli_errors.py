@@ -291,3 +291,14 @@ def test_onnxruntime_failure_mid_verify_is_reported_with_exit_4(out, monkeypatch
     code, text = run("verify", DIGITS, "--weights", WEIGHTS, out, "--time-steps", "6", "--provider", "cpu")
     assert code == 4
     assert "onnxruntime cpu failed" in text and "simulated provider crash" in text
+
+
+def test_outputs_of_different_shapes_never_pass():
+    """A layer or output whose shapes differ between the runs compared fails (it once passed,
+    with 0% agreement shown, because the failure flag was filled into another field)."""
+    from psu_export.verify import compare_tensors
+
+    ref, got = torch.ones(4, 2, 3), torch.ones(8, 3)
+    for values in ((ref, got), (ref * 0.5, got * 0.5)):  # spikes and non-binary outputs
+        c = compare_tensors("layer", *values, time_first=True)
+        assert not c.passed and c.mismatches == ref.numel() and c.after_tie == 0
