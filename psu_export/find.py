@@ -319,6 +319,58 @@ def _start_first_step_sums(graph: fx.Graph, calls: dict[int, list[fx.Node]], pos
     return True
 
 
+def _sums_after_loop(graph: fx.Graph) -> None:
+    """Move a sum of the steps' values taken after the loop into it.
+
+    ``sum(outputs)`` of a list of per-step outputs (BrainCog's model zoo returns ``sum(outputs)
+    / len(outputs)``) is the chain ``a_0 = f_0 + 0``, ``a_t = a_{t-1} + f_t`` after the last
+    step.  Each add is moved to just after the value it adds, which makes it the running sum
+    that :func:`_accumulation` recognises, read at the last step: the same floats, added in
+    the same order.  The start may also be a value from before the loop or another number.
+    """
+    calls = _calls(graph)
+    counts = {len(c) for c in calls.values()}
+    if len(counts) != 1:
+        return
+    steps = counts.pop()
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    first_call = min(order[c[0]] for c in calls.values())
+    last_call = max(order[c[-1]] for c in calls.values())
+
+    def adds(node) -> bool:
+        return node.op == "call_function" and node.target is torch.ops.aten.add.Tensor and len(node.args) == 2 and not node.kwargs
+
+    moved: set[fx.Node] = set()
+    for a_0 in [n for n in graph.nodes if adds(n) and order[n] > last_call]:
+        if a_0 in moved:
+            continue
+
+        def in_loop(value, a_0=a_0) -> bool:  # made by a step: after the first call, before the sum
+            return isinstance(value, fx.Node) and first_call < order[value] < order[a_0]
+
+        starts = [f for f, init in (a_0.args, a_0.args[::-1])
+                  if in_loop(f) and (isinstance(init, (int, float)) or (isinstance(init, fx.Node) and order[init] < first_call))]
+        if not starts:
+            continue
+        chain, values = [a_0], [starts[0]]
+        while len(chain) < steps and len(chain[-1].users) == 1:
+            (user,) = chain[-1].users
+            f = None
+            if adds(user) and chain[-1] in user.args:
+                f = user.args[1] if user.args[0] is chain[-1] else user.args[0]
+            if not in_loop(f):
+                break
+            chain.append(user)
+            values.append(f)
+        gaps = {order[b] - order[a] for a, b in zip(values, values[1:])}
+        if len(chain) != steps or len(gaps) != 1 or gaps.pop() <= 0:
+            continue
+        for add, value in zip(chain, values):
+            value.append(add)
+        moved.update(chain)
+    graph.lint()
+
+
 def _selects_from_unbind(graph: fx.Graph) -> None:
     """Write ``for x_t in x`` (``x.unbind(dim)``, one ``getitem`` per step, all made before
     the loop) as ``select(x, dim, t)`` at step t's first use, where a loop over
@@ -440,6 +492,7 @@ def reroll(gm: fx.GraphModule) -> TimeLoop:
     _cats_from_growing_records(gm.graph)
     _stacks_from_step_writes(gm.graph)
     _selects_from_unbind(gm.graph)
+    _sums_after_loop(gm.graph)
     nodes = list(gm.graph.nodes)
     calls = _calls(gm.graph)
     if not calls:

@@ -163,7 +163,8 @@ def poisson_input() -> nn.Module:
 
 class Counting(LoopNet):
     """Running sums over the steps inside forward: the output layer's spike count and the sum
-    of its membranes (``style``: how the sums start and grow), and the last step's spikes."""
+    of its membranes (``style``: how the sums start and grow; ``"after"``: Python's ``sum`` of
+    the recorded steps after the loop), and the last step's spikes."""
 
     def __init__(self, style: str):
         super().__init__(snn.Leaky(beta=0.8), snn.Leaky(beta=0.7))
@@ -175,6 +176,7 @@ class Counting(LoopNet):
             count, total = torch.zeros(x.shape[1], OUT), torch.zeros(x.shape[1], OUT)
         else:
             count, total = 0, 0.5  # a sum that starts from a number other than 0
+        spikes, membranes = [], []
         for step in range(x.shape[0]):
             cur1 = self.fc1(x[step])
             if self.style == "feedback":  # the running count feeds the next step: a recurrence
@@ -184,9 +186,14 @@ class Counting(LoopNet):
             if self.style == "inplace":
                 count += spk2
                 total += mem2
+            elif self.style == "after":
+                spikes.append(spk2)
+                membranes.append(mem2)
             else:
                 count = count + spk2
                 total = total + mem2
+        if self.style == "after":
+            count, total = sum(spikes), sum(membranes, total)
         return count, total, spk2
 
 

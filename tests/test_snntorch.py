@@ -154,10 +154,11 @@ def test_utils_reset_in_forward_converts_again_in_the_same_process(tmp_path):
     conversion.verify(tmp_path / "stochastic.onnx", providers=("cpu",), extra_time_steps=False)
 
 
-@pytest.mark.parametrize("style", ["scalar", "zeros", "inplace"])
+@pytest.mark.parametrize("style", ["scalar", "zeros", "inplace", "after"])
 def test_running_sums_over_the_steps(style, tmp_path):
-    """``count = count + spk`` in the loop: a cumulative sum over the steps (ONNX ``CumSum``,
-    float, in the loop's order); counts bit for bit, membrane sums to float precision."""
+    """``count = count + spk`` in the loop (or ``sum(spikes)`` of the recorded steps after it):
+    a cumulative sum over the steps (ONNX ``CumSum``, float, in the loop's order); counts bit
+    for bit, membrane sums to float precision."""
     conversion, path = _check(M.counting(style), (M.IN,), 12, tmp_path)
     assert len(conversion.loop.accumulators) == 2
     x = torch.rand(300, 3, M.IN) * 1.5  # a long sequence: the counts stay exact
