@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.metadata
+import math
 from dataclasses import dataclass
 from typing import Callable, ClassVar, NamedTuple
 
@@ -44,6 +45,29 @@ def classes_by_name(module, table) -> dict[type, str]:
         return {}
     found = {name: getattr(module, name, None) for name, _ in table}
     return {found[name]: why for name, why in table if isinstance(found[name], type)}
+
+
+def scalar_param(value, what: str, problems: list[str]) -> float:
+    """``value`` (a number or a one-element tensor) as a float; a non-scalar or non-finite value
+    appends its reason to ``problems`` (the converter then refuses the module with all of them)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            problems.append(f"a non-scalar {what} is not supported")
+            return 0.0
+        value = float(value.detach())
+    value = float(value)
+    if not math.isfinite(value):
+        problems.append(f"{what} = {value} is not finite")
+    return value
+
+
+def step_with_held_state(module: torch.nn.Module, call: Callable, x) -> list:
+    """One step of a neuron that keeps its state inside the module between calls: the capture
+    op ``call`` on ``x`` with the state ``module._psu_state`` (emptied by the converter's
+    ``reset_state``), which the returned states then replace; returns ``[spikes, *states]``."""
+    outs = call(x, module._psu_state)
+    module._psu_state = list(outs[1:])
+    return outs
 
 
 class Unsupported(Exception):
@@ -185,6 +209,12 @@ class FrameworkConverter:
         """True when ``module`` takes the whole ``[T, B, ...]`` sequence in one call (multi-step)."""
         return False
 
+    def as_sequence(self, module: torch.nn.Module, value: torch.Tensor) -> torch.Tensor:
+        """The input or output of one whole-sequence call (:meth:`consumes_sequence`) as
+        ``[T, B, ...]``, the layout of the capture op (BrainCog's ``layer_by_layer`` nodes
+        take time folded into the batch, ``[(T B), ...]``)."""
+        return value
+
     def threads_state(self, model: torch.nn.Module) -> bool:
         """True when the top-level ``model`` is driven one step at a time as
         ``out, state = model(x_t, state)`` (e.g. Norse ``SequentialState``): the step
@@ -213,7 +243,7 @@ class FrameworkConverter:
         return True
 
 
-_CONVERTER_MODULES = ("snntorch", "spikingjelly", "norse", "psu", "nir")
+_CONVERTER_MODULES = ("snntorch", "spikingjelly", "norse", "braincog", "psu", "nir")
 REGISTRY: dict[str, FrameworkConverter] = {}
 
 

@@ -22,7 +22,7 @@ import torch
 
 from psu_export.spec import NeuronSpec
 
-from . import CallConvention, FrameworkConverter, exact, register, spec_options, unsupported
+from . import CallConvention, FrameworkConverter, exact, register, spec_options, step_with_held_state, unsupported
 
 
 class NirConverter(FrameworkConverter):
@@ -79,9 +79,7 @@ class NirConverter(FrameworkConverter):
 
         def make_forward(call):
             def forward(x):
-                outs = call(module.drive(x), module._psu_state)
-                module._psu_state = list(outs[1:])
-                return tuple(outs)
+                return tuple(step_with_held_state(module, call, module.drive(x)))
 
             return forward
 

@@ -19,13 +19,10 @@ loops inside): there the capture op takes the whole sequence
 
 from __future__ import annotations
 
-import math
-
-import torch
-
 from psu_export.spec import NeuronSpec
 
-from . import CallConvention, FrameworkConverter, Unsupported, classes_by_name, exact, is_step_function, register, spec_options, unsupported
+from . import (CallConvention, FrameworkConverter, Unsupported, classes_by_name, exact, is_step_function, register, scalar_param, spec_options,
+               step_with_held_state, unsupported)
 
 # reasons given by to_spec (and listed by coverage())
 OTHER_NODE = "is not one of the supported SpikingJelly neurons (IFNode, LIFNode, ParametricLIFNode); its update may differ"
@@ -122,8 +119,8 @@ class SpikingJellyConverter(FrameworkConverter):
             problems.append(f"unknown step_mode {module.step_mode!r}")
         if not is_step_function(module.surrogate_function, "ge"):
             problems.append(NOT_HEAVISIDE)
-        threshold = _scalar(module.v_threshold, "v_threshold", problems)
-        v_reset = None if module.v_reset is None else _scalar(module.v_reset, "v_reset", problems)
+        threshold = scalar_param(module.v_threshold, "v_threshold", problems)
+        v_reset = None if module.v_reset is None else scalar_param(module.v_reset, "v_reset", problems)
         if problems:
             raise Unsupported("; ".join(problems))
         rest = 0.0 if v_reset is None else v_reset
@@ -178,9 +175,7 @@ class SpikingJellyConverter(FrameworkConverter):
             def forward(x, *args, **kwargs):
                 if args or kwargs:
                     raise TypeError("SpikingJelly single-step neurons take only the input")
-                outs = call(x, module._psu_state)
-                module._psu_state = list(outs[1:])
-                return outs[0]
+                return step_with_held_state(module, call, x)[0]
             return forward
 
         return CallConvention(state_roles=("membrane",), forward=make_forward)
@@ -188,18 +183,6 @@ class SpikingJellyConverter(FrameworkConverter):
     def reset_state(self, module) -> None:
         module._psu_state = []
         module.reset()
-
-
-def _scalar(value, what: str, problems: list[str]) -> float:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            problems.append(f"a non-scalar {what} is not supported")
-            return 0.0
-        value = float(value.detach())
-    value = float(value)
-    if not math.isfinite(value):
-        problems.append(f"{what} = {value} is not finite")
-    return value
 
 
 register(SpikingJellyConverter())

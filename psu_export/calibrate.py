@@ -77,18 +77,12 @@ def record_layers(conversion, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, 
             h.remove()
         reset_neurons(conversion.neurons)
 
-    def stacked(values, whole):
-        return values[0] if whole and len(values) == 1 else torch.stack(values)
+    def stacked(n, values):
+        if n.converter.consumes_sequence(n.module) and len(values) == 1:
+            return n.converter.as_sequence(n.module, values[0])
+        return torch.stack(values)
 
-    out = {}
-    for n in conversion.neurons:
-        if inputs[n.name]:
-            whole = n.converter.consumes_sequence(n.module)
-            current = stacked(inputs[n.name], whole)
-            if current.shape[0] != spikes[n.name][0].shape[0] and not whole:
-                current = current  # static current repeated per step is already per call
-            out[n.name] = (current, stacked(spikes[n.name], whole))
-    return out
+    return {n.name: (stacked(n, inputs[n.name]), stacked(n, spikes[n.name])) for n in conversion.neurons if inputs[n.name]}
 
 
 # ------------------------------------------------------------------ fitting

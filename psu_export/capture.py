@@ -351,7 +351,8 @@ def _probe_multi_step(model, neurons, whole, sample_shape, time_steps, kind) -> 
 def _multi_step_calls(model, neurons, x) -> tuple[set[int], int]:
     """(calls per neuron, T of the first neuron's input) of one eager forward on ``x``."""
     seen = []
-    handle = neurons[0].module.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    first = neurons[0]
+    handle = first.module.register_forward_pre_hook(lambda module, args: seen.append(first.converter.as_sequence(module, args[0]).shape[0]))
     try:
         counts = set(_run_counting(model, neurons, x).values())
     finally:
