@@ -205,6 +205,13 @@ class FrameworkConverter:
         of other models out of reach (snnTorch's reset utilities walk every neuron ever built)."""
         yield
 
+    @contextlib.contextmanager
+    def capture_scope(self, model: torch.nn.Module):
+        """While psu-export captures ``model`` (not while the naive baseline is exported): run the
+        framework's own Python loops over time that are not neurons (Norse ``Lift``) on all
+        steps at once, so that the capture keeps T variable."""
+        yield
+
     def consumes_sequence(self, module: torch.nn.Module) -> bool:
         """True when ``module`` takes the whole ``[T, B, ...]`` sequence in one call (multi-step)."""
         return False

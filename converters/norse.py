@@ -29,6 +29,9 @@ the sequence module ``LIF`` over ``[T, B, ...]`` (the capture op takes the whole
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 
 from psu_export.spec import NEVER_FIRES, NeuronSpec
@@ -190,6 +193,22 @@ class NorseConverter(FrameworkConverter):
         nt = _norse()
         return nt is not None and isinstance(module, (nt.LIF, nt.LI))
 
+    @contextlib.contextmanager
+    def capture_scope(self, model):
+        """``Lift(m)`` of a stateless ``m`` (``Lift(torch.nn.Conv2d(...))`` before a ``LIF``) runs
+        ``m`` on each step in a Python loop, which the capture would unroll at its own T.  While
+        capturing, ``m`` runs once on all steps with time folded into its batch (``m`` takes
+        one step's ``[B, ...]``, so each sample is computed as in the loop)."""
+        nt = _norse()
+        lifts = [m for m in model.modules() if isinstance(m, nt.Lift) and not m.is_stateful] if nt is not None else []
+        for lift in lifts:
+            lift.forward = functools.partial(_lifted_on_all_steps, lift)
+        try:
+            yield
+        finally:
+            for lift in lifts:
+                del lift.forward
+
     def threads_state(self, model) -> bool:
         nt = _norse()
         return nt is not None and isinstance(model, (nt.SequentialState, nt.LIFCell, nt.LIFBoxCell, nt.LIF, nt.LICell, nt.LI, nt.LILinearCell))
@@ -232,6 +251,13 @@ class NorseConverter(FrameworkConverter):
             return forward
 
         return CallConvention(state_roles=("current", "membrane"), forward=make_forward, sequence=sequence)
+
+
+def _lifted_on_all_steps(lift, x):
+    """``Lift.forward`` of a stateless module, time folded into the batch."""
+    if isinstance(x, tuple):  # (input, state): Lift ignores the state
+        x = x[0]
+    return lift.lifted_module(x.flatten(0, 1)).unflatten(0, x.shape[:2])
 
 
 register(NorseConverter())

@@ -14,6 +14,8 @@ Factories for ``psu-export`` (random weights, seeded)::
 * :func:`make_li_readout`: Norse's tutorial classifier, a ``LIFCell`` layer read out by a
   non-spiking ``LICell`` whose voltages are maxed over time (``log_softmax`` of the max);
   :func:`make_li_sequence` the same with the sequence modules ``LIF`` and ``LI``.
+* :func:`make_lifted_conv`: ``Lift``-ed convolutions between ``LIF`` and ``LI`` over
+  ``[T, B, 1, 16, 16]``.
 * :func:`make_box_subtract` / :func:`make_box_value`: ``LIFBoxCell`` with
   ``reset_subtract`` / ``reset_value`` in a cell loop.
 
@@ -34,7 +36,7 @@ FRAMEWORK = "norse"
 REFERENCE_MODELS = {"LIFCell": "make_cell_loop", "LIFBoxCell": "make_cell_loop", "LIF": "make_lif_sequence",
                     "LICell": "make_li_readout", "LI": "make_li_sequence", "LILinearCell": "make_convnet4"}
 #: one step's input shape of the factories that do not take ``SAMPLE`` features
-SAMPLE_SHAPES = {"make_convnet4": (1, 16, 16)}
+SAMPLE_SHAPES = {"make_convnet4": (1, 16, 16), "make_lifted_conv": (1, 16, 16)}
 
 
 @contextlib.contextmanager
@@ -174,6 +176,22 @@ def make_convnet4() -> nn.Module:
     with torch.no_grad():
         for layer in (net.conv1, net.conv2, net.fc1):
             layer.weight.mul_(5.0)
+    return net
+
+
+def make_lifted_conv() -> nn.Module:
+    """``SequentialState`` of ``Lift``-ed convolution, pooling and linear layers (each run on
+    every step by Norse's ``Lift``) between the sequence modules ``LIF`` and ``LI``, over
+    ``[T, B, 1, 16, 16]``."""
+    import norse.torch as nt
+
+    with _seeded(8):
+        net = nt.SequentialState(
+            nt.Lift(nn.Conv2d(1, 8, 3, padding=1)), nt.LIF(_lif_p()), nt.Lift(nn.MaxPool2d(2)),
+            nt.Lift(nn.Flatten()), nt.Lift(nn.Linear(8 * 8 * 8, 10)), nt.LI(),
+        )
+    with torch.no_grad():
+        net[0].lifted_module.weight.mul_(3.0)
     return net
 
 

@@ -124,14 +124,17 @@ def opaque_neurons(neurons: list[NeuronModule]):
 
 
 @contextlib.contextmanager
-def traced_alone(model: torch.nn.Module):
-    """Every installed framework's :meth:`~psu_export.converters.FrameworkConverter.tracing_scope` for ``model``."""
+def traced_alone(model: torch.nn.Module, capturing: bool = False):
+    """Every installed framework's :meth:`~psu_export.converters.FrameworkConverter.tracing_scope`
+    for ``model``; ``capturing``: its :meth:`~psu_export.converters.FrameworkConverter.capture_scope` too."""
     from .converters import converters
 
     with contextlib.ExitStack() as stack:
         for conv in converters():
             if conv.available():
                 stack.enter_context(conv.tracing_scope(model))
+                if capturing:
+                    stack.enter_context(conv.capture_scope(model))
         yield
 
 
@@ -387,7 +390,7 @@ def capture(model: torch.nn.Module, neurons: list[NeuronModule], layout: InputLa
     x = layout.example(batch=2, time_steps=steps)
     batch_dim = layout.batch_axis
     notes = []
-    with opaque_neurons(neurons), traced_alone(model):
+    with opaque_neurons(neurons), traced_alone(model, capturing=True):
         try:
             axes = {batch_dim: torch.export.Dim("batch")}
             if is_multi_step(neurons):  # T is a symbolic size of the graph itself (no loop to re-roll);

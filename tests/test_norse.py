@@ -87,6 +87,13 @@ def test_leaky_integrator_readout(factory, tmp_path):
     assert readout.spec.charge == "norse_lif" and readout.spec.two_state
 
 
+def test_lifted_layers_between_sequence_modules(tmp_path):
+    """``Lift(m)`` loops over time in Python; the capture runs ``m`` on all steps at once, so the
+    file still takes any T (checked at 6, 3 and 13) and has no per-step copies of ``m``."""
+    conversion = _check("make_lifted_conv", 6, tmp_path, shape=(1, 16, 16))
+    assert [s.source_class for s in conversion.sites] == ["norse.LIF", "norse.LI"] and conversion.layout.dynamic_time
+
+
 def test_bare_cell_step_by_step(tmp_path):
     _check("make_single_cell", 5, tmp_path, input_kind="step", other_steps=(9,))
 
