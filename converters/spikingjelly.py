@@ -19,6 +19,10 @@ loops inside): there the capture op takes the whole sequence
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
+
 from psu_export.spec import NeuronSpec
 
 from . import (CallConvention, FrameworkConverter, Unsupported, classes_by_name, exact, is_step_function, register, scalar_param, spec_options,
@@ -155,6 +159,34 @@ class SpikingJellyConverter(FrameworkConverter):
             v_rest=rest,
             **common,
         )
+
+    @contextlib.contextmanager
+    def capture_scope(self, model):
+        """``functional.multi_step_forward(x_seq, m)`` (also inside ``layer.MultiStepContainer``)
+        runs ``m`` on each step in a Python loop, which the capture would unroll at its own T.
+        While capturing, a stateless ``m`` (no SpikingJelly memory module in it) runs once on
+        all steps with time folded into its batch, as ``functional.seq_to_ann_forward`` does."""
+        try:
+            from spikingjelly.activation_based import base
+            from spikingjelly.activation_based.functional import forward as sj_forward
+        except Exception:
+            yield
+            return
+        looped = sj_forward._multi_step_forward
+
+        def on_all_steps(x_seq, single_step_module, time_dim):
+            items = single_step_module if isinstance(single_step_module, (list, tuple)) else (single_step_module,)
+            owners = [getattr(item, "__self__", item) for item in items]  # a bound forward: its module
+            stateful = any(isinstance(m, base.MemoryModule) for owner in owners if isinstance(owner, torch.nn.Module) for m in owner.modules())
+            if stateful or time_dim not in (0, 1) or isinstance(x_seq, tuple):
+                return looped(x_seq, single_step_module, time_dim)
+            return sj_forward.seq_to_ann_forward(x_seq, single_step_module)  # folds dims 0 and 1, whichever is time
+
+        sj_forward._multi_step_forward = on_all_steps
+        try:
+            yield
+        finally:
+            sj_forward._multi_step_forward = looped
 
     # ---------------------------------------------------------------- calls
     def consumes_sequence(self, module) -> bool:

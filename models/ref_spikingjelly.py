@@ -14,6 +14,9 @@ Factories for ``psu-export`` (random weights, seeded; no download)::
   repeats one image ``[B, 1, 28, 28]`` over its own T inside ``forward``.
 * :func:`make_single_step_loop`: ``step_mode='s'`` neurons called in a Python loop over
   ``x[t]`` inside ``forward`` (``functional.reset_net`` at the start).
+* :func:`make_stepwise_layers`: stateless layers run step by step inside a multi-step net,
+  through ``layer.MultiStepContainer`` and ``functional.multi_step_forward``; input
+  ``[T, B, 1, 12, 12]``.
 * :func:`make_sew_resnet18`, :func:`make_spiking_resnet18`, :func:`make_spiking_vgg`:
   model-zoo architectures, multi-step, for ``3,32,32`` inputs.
 """
@@ -238,6 +241,37 @@ class SingleStepLoop(nn.Module):
 def make_single_step_loop() -> nn.Module:
     with _seeded(3):
         return SingleStepLoop()
+
+
+class StepwiseLayers(nn.Module):
+    """Multi-step neurons between stateless layers that SpikingJelly runs one step at a time
+    (a Python loop over T): ``layer.MultiStepContainer`` and ``functional.multi_step_forward``."""
+
+    def __init__(self):
+        super().__init__()
+        from spikingjelly.activation_based import layer, neuron
+
+        self.conv = layer.MultiStepContainer(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.sn1 = neuron.LIFNode(step_mode="m")
+        self.pool = nn.Sequential(nn.MaxPool2d(2), nn.Flatten())
+        self.fc = nn.Linear(8 * 6 * 6, 10)
+        self.sn2 = neuron.IFNode(step_mode="m")
+
+    def forward(self, x):
+        from spikingjelly.activation_based import functional
+
+        functional.reset_net(self)
+        y = self.sn1(self.conv(x))
+        y = functional.multi_step_forward(y, self.pool)
+        return self.sn2(functional.multi_step_forward(y, [self.fc]))
+
+
+def make_stepwise_layers() -> nn.Module:
+    with _seeded(4):
+        net = StepwiseLayers()
+        net.conv[0].weight.data *= 3.0
+        net.fc.weight.data *= 3.0
+    return net.eval()
 
 
 class FiringRateNet(nn.Module):

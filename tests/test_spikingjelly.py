@@ -82,6 +82,13 @@ def test_multi_step_conv_net_layers(tmp_path):
     assert all(check["passed"] for check in report.to_json().get("extra_checks", report.extra_checks))
 
 
+def test_layers_run_step_by_step_between_multi_step_neurons(tmp_path):
+    """``layer.MultiStepContainer`` / ``functional.multi_step_forward`` loop over T in Python; the
+    capture runs their stateless layers on all steps at once, so T stays variable."""
+    conversion, _ = _check("make_stepwise_layers", (1, 12, 12), 6, tmp_path, other_steps=(3, 13))
+    assert conversion.layout.dynamic_time and len(conversion.sites) == 2
+
+
 def test_multi_step_model_that_repeats_one_input(tmp_path):
     """SpikingJelly's tutorial CSNN takes ``[B, 1, 28, 28]`` and repeats it over T itself."""
     from psu_export.errors import UsageError
