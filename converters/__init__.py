@@ -208,8 +208,9 @@ class FrameworkConverter:
     @contextlib.contextmanager
     def capture_scope(self, model: torch.nn.Module):
         """While psu-export captures ``model`` (not while the naive baseline is exported): run the
-        framework's own Python loops over time that are not neurons (Norse ``Lift``) on all
-        steps at once, so that the capture keeps T variable."""
+        framework's own Python loops over time that are not neurons (Norse ``Lift``,
+        SpikingJelly ``multi_step_forward``) on all steps at once, so that the capture keeps T
+        variable."""
         yield
 
     def consumes_sequence(self, module: torch.nn.Module) -> bool:
