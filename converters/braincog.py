@@ -77,8 +77,8 @@ UNSUPPORTED_CLASSES = (
     ("OnlineLIFNode", "the online-training node appends a firing-rate trace to its output"),
     ("ThreeCompNode", _COMPARTMENTS),
 )
-#: the membranes the probe in to_spec starts from and the steps it runs
-_PROBE_SHAPE, _PROBE_STEPS = (64,), 8
+#: the neurons and steps of the copy that to_spec runs, and the input scales it tries
+_PROBE_SHAPE, _PROBE_STEPS, _PROBE_GAINS = (64,), 8, (1.0, 4.0, 16.0, 64.0, 256.0, 1024.0)
 
 
 def _node_module():
@@ -156,9 +156,10 @@ class BrainCogConverter(FrameworkConverter):
                 raise Unsupported("PLIFNode with a non-scalar w is not supported")
             inv_tau = module.w.detach().float().sigmoid().reshape(())  # as BrainCog computes it
             charge = dict(decay=1.0 - inv_tau, charge="sj_decay_input_mul", inv_tau=inv_tau, v_rest=0.0)
+        observed = _run_copy(module, threshold)
         for reset in ("zero", "subtract"):
             spec = NeuronSpec(reset=reset, **common, **charge)
-            if _reproduces(module, spec):
+            if _reproduces(spec, *observed):
                 return spec
         raise Unsupported(NO_MATCH)
 
@@ -190,23 +191,31 @@ class BrainCogConverter(FrameworkConverter):
         module.n_reset()
 
 
-def _reproduces(module, spec: NeuronSpec) -> bool:
-    """Whether ``spec`` gives a copy of ``module``, run one step per call from ``n_reset()``
-    on inputs that make it fire about half of the time, the same spikes and membranes bit for bit."""
-    probe = copy.deepcopy(module)
-    probe.layer_by_layer, probe.requires_fp, probe.requires_mem = False, False, False
-    probe.n_reset()
+def _run_copy(module, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A copy of ``module`` run one step per call from ``n_reset()``: ``(inputs, spikes,
+    membranes)``, each ``[steps, 64]``, on inputs scaled up until it fires on some of them
+    and not on others (a slow decay needs larger inputs), so the two resets differ."""
     generator = torch.Generator().manual_seed(0)
-    scale = 2.0 * max(abs(float(spec.threshold)), 1.0)
-    x = torch.randn((_PROBE_STEPS, *_PROBE_SHAPE), generator=generator) * scale
-    spikes, membranes = [], []
-    with torch.no_grad():
-        for step in x:
-            spikes.append(type(probe).forward(probe, step).float())
-            membranes.append(torch.as_tensor(probe.mem).expand(_PROBE_SHAPE))
+    noise = torch.randn((_PROBE_STEPS, *_PROBE_SHAPE), generator=generator) * 2.0 * max(abs(threshold), 1.0)
+    for gain in _PROBE_GAINS:
+        probe = copy.deepcopy(module)
+        probe.layer_by_layer, probe.requires_fp, probe.requires_mem = False, False, False
+        probe.n_reset()
+        x, spikes, membranes = noise * gain, [], []
+        with torch.no_grad():
+            for step in x:
+                spikes.append(type(probe).forward(probe, step).float())
+                membranes.append(torch.as_tensor(probe.mem).expand(_PROBE_SHAPE))
+        spikes = torch.stack(spikes)
+        if 0.0 < float(spikes.mean()) < 1.0:
+            break
+    return x, spikes, torch.stack(membranes)
+
+
+def _reproduces(spec: NeuronSpec, x: torch.Tensor, spikes: torch.Tensor, membranes: torch.Tensor) -> bool:
+    """Whether ``spec``'s exact kernel gives the copy's spikes and membranes (:func:`_run_copy`) bit for bit."""
     options = StepOptions.of(spec)
     expected = exact_neuron(x, [getattr(spec, n) for n in options.param_names], options.key(), "probe")
-    return torch.equal(torch.stack(spikes), expected[0]) and torch.equal(torch.stack(membranes), expected[1])
-
+    return torch.equal(spikes, expected[0]) and torch.equal(membranes, expected[1])
 
 register(BrainCogConverter())

@@ -11,6 +11,7 @@ pytest.importorskip("braincog")
 
 from conftest import reference_outputs, run_onnx  # noqa: E402
 
+from psu_export.converters import REGISTRY  # noqa: E402
 from psu_export.errors import NotConvertibleError  # noqa: E402
 from psu_export.models import ref_braincog as R  # noqa: E402
 from psu_export.pipeline import prepare  # noqa: E402
@@ -67,6 +68,8 @@ def test_the_reset_is_read_from_the_module(monkeypatch, tmp_path):
     monkeypatch.setattr(node.LIFNode, "calc_spike", soft)
     conversion = _check(R.make_mlp_lif(), (R.SAMPLE,), 8, tmp_path)
     assert {site.spec.reset for site in conversion.sites} == {"subtract"}
+    slow = node.LIFNode(threshold=0.5, tau=500.0)  # hardly charges on unit inputs: the copy is fed larger ones
+    assert REGISTRY["braincog"].to_spec(slow).reset == "subtract"
 
     def halved(self):
         self.spike = self.act_fun(self.mem - self.threshold)
