@@ -60,6 +60,9 @@ def handwritten_rows() -> list[CoverageRow]:
                      "own order: mem = beta * mem + x - spk * thr; spk = mem > thr, spk 0 before the first step); "
                      "subtract reset, or zero reset u * (1 - s)",
               spec_options("subtract", reset_timing="previous_step")),
+        exact("lif", "the previous step's spike zeroes the stored membrane before the charge (STBP, Wu et al. 2018: "
+                     "mem = mem * decay * (1 - spike) + x; spike = mem > thr, spike 0 before the first step)",
+              spec_options("zero", reset_timing="previous_step", zero_scope="membrane")),
         exact("lif", "inside forward over a [T, B, ...] sequence, or over a static [B, ...] input repeated for a fixed T"),
         exact("integrator", "v = decay * v + x with no spike test (readouts; a plain acc = acc + x becomes a cumulative sum)", spec_options("none")),
         unsupported("lif", "a subtract reset that removes something other than the threshold",

@@ -227,6 +227,9 @@ class _Step:
     stored: bool = False
     #: the spike of the previous step that resets this one's charge (:func:`_match_carried_spike_step`)
     carried_spike: object = None
+    #: a zero reset by a carried spike: of the charged value ("total") or of the stored membrane
+    #: before the charge ("membrane"), NeuronSpec.zero_scope
+    zero_scope: str = "total"
 
 
 def _charges(h: fx.Node, consts: _Consts) -> list[_Charge]:
@@ -485,6 +488,8 @@ def _find_reset(step: _Step, consts: _Consts) -> None:
 
 def _match_step(c: fx.Node, consts: _Consts) -> _Step:
     h, thr, kind, owned = _split_compare(c, consts)
+    if _reset_inside_charge(h, consts) is not None:  # (v * decay) * (1 - s) + x: _match_carried_spike_step's
+        raise _Fail(h, f"{h.name} resets the stored membrane by the previous step's spike before the charge")
     charges = _charges(h, consts)
     if not charges:
         raise _Fail(h, f"the value tested against the threshold ({h.target}) is not a charge 'decay * v + input'"
@@ -533,17 +538,25 @@ def _match_carried_spike_step(c: fx.Node, consts: _Consts) -> _Step:
         s = v > thr
 
     the spec's ``reset_timing="previous_step"``: its reset test ``H(v_{t-1} - thr)`` is the
-    spike carried from step t-1.  Step 0's carried spike must be the constant 0."""
+    spike carried from step t-1.  Step 0's carried spike must be the constant 0.
+
+    The zero reset may also come before the charge, on the stored membrane (STBP, Wu et al.
+    2018: ``mem = mem * decay * (1 - spike) + x``; spec ``zero_scope="membrane"``, whose
+    ``decay * ((1 - s) * v)`` has the same bits as ``(v * decay) * (1 - s)`` for s in {0, 1})."""
     v, thr, kind, owned = _split_compare(c, consts)
+    inside = _reset_inside_charge(v, consts)
+    if inside is not None:
+        charge, carried = inside
+        step = _Step(h=v, charges=[charge], compare=c, threshold=thr, cmp=kind, owned=owned | {v} | set(charge.nodes()),
+                     reset="zero", v_post=v, carried_spike=_initial_spikes(carried, v, consts), zero_scope="membrane")
+        step.spikes = _spikes_of(c, v, consts)
+        step.owned |= set(step.spikes)
+        return step
     reset = _carried_spike_reset(v, thr, consts)
     if reset is None:
         raise _Fail(v, f"{v.name} is not a charge reset by the previous step's spike")
     h, how, carried, parts = reset
-    zero = consts.value(carried)
-    if zero is not None:  # step 0: the spikes before the first step, a constant
-        if not bool(torch.all(zero == 0)):
-            raise _Fail(v, "the first step is reset by constant spikes that are not 0")
-        carried = 0.0
+    carried = _initial_spikes(carried, v, consts)
     charges = _charges(h, consts)
     if not charges:
         raise _Fail(h, f"the value reset by the previous spike ({h.target}) is not a charge 'decay * v + input'" + _hint(h))
@@ -552,6 +565,37 @@ def _match_carried_spike_step(c: fx.Node, consts: _Consts) -> _Step:
     step.spikes = _spikes_of(c, v, consts)
     step.owned |= set(step.spikes)
     return step
+
+
+def _initial_spikes(carried, v: fx.Node, consts: _Consts):
+    """The carried spike, or 0.0 at step 0, where it is a constant (which must be 0)."""
+    zero = consts.value(carried)
+    if zero is None:
+        return carried
+    if not bool(torch.all(zero == 0)):
+        raise _Fail(v, "the first step is reset by constant spikes that are not 0")
+    return 0.0
+
+
+def _reset_inside_charge(v: fx.Node, consts: _Consts) -> tuple[_Charge, object] | None:
+    """``(charge, carried spike)`` when ``v`` is ``(v_prev * decay) * (1 - s) + x`` (factors in
+    either order, ``decay`` a constant): a zero reset of the stored membrane by the previous
+    step's spike ``s``, then the charge; else None.  (Without a decay, ``v_prev * (1 - s) + x``
+    is also the same-step zero reset of the step before, the reading :func:`_match_step` takes.)"""
+    if v.target is not aten.add.Tensor or len(v.args) != 2 or v.kwargs.get("alpha", 1) != 1:
+        return None
+    for kept, drive in (v.args, v.args[::-1]):
+        if not (_is_node(kept) and _is_node(drive) and kept.target is aten.mul.Tensor and len(kept.args) == 2 and len(_users(kept)) == 1):
+            continue
+        for decayed, r in (kept.args, kept.args[::-1]):
+            if not (_is_node(r) and r.target is aten.rsub.Scalar and r.args[1] == 1 and r.kwargs.get("alpha", 1) == 1 and len(_users(r)) == 1
+                    and _is_node(decayed) and decayed.target is aten.mul.Tensor and len(decayed.args) == 2 and len(_users(decayed)) == 1):
+                continue
+            for v_prev, factor in (decayed.args, decayed.args[::-1]):
+                decay = consts.value(factor)
+                if decay is not None and (_is_node(v_prev) or isinstance(v_prev, (int, float))):
+                    return _Charge(v_prev, decay, drive, kept, extra=[decayed, r]), r.args[0]
+    return None
 
 
 def _carried_spike_reset(v: fx.Node, thr: torch.Tensor, consts: _Consts):
@@ -742,8 +786,10 @@ def _spec_of(rule: str, chain: list[_Step], v_init) -> NeuronSpec:
         raise _Fail(chain[0].compare, "the steps test different membranes (stored, charged, reset by the previous spike)")
     if first.carried_spike is not None:
         _check_carried_spikes(chain, v_init)
+        if len({s.zero_scope for s in chain}) != 1:
+            raise _Fail(chain[0].h, "the zero reset acts on the stored membrane in some steps and on the charged one in others")
         return NeuronSpec(decay=decay, threshold=first.threshold, reset=reset, reset_timing="previous_step", compare=first.cmp,
-                          zero_scope="total", v_init=v_init)
+                          zero_scope=first.zero_scope, v_init=v_init)
     if first.stored:  # u = C(v, d); subtract: u - s * thr; zero: u - u * s (or u * (1 - s))
         if law.form != "leaky":
             raise _Fail(first.h, f"a spike test of the stored membrane is only supported with the charge 'decay * v + input' (not {law.form})")

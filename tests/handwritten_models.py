@@ -89,7 +89,9 @@ class StoredMembraneTest(TwoLayerMLP):
     """Tutorial 2's neuron in a network (``style="tutorial"``: bool spikes, as published;
     ``"float"``: the spike cast first; ``"zero"``: a zero reset; ``"leaky"``: snnTorch ``Leaky``
     rewritten by hand, the reset from the stored membrane and the output spike from the new one;
-    ``"carried"``: the same neuron with the spike carried to the next step's reset)."""
+    ``"carried"``: the same neuron with the spike carried to the next step's reset; ``"stbp"``:
+    STBP's (Wu et al. 2018) ``mem = mem * decay * (1 - spike) + x``, the carried spike zeroing
+    the stored membrane before the charge)."""
 
     def __init__(self, style: str):
         super().__init__()
@@ -117,6 +119,11 @@ class StoredMembraneTest(TwoLayerMLP):
                 mem1 = (self.beta * mem1 + self.fc1(x[t])) * (1 - spk1)
                 spk2 = (mem2 > self.thr).float()
                 mem2 = (self.beta * mem2 + self.fc2(spk1)) * (1 - spk2)
+            elif self.style == "stbp":
+                mem1 = mem1 * self.beta * (1.0 - spk1) + self.fc1(x[t])
+                spk1 = (mem1 > self.thr).float()
+                mem2 = mem2 * self.beta * (1.0 - spk2) + self.fc2(spk1)
+                spk2 = (mem2 > self.thr).float()
             elif self.style == "carried":  # the spike of step t - 1 resets step t's charge
                 mem1 = self.beta * mem1 + self.fc1(x[t]) - spk1 * self.thr
                 spk1 = (mem1 > self.thr).float()
@@ -320,6 +327,10 @@ def make_stored_test_zero():
 
 def make_carried_spike():
     return StoredMembraneTest("carried")
+
+
+def make_stbp():
+    return StoredMembraneTest("stbp")
 
 
 def make_leaky_by_hand():

@@ -71,16 +71,19 @@ def test_sequence_loops_convert_exactly(convert, factory, shape, charge, resets)
 
 @pytest.mark.parametrize("factory, reset", [("make_tutorial_2", "subtract"), ("make_stored_test_float", "subtract"),
                                             ("make_stored_test_zero", "zero"), ("make_leaky_by_hand", "subtract"),
-                                            ("make_carried_spike", "subtract")])
+                                            ("make_carried_spike", "subtract"), ("make_stbp", "zero")])
 def test_previous_step_resets_written_by_hand(convert, factory, reset):
     """snnTorch tutorial 2's ``spk = mem > thr; mem = beta * mem + x - spk * thr``: snnTorch's
     previous-step reset with the spike taken from the stored membrane (bool spikes as
     published); snnTorch ``Leaky`` written by hand (its output spike tests the new one,
-    with the reset test written out, or carried to the next step's reset)."""
+    with the reset test written out, or carried to the next step's reset); STBP's
+    ``mem = mem * decay * (1 - spike) + x`` (the carried spike zeroes the stored membrane)."""
     conversion, path = convert(f"{MODELS}:{factory}", (8,), 6)
     specs = [s.spec for s in conversion.sites]
-    spike_from = "updated" if factory == "make_carried_spike" else "stored"
+    spike_from = "updated" if factory in ("make_carried_spike", "make_stbp") else "stored"
     assert [(s.reset_timing, s.spike_from, s.reset) for s in specs] == [("previous_step", spike_from, reset)] * 2
+    if factory == "make_stbp":
+        assert {s.zero_scope for s in specs} == {"membrane"}
     model = _factory(factory).eval()
     gen = torch.Generator().manual_seed(0)
     for steps in (6, 17):
