@@ -383,9 +383,14 @@ class CapturedGraph:
     notes: list[str] = field(default_factory=list)
 
 
-def capture(model: torch.nn.Module, neurons: list[NeuronModule], layout: InputLayout, capture_steps: int = 4) -> CapturedGraph:
-    """Export ``model`` with opaque neurons at a small T (the loop is re-rolled later)."""
-    steps = layout.time_steps if not layout.dynamic_time else max(3, min(capture_steps, layout.time_steps))
+def capture(model: torch.nn.Module, neurons: list[NeuronModule], layout: InputLayout, capture_steps: int | None = None) -> CapturedGraph:
+    """Export ``model`` with opaque neurons at a small T (the loop is re-rolled later): 3 or 4
+    steps, or ``capture_steps`` exactly (a second capture one step longer); the model's own T
+    when it fixes T."""
+    if not layout.dynamic_time:
+        steps = layout.time_steps
+    else:
+        steps = capture_steps if capture_steps is not None else max(3, min(4, layout.time_steps))
     target = layout.driver(model)
     x = layout.example(batch=2, time_steps=steps)
     batch_dim = layout.batch_axis

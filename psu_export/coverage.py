@@ -63,6 +63,8 @@ def handwritten_rows() -> list[CoverageRow]:
         exact("lif", "the previous step's spike zeroes the stored membrane before the charge (STBP, Wu et al. 2018: "
                      "mem = mem * decay * (1 - spike) + x; spike = mem > thr, spike 0 before the first step)",
               spec_options("zero", reset_timing="previous_step", zero_scope="membrane")),
+        exact("lif", "a neuron module that loops over its whole input itself (TET's LIFSpike: for t in range(x.shape[1]): "
+                     "mem = mem * tau + x[:, t]; ...; torch.stack(spikes, dim=1)), between layers folded over time"),
         exact("lif", "inside forward over a [T, B, ...] sequence, or over a static [B, ...] input repeated for a fixed T"),
         exact("integrator", "v = decay * v + x with no spike test (readouts; a plain acc = acc + x becomes a cumulative sum)", spec_options("none")),
         unsupported("lif", "a subtract reset that removes something other than the threshold",

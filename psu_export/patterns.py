@@ -58,7 +58,7 @@ from torch.overrides import TorchFunctionMode
 from .capture import METADATA_ASSERTS, OPAQUE_NEURON, CapturedGraph, InputLayout, NeuronModule, capture, probe_sequence
 from .converters import CallConvention, FrameworkConverter
 from .errors import NotConvertibleError, UsageError
-from .find import reroll
+from .find import _whole_slice_of, reroll
 from .loading import LoadedModel
 from .spec import NEVER_FIRES, NeuronSpec
 
@@ -645,10 +645,12 @@ class HandwrittenNeuron(torch.nn.Module):
     parity hooks of :mod:`psu_export.verify` see the original's spikes.
     """
 
-    def __init__(self, rule: str, description: str):
+    def __init__(self, rule: str, description: str, sequence: bool = False):
         super().__init__()
         self.rule = rule
         self.description = description
+        #: the neuron runs its own loop over the whole sequence (:func:`_as_sequence_calls`)
+        self.sequence = sequence
 
     def forward(self, spikes):
         return spikes
@@ -671,7 +673,10 @@ class HandwrittenConverter(FrameworkConverter):
         raise NotImplementedError
 
     def call_convention(self, module) -> CallConvention:
-        return CallConvention(state_roles=("membrane",), forward=lambda call: module.forward)
+        return CallConvention(state_roles=("membrane",), forward=lambda call: module.forward, sequence=module.sequence)
+
+    def consumes_sequence(self, module) -> bool:
+        return module.sequence
 
     def initial_state(self, module, role, value, step_input):
         return value
@@ -1098,7 +1103,9 @@ def apply_patterns(captured: CapturedGraph) -> list[HandwrittenSite]:
             _replace(gm, site, i, renamed)
         except _Fail as exc:  # the graph is half rewritten: never export it
             raise NotConvertibleError({site.name: str(exc)}) from exc
-        module = HandwrittenNeuron(site.rule, _describe(site))
+    sequence = _as_sequence_calls(gm.graph, len(sites))
+    for i, site in enumerate(sites):
+        module = HandwrittenNeuron(site.rule, _describe(site), sequence)
         neuron = NeuronModule(i, site.name, module, CONVERTER, site.spec, None, CONVERTER.call_convention(module))
         neurons.append(neuron)
     _copy_outputs(gm)
@@ -1108,6 +1115,78 @@ def apply_patterns(captured: CapturedGraph) -> list[HandwrittenSite]:
     captured.notes.append("hand-written neuron loops recognised: " + "; ".join(f"{s.name} = {_describe(s)}" for s in sites))
     captured.pattern_failures = fails  # type: ignore[attr-defined]
     return sites
+
+
+def _as_sequence_calls(graph: fx.Graph, n_sites: int) -> bool:
+    """Neurons that each loop over the whole sequence themselves, one after the other (TET's
+    ``LIFSpike``: ``for t in range(T): mem = mem * tau + x[:, t]; ...``, then ``torch.stack(
+    spikes, dim=1)``, between layers that fold time into the batch): each neuron's steps,
+    calls on ``select(x, dim, t)`` for t = 0, 1, ... whose spikes only that one stack reads,
+    become one call on the whole sequence (time moved to the front), so the model is a chain of
+    multi-step neurons with no time loop around them.  True when every neuron is of that kind
+    (the graph is then rewritten; otherwise it is left as it is)."""
+    calls: dict[int, list[fx.Node]] = {}
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target is OPAQUE_NEURON:
+            calls.setdefault(n.args[2], []).append(n)
+    plans = []
+    for index in range(n_sites):
+        plan = _whole_sequence_plan(calls.get(index, []))
+        if plan is None:
+            return False
+        plans.append((index, *plan))
+    for index, steps, source, dim, stack in plans:
+        with graph.inserting_before(steps[0]):
+            sequence = graph.call_function(aten.movedim.int, (source, dim, 0))
+            call = graph.call_function(OPAQUE_NEURON, (sequence, steps[0].args[1], index, 2))
+            spikes = graph.call_function(operator.getitem, (call, 0))
+            stacked = graph.call_function(aten.movedim.int, (spikes, 0, dim))
+        stack.replace_all_uses_with(stacked)
+        graph.erase_node(stack)
+        for step in reversed(steps):
+            selected = step.args[0]
+            for out in list(step.users):
+                graph.erase_node(out)
+            graph.erase_node(step)
+            sliced = selected.args[0]
+            graph.erase_node(selected)
+            if sliced is not source and not sliced.users:
+                graph.erase_node(sliced)
+    graph.lint()
+    return True
+
+
+def _whole_sequence_plan(steps: list[fx.Node]):
+    """``(steps, x, dim, stack)`` when step t's input is ``select(x, dim, t)``, its membrane only
+    feeds step t + 1 and its spikes only ``stack`` (all steps' spikes, in order, along ``dim``)."""
+    if len(steps) < 2:
+        return None
+    inputs = [s.args[0] for s in steps]
+    if not all(_is_node(i) and i.target is aten.select.int and len(i.users) == 1 for i in inputs):
+        return None
+
+    def seen_through(x):  # x[:, t]: a whole slice of x first
+        return _whole_slice_of(x) or x
+
+    source, dim = seen_through(inputs[0].args[0]), inputs[0].args[1]
+    if any(seen_through(i.args[0]) is not source or i.args[1] != dim or i.args[2] != t for t, i in enumerate(inputs)):
+        return None
+    spikes, stacks = [], set()
+    for k, step in enumerate(steps):
+        outs = {u.args[1]: u for u in step.users if u.target is operator.getitem}
+        if len(outs) != len(step.users) or 0 not in outs:
+            return None
+        if 1 in outs and set(outs[1].users) - ({steps[k + 1]} if k + 1 < len(steps) else set()):
+            return None  # the membrane is read outside the neuron
+        spikes.append(outs[0])
+        stacks |= set(outs[0].users)
+    if len(stacks) != 1:
+        return None
+    stack = stacks.pop()
+    stack_dim = stack.args[1] if len(stack.args) > 1 else stack.kwargs.get("dim", 0)
+    if stack.target is not aten.stack.default or list(stack.args[0]) != spikes or stack_dim != dim:
+        return None
+    return steps, source, dim, stack
 
 
 def _copy_outputs(gm: fx.GraphModule) -> None:
@@ -1178,22 +1257,33 @@ class HandwrittenOriginal(torch.nn.Module):
     The spike tests of the eager run are recorded in order; the capture told us which
     test of each step belongs to which neuron (``offsets``, ``per_step`` tests per step,
     ``fixed`` tests outside the loop), so each :class:`HandwrittenNeuron` is called with
-    its layer's spikes, step by step, and verify's per-layer hooks see them.
+    its layer's spikes, step by step, and verify's per-layer hooks see them.  With
+    ``layer_major`` (neurons that each loop over the whole sequence, one after the other),
+    each neuron's tests are consecutive instead: ``offsets`` are where they start in the
+    capture, which ran ``capture_steps`` steps.
     """
 
-    def __init__(self, model: torch.nn.Module, neurons: list[NeuronModule], offsets: dict[int, int], per_step: int, fixed: int):
+    def __init__(self, model: torch.nn.Module, neurons: list[NeuronModule], offsets: dict[int, int], per_step: int, fixed: int,
+                 layer_major: bool = False, capture_steps: int = 0):
         super().__init__()
         self.model = model
         self.recorders = torch.nn.ModuleList([n.module for n in neurons])
         self.offsets = offsets
         self.per_step = per_step
         self.fixed = fixed
+        self.layer_major, self.capture_steps = layer_major, capture_steps
 
     def forward(self, x):
         with _CompareRecorder() as rec:
             out = self.model(x)
         n = len(rec.results)
-        if self.per_step and self.offsets and (n - self.fixed) % self.per_step == 0 and n > self.fixed:
+        if self.layer_major and self.offsets and (n - self.fixed) % len(self.offsets) == 0 and n > self.fixed:
+            steps = (n - self.fixed) // len(self.offsets)
+            for rank, (i, off) in enumerate(sorted(self.offsets.items(), key=lambda item: item[1])):
+                start = off + rank * (steps - self.capture_steps)  # the blocks before this one grew with T
+                for t in range(steps):
+                    self.recorders[i](rec.results[start + t].float())
+        elif self.per_step and self.offsets and (n - self.fixed) % self.per_step == 0 and n > self.fixed:
             steps = (n - self.fixed) // self.per_step
             if all(off + (steps - 1) * self.per_step < n for off in self.offsets.values()):
                 for t in range(steps):
@@ -1241,14 +1331,15 @@ def _probe(model, sample_shape, time_steps, kind, batch_first=False) -> InputLay
     )
 
 
-def capture_handwritten(model: torch.nn.Module, layout, capture_steps: int = 4):
+def capture_handwritten(model: torch.nn.Module, layout, capture_steps: int | None = None):
     """Capture ``model`` at a small T and replace its recognised neuron steps by neuron calls;
     returns ``(captured, the spike comparisons of the capture, the matched sites)``."""
     captured = capture(model, [], layout, capture_steps)
     compares = [n for n in captured.graph_module.graph.nodes if n.op == "call_function" and n.target in _COMPARE_TARGETS]
     sites = apply_patterns(captured)
     try:
-        reroll(captured.graph_module)
+        if not CONVERTER.consumes_sequence(captured.neurons[0].module):
+            reroll(captured.graph_module)
     except NotConvertibleError as exc:  # a recurrence no rule recognised: name where matching stopped
         reasons = _dedupe(captured.pattern_failures)
         reasons.update(exc.reasons)
@@ -1282,8 +1373,12 @@ def prepare_handwritten(loaded: LoadedModel, sample_shape: tuple[int, ...], time
         if len(gaps) == 1:
             per_step = gaps.pop()
             offsets[i] = idx[0]
-    fixed = len(compares) - per_step * steps
-    reference = HandwrittenOriginal(model, captured.neurons, offsets if per_step else {}, per_step, fixed)
+    layer_major = CONVERTER.consumes_sequence(captured.neurons[0].module)
+    if layer_major:  # each neuron's tests are consecutive, a block of steps
+        fixed = len(compares) - len(offsets) * captured.capture_steps
+    else:
+        fixed = len(compares) - per_step * steps
+    reference = HandwrittenOriginal(model, captured.neurons, offsets if per_step else {}, per_step, fixed, layer_major, captured.capture_steps)
     reference.eval()
     say(f"recognised {len(sites)} hand-written neuron layer(s)")
     return LoadedModel(reference, loaded.source), captured.neurons, layout, captured

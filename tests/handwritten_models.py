@@ -367,3 +367,66 @@ def make_pre_reset():
 
 def make_batch_first():
     return BatchFirstMLP()
+
+
+class MultiStepLIF(nn.Module):
+    """TET's (Deng et al. 2022) ``LIFSpike``: the neuron loops over the time axis of its own
+    input ``[B, T, ...]`` (``mem = 0``, ``mem = mem * tau + x[:, t]``, zero reset) and stacks
+    its spikes along that axis."""
+
+    def __init__(self, tau: float = 0.5, thresh: float = 1.0):
+        super().__init__()
+        self.tau, self.thresh = tau, thresh
+
+    def forward(self, x):
+        mem, spikes = 0, []
+        for t in range(x.shape[1]):
+            mem = mem * self.tau + x[:, t, ...]
+            spike = spike_fn(mem - self.thresh)
+            mem = (1 - spike) * mem
+            spikes.append(spike)
+        return torch.stack(spikes, dim=1)
+
+
+class TimeFolded(nn.Module):
+    """TET's ``SeqToANNContainer``: a layer run on ``[B * T, ...]``."""
+
+    def __init__(self, *layers):
+        super().__init__()
+        self.module = nn.Sequential(*layers)
+
+    def forward(self, x):
+        y = self.module(x.flatten(0, 1).contiguous())
+        return y.view([x.shape[0], x.shape[1], *y.shape[1:]])
+
+
+class MultiStepNet(nn.Module):
+    """Conv / batch-norm / pool layers folded over time between TET ``LIFSpike`` neurons;
+    ``repeat``: one image ``[B, 1, 8, 8]`` repeated over ``repeat`` steps (TET's CIFAR
+    models), else the sequence ``[B, T, 1, 8, 8]`` (its DVS models)."""
+
+    def __init__(self, repeat: int | None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.repeat = repeat
+        with torch.no_grad():
+            self.conv = TimeFolded(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6))
+            self.conv.module[0].weight.mul_(3.0)
+            self.pool = TimeFolded(nn.AvgPool2d(2))
+            self.fc = TimeFolded(nn.Linear(6 * 4 * 4, 5))
+            self.fc.module[0].weight.mul_(3.0)
+        self.lif1, self.lif2 = MultiStepLIF(), MultiStepLIF(tau=0.7)
+
+    def forward(self, x):
+        if self.repeat is not None:
+            x = x.unsqueeze(1).repeat(1, self.repeat, 1, 1, 1)
+        x = self.pool(self.lif1(self.conv(x)))
+        return self.lif2(self.fc(torch.flatten(x, 2)))
+
+
+def make_multi_step_static():
+    return MultiStepNet(repeat=5)
+
+
+def make_multi_step_sequence():
+    return MultiStepNet(repeat=None)

@@ -96,6 +96,30 @@ def test_previous_step_resets_written_by_hand(convert, factory, reset):
     assert report.passed
 
 
+@pytest.mark.parametrize("factory", ["make_multi_step_static", "make_multi_step_sequence"])
+def test_neurons_that_loop_over_the_sequence_themselves(convert, factory):
+    """TET's ``LIFSpike`` between layers folded over time: each neuron's own loop becomes one
+    call on the whole sequence (no time loop around the neurons); a batch-first sequence input
+    keeps a variable T (its ``view([B, T, ...])`` reads each run's T; converted at T = 4, the
+    capture's own length, so the second capture must really be one step longer)."""
+    conversion, path = convert(f"{MODELS}:{factory}", (1, 8, 8), 4)
+    static = factory == "make_multi_step_static"
+    assert conversion.loop.sequence and len(conversion.sites) == 2
+    assert (conversion.layout.kind, conversion.layout.dynamic_time) == (("static", False) if static else ("sequence", True))
+    assert conversion.layout.time_steps == (5 if static else 4)
+    assert [(s.spec.reset, s.spec.reset_timing) for s in conversion.sites] == [("zero", "same_step")] * 2
+    model = _factory(factory).eval()
+    gen = torch.Generator().manual_seed(0)
+    for steps in ((5,) if static else (4, 11, 2)):
+        x = conversion.layout.example(3, steps, generator=gen) * 2
+        _check_parity(path, model, x)
+        with torch.no_grad():
+            assert 0 < float(model(x).mean()) < 1
+    report = conversion.verify(path, providers=("cpu",))
+    assert report.passed and report.to_json()["spike_agreement"] == 1.0
+    assert {c.name for c in report.providers[0].layers} == {s.name for s in conversion.sites}
+
+
 def test_static_input_with_reset_before_charge(convert):
     conversion, path = convert(f"{MODELS}:make_static", (6,), 25)
     assert conversion.layout.kind == "static" and conversion.layout.time_steps == 7
