@@ -114,7 +114,7 @@ class BrainCogConverter(FrameworkConverter):
                                     ("LIFNode", "sj_decay_input", "tau, threshold, v_reset (the initial membrane)"),
                                     ("PLIFNode", "sj_decay_input_mul", "w (scalar), threshold (get_thres()), v_reset (the initial membrane)")):
             rows += [
-                exact(cls, "this release's hard reset mem * (1 - spike)", spec_options("zero", "same_step", "gt", charge)),
+                exact(cls, "this release's hard reset mem * (1 - spike)", spec_options("zero", "same_step", "gt", charge, reset_form="product")),
                 exact(cls, "a soft reset mem - spike * threshold (the PSU paper's BrainCog fork)", spec_options("subtract", "same_step", "gt", charge)),
                 exact(cls, f"one step per call (time loop in forward) or layer_by_layer=True ([(T B), ...]); scalar {params}"),
                 unsupported(cls, "act_fun whose forward is not the step", NOT_HEAVISIDE),
@@ -157,8 +157,8 @@ class BrainCogConverter(FrameworkConverter):
             inv_tau = module.w.detach().float().sigmoid().reshape(())  # as BrainCog computes it
             charge = dict(decay=1.0 - inv_tau, charge="sj_decay_input_mul", inv_tau=inv_tau, v_rest=0.0)
         observed = _run_copy(module, threshold)
-        for reset in ("zero", "subtract"):
-            spec = NeuronSpec(reset=reset, **common, **charge)
+        for reset, form in (("zero", "product"), ("subtract", "standard")):  # mem * (1 - spike): nothing added
+            spec = NeuronSpec(reset=reset, reset_form=form, **common, **charge)
             if _reproduces(spec, *observed):
                 return spec
         raise Unsupported(NO_MATCH)

@@ -48,7 +48,7 @@ def handwritten_rows() -> list[CoverageRow]:
           "(or * inv_tau)")
     return [
         exact("lif", f"{charge}; {test}; subtract reset v = v - s * thr (or v -= s * thr)", spec_options("subtract")),
-        exact("lif", f"{charge}; zero reset v = v * (1 - s), v = v - v * s, torch.where(s > 0, 0, v), v.masked_fill(s.bool(), 0) or v[s > 0] = 0 (in place too)", spec_options("zero")),
+        exact("lif", f"{charge}; zero reset v = v * (1 - s), v = v - v * s, torch.where(s > 0, 0, v), v.masked_fill(s.bool(), 0) or v[s > 0] = 0 (in place too)", spec_options("zero", reset_form="product")),
         exact("lif", f"{charge}; no reset", spec_options("none")),
         exact("lif", f"{sj}; any of the resets", spec_options("subtract", charge="sj_decay_input")),
         exact("lif", "the reset written before the charge (v = v - s * thr at the top of the next step)"),

@@ -800,8 +800,9 @@ def _spec_of(rule: str, chain: list[_Step], v_init) -> NeuronSpec:
             raise _Fail(first.h, f"a spike test of the stored membrane is only supported with the charge 'decay * v + input' (not {law.form})")
         return NeuronSpec(decay=decay, threshold=first.threshold, reset=reset, reset_timing="previous_step", compare=first.cmp,
                           zero_scope="total", v_init=v_init, spike_from="stored")
+    # a zero reset written by hand removes the membrane where it fired (v * (1 - s), torch.where, ...): nothing is added
     return NeuronSpec(decay=decay, threshold=first.threshold, reset=reset, reset_timing="same_step", compare=first.cmp,
-                      reset_value=torch.tensor(0.0), v_init=v_init, **extra)
+                      reset_value=torch.tensor(0.0), v_init=v_init, reset_form="product" if reset == "zero" else "standard", **extra)
 
 
 def _check_carried_spikes(chain: list[_Step], v_init: torch.Tensor) -> None:

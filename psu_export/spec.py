@@ -33,6 +33,8 @@ synaptic current ``i``.  One step with layer input ``x_t`` (H is ``>`` for
         subtract: v_t = h_t - s_t * θ;  zero: v_t = s_t * v_reset + (1 - s_t) * h_t;  none: v_t = h_t
         subtract with reset_form="blend" (Norse ``reset_subtract``):
                   v_t = (1 - s_t) * h_t + s_t * (h_t - θ)
+        zero with reset_form="product" (BrainCog, hand-written ``v * (1 - s)``; v_reset 0):
+                  v_t = (1 - s_t) * h_t        # nothing added: a -0 membrane stays -0
 
 Charge forms (``charge``): the same leaky integration written in each framework's own
 float operation order, so the exact kernels reproduce it bit for bit (``decay`` then
@@ -74,7 +76,7 @@ ZeroScope = Literal["membrane", "total"]
 Charge = Literal[
     "leaky", "if", "sj_decay_input", "sj_no_decay_input", "sj_decay_input_mul", "sj_no_decay_input_mul", "norse_lif", "norse_box"
 ]
-ResetForm = Literal["standard", "blend"]
+ResetForm = Literal["standard", "blend", "product"]
 SpikeFrom = Literal["updated", "stored"]
 
 #: per charge form, the extra parameters its arithmetic reads (besides threshold etc.)
@@ -144,8 +146,10 @@ class NeuronSpec:
             raise ValueError(f"unknown zero scope {self.zero_scope!r}")
         if self.charge not in CHARGE_PARAMS:
             raise ValueError(f"unknown charge form {self.charge!r}")
-        if self.reset_form not in ("standard", "blend"):
+        if self.reset_form not in ("standard", "blend", "product"):
             raise ValueError(f"unknown reset form {self.reset_form!r}")
+        if self.reset_form == "product" and not (self.reset == "zero" and self.reset_timing == "same_step" and bool(torch.all(self.reset_value == 0))):
+            raise ValueError("reset_form='product' is the same-step zero reset to 0")
         missing = [n for n in CHARGE_PARAMS[self.charge] if getattr(self, n) is None]
         if missing:
             raise ValueError(f"charge form {self.charge!r} needs {missing}")

@@ -209,6 +209,37 @@ def test_zero_reset_to_plus_zero_keeps_every_bit(reset_value):
     np.testing.assert_array_equal(_bits(onnx_out[0]), _bits(expected[0]))
 
 
+def test_product_zero_reset_keeps_every_bit():
+    """``reset_form="product"`` is ``mem * (1 - spike)`` (BrainCog, hand-written loops): nothing
+    is added, so a -0 membrane stays -0 (the ``standard`` form's ``+0`` would turn it into +0),
+    in the torch kernel and in onnxruntime, bit for bit."""
+    from psu_export.spec import NeuronSpec
+
+    spec = NeuronSpec(decay=1.0, charge="if", threshold=1.0, reset="zero", reset_form="product", v_init=-0.0)
+    o = StepOptions.of(spec)
+    x = torch.tensor([-0.0, 0.3, -0.0, 0.9, -0.0, -2.0]).reshape(6, 1, 1).repeat(1, 2, 3)
+    x[:, 1] = torch.tensor([-0.0, -0.0, 1.5, -0.0, -1.0, -0.0]).reshape(6, 1)
+    mem, spikes, membranes = torch.full((2, 3), -0.0), [], []
+    for step in x:  # BrainCog's IFNode: mem = mem + x * dt (dt 1); spike; mem = mem * (1 - spike)
+        mem = mem + step
+        spike = (mem - 1.0).gt(0.0).float()
+        mem = mem * (1 - spike)
+        spikes.append(spike)
+        membranes.append(mem)
+    expected = [torch.stack(spikes), torch.stack(membranes)]
+    assert bool(torch.signbit(expected[1][0, 0, 0]))  # -0 charged, no spike: -0 * (1 - 0) stays -0
+    params = [getattr(spec, n) for n in o.param_names]
+    got = exact_neuron(x, params, o.key(), "l")
+    import onnxruntime as ort
+
+    model = one_node_model(o.key(), tuple(p.dim() for p in params))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    onnx_out = session.run(None, {"x": x.numpy(), **{n: p.numpy() for n, p in zip(o.param_names, params)}})
+    for out in (got, onnx_out):
+        np.testing.assert_array_equal(_bits(out[0]), _bits(expected[0]))
+        np.testing.assert_array_equal(_bits(out[1]), _bits(expected[1]))
+
+
 @pytest.mark.parametrize("drive_batch", [3, 1])
 def test_a_repeated_drive_is_read_once_with_the_same_bits(drive_batch):
     """``Expand(Unsqueeze(drive, [0]), [T, B, N])`` into a neuron becomes the ``_static``

@@ -69,7 +69,7 @@ class StepOptions:
                    spike_from=spec.spike_from)
         applies = {
             "v_rest": base.charge.startswith("sj_"),  # Norse's charge computes v_rest - v: no identity
-            "reset_value": base.reset == "zero" and base.reset_timing == "same_step",  # the only step that reads it
+            "reset_value": base.reset == "zero" and base.reset_timing == "same_step" and base.reset_form == "standard",  # the only step that reads it
         }
         names = [n for n, (value, _) in IDENTITY_PARAMS.items()
                  if n in base.param_names and applies.get(n, True) and _is_exactly(getattr(spec, n), value)]
@@ -171,6 +171,8 @@ def exact_step(b, o: StepOptions, p: dict, v_prev, i_prev, x):
             v = b.add(b.mul(b.sub(b.const(1.0), fired), h), b.mul(fired, b.sub(h, theta)))
         elif o.reset == "subtract":
             v = b.sub(h, times(fired, "threshold"))
+        elif o.reset == "zero" and o.reset_form == "product":
+            v = b.mul(b.sub(b.const(1.0), fired), h)
         elif o.reset == "zero":
             # spike * v_reset + (1 - spike) * h; for v_reset +0 the product is +0, still added:
             # x + (+0) turns a -0 membrane into +0, as the framework's sum does
