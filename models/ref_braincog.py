@@ -10,6 +10,9 @@ Factories for ``psu-export`` (random weights, seeded; no download)::
   ``braincog.model_zoo``'s networks do (``sum(outputs) / len(outputs)``).
 * :func:`make_conv`: the same loop around ``Conv2d`` / ``BatchNorm2d`` / ``MaxPool2d``
   blocks with ``LIFNode``s, input ``[T, B, 1, 16, 16]``.
+* :func:`make_zoo_static`: the model zoo's own input path: one image ``[B, 1, 16, 16]``
+  repeated over ``step`` steps by the ``direct`` encoder (``einops.repeat``), then read as
+  ``inputs[t]`` in the loop; T is fixed.
 * :func:`make_layer_by_layer`: ``layer_by_layer=True`` nodes on all steps folded into the
   batch, ``[(T B), ...]``; the model repeats one input ``[B, 16]`` over its ``step`` (BrainCog's
   ``direct`` encoding), so T is fixed.
@@ -34,7 +37,7 @@ FRAMEWORK = "braincog"
 #: neuron class -> factory of a reference model using it (read by tests/test_meta.py)
 REFERENCE_MODELS = {"LIFNode": "make_mlp_lif", "IFNode": "make_mlp_if", "PLIFNode": "make_mlp_plif"}
 #: factories whose one-step input is not ``(SAMPLE,)``
-SAMPLE_SHAPES = {"make_conv": (1, 16, 16)}
+SAMPLE_SHAPES = {"make_conv": (1, 16, 16), "make_zoo_static": (1, 16, 16)}
 
 
 def import_nodes():
@@ -122,6 +125,24 @@ def make_conv() -> StepLoopNet:
             if isinstance(layer, (nn.Conv2d, nn.Linear)):
                 layer.weight.data *= 3.0
     return StepLoopNet(layers).eval()
+
+
+class ZooStaticNet(StepLoopNet):
+    """``braincog.model_zoo``'s forward: ``inputs = self.encoder(inputs)`` (``direct``: the image
+    repeated over ``step`` steps), ``self.reset()``, then the step loop over ``inputs[t]``."""
+
+    def __init__(self, layers: nn.Sequential, step: int = 8):
+        super().__init__(layers)
+        self.step = step
+
+    def forward(self, inputs):
+        from einops import repeat
+
+        return super().forward(repeat(inputs, "b c w h -> t b c w h", t=self.step))
+
+
+def make_zoo_static() -> ZooStaticNet:
+    return ZooStaticNet(make_conv().layers).eval()
 
 
 class LayerByLayerNet(nn.Module):

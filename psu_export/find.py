@@ -371,6 +371,38 @@ def _sums_after_loop(graph: fx.Graph) -> None:
     graph.lint()
 
 
+def _repeated_selects(graph: fx.Graph) -> None:
+    """Read one value repeated over a new time axis, step by step, as that value.
+
+    ``x.unsqueeze(d).expand(T, ...)`` (``einops.repeat(x, 'b ... -> t b ...')``, BrainCog's
+    ``direct`` encoder) or ``x.unsqueeze(d).repeat(..., T, ...)`` then ``[t]`` along ``d`` is ``x``
+    at every step, so each step's select becomes ``x`` itself: the steps then read a static
+    input, as a loop over ``range(T)`` that uses ``x`` directly does."""
+    aten = torch.ops.aten
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not aten.select.int:
+            continue
+        src, dim = node.args[0], node.args[1]
+        if not (isinstance(src, fx.Node) and src.target in (aten.expand.default, aten.repeat.default)):
+            continue
+        base, sizes = src.args[0], src.args[1]
+        if not (isinstance(base, fx.Node) and base.target is aten.unsqueeze.default and dim >= 0 and base.args[1] == dim):
+            continue
+        shape = base.meta["val"].shape if "val" in base.meta else None
+        if shape is None or len(sizes) != len(shape):
+            continue
+        # the other axes keep their size: expand by -1 or their own size, repeat once
+        kept = (lambda s, n: s in (-1, n)) if src.target is aten.expand.default else (lambda s, n: s == 1)
+        if not all(kept(s, n) for i, (s, n) in enumerate(zip(sizes, shape)) if i != dim):
+            continue
+        node.replace_all_uses_with(base.args[0])
+        graph.erase_node(node)
+        for unused in (src, base):
+            if not unused.users:
+                graph.erase_node(unused)
+    graph.lint()
+
+
 def _selects_from_unbind(graph: fx.Graph) -> None:
     """Write ``for x_t in x`` (``x.unbind(dim)``, one ``getitem`` per step, all made before
     the loop) as ``select(x, dim, t)`` at step t's first use, where a loop over
@@ -492,6 +524,7 @@ def reroll(gm: fx.GraphModule) -> TimeLoop:
     _cats_from_growing_records(gm.graph)
     _stacks_from_step_writes(gm.graph)
     _selects_from_unbind(gm.graph)
+    _repeated_selects(gm.graph)
     _sums_after_loop(gm.graph)
     nodes = list(gm.graph.nodes)
     calls = _calls(gm.graph)

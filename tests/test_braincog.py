@@ -53,6 +53,13 @@ def test_conv_net(tmp_path):
     _check(R.make_conv(), R.SAMPLE_SHAPES["make_conv"], 6, tmp_path, other_steps=(9,))
 
 
+def test_model_zoo_direct_encoder(tmp_path):
+    """The image repeated over the steps by ``einops.repeat`` and read as ``inputs[t]``: each step
+    reads the image itself (the select of a repeat), so the loop re-rolls over a static input."""
+    conversion = _check(R.make_zoo_static(), R.SAMPLE_SHAPES["make_zoo_static"], 8, tmp_path)
+    assert (conversion.layout.kind, conversion.layout.time_steps) == ("static", 8)
+
+
 def test_layer_by_layer_nodes_take_time_folded_into_the_batch(tmp_path):
     conversion = _check(R.make_layer_by_layer(), (R.SAMPLE,), 8, tmp_path)
     assert conversion.layout.kind == "static" and conversion.layout.time_steps == 8  # the model's own step
