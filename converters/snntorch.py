@@ -15,7 +15,8 @@ import torch
 
 from psu_export.spec import NeuronSpec
 
-from . import CallConvention, FrameworkConverter, Unsupported, classes_by_name, exact, is_step_function, register, spec_options, unsupported
+from . import (CallConvention, FrameworkConverter, Unsupported, classes_by_name, exact, is_step_function, register, spec_options,
+               step_with_held_state, unsupported)
 
 _RESETS = {0: "subtract", 1: "zero", 2: "none"}
 
@@ -67,8 +68,8 @@ class SnnTorchConverter(FrameworkConverter):
                 exact(cls, 'reset_delay=False, reset_mechanism="zero"', opts("zero", "same_step_guarded")),
                 exact(cls, ("beta" if cls == "Leaky" else "alpha, beta") + ", threshold scalar or per channel, learned or not "
                       "(clamped to [0, 1] as snnTorch does); graded_spikes_factor"),
-                exact(cls, f"called with explicit state ({state}) in a loop over time, or init_hidden=True "
-                      "(e.g. in nn.Sequential, output=True or False)"),
+                exact(cls, f"called with explicit state ({state}) in a loop over time, without it (the state kept in the "
+                      "module, reset_mem() first), or init_hidden=True (e.g. in nn.Sequential, output=True or False)"),
                 unsupported(cls, "inhibition=True", INHIBITION),
                 unsupported(cls, "state_quant", STATE_QUANT),
                 unsupported(cls, "spike_grad whose forward is not the Heaviside step", NOT_HEAVISIDE),
@@ -111,8 +112,7 @@ class SnnTorchConverter(FrameworkConverter):
         def make_forward(call):
             if module.init_hidden:
                 def forward(input_):
-                    outs = call(input_, module._psu_state)
-                    module._psu_state = list(outs[1:])
+                    outs = step_with_held_state(module, call, input_)
                     return tuple(outs) if module.output else outs[0]
                 return forward
 
@@ -120,6 +120,8 @@ class SnnTorchConverter(FrameworkConverter):
                 given = list(states) + [named[r] for r in ("syn", "mem") if r in named]
                 if given and len(given) != len(roles):
                     raise TypeError(f"expected {len(roles)} state tensors, got {len(given)}")
+                if not given:  # called without its state: snnTorch keeps it in the module (self.mem) between calls
+                    return tuple(step_with_held_state(module, call, input_))
                 return tuple(call(input_, given))
             return forward
 

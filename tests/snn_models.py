@@ -49,6 +49,26 @@ class LoopNet(nn.Module):
         return torch.stack(spikes, dim=0), torch.stack(mems, dim=0)
 
 
+class HeldStateLoopNet(LoopNet):
+    """The neurons called without their state (``spk, mem = self.lif1(cur)``): snnTorch keeps it
+    in the module between calls; ``reset_mem`` / ``reset_hidden`` at the start of forward."""
+
+    def forward(self, x):
+        for lif in (self.lif1, self.lif2):
+            lif.reset_mem()
+        spikes, mems = [], []
+        for step in range(x.shape[0]):
+            spk1 = self.lif1(self.fc1(x[step]))[0]
+            spk2, *states = self.lif2(self.fc2(spk1))
+            spikes.append(spk2)
+            mems.append(states[-1])
+        return torch.stack(spikes, dim=0), torch.stack(mems, dim=0)
+
+
+def held_state_loop() -> nn.Module:
+    return _scaled(HeldStateLoopNet(snn.Synaptic(alpha=0.6, beta=0.8), snn.Leaky(beta=0.7)))
+
+
 class BatchFirstLoopNet(LoopNet):
     """The same loop over a batch-first x[B, T, IN] (``x[:, t]``), outputs stacked along dim 1."""
 

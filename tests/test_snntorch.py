@@ -65,6 +65,11 @@ def test_synaptic_options_loop(options, tmp_path):
     _check(M.synaptic_loop(**options), (M.IN,), 10, tmp_path)
 
 
+def test_neurons_called_without_their_state(tmp_path):
+    """``spk, mem = self.lif1(cur)`` with no state passed: snnTorch carries it in the module."""
+    _check(M.held_state_loop(), (M.IN,), 9, tmp_path)
+
+
 def test_per_channel_beta_and_threshold(tmp_path):
     _check(M.per_channel_beta(), (M.IN,), 10, tmp_path)
 
