@@ -72,8 +72,8 @@ class TimeLoop:
 
     def ordered_nodes(self) -> list[fx.Node]:
         """The static prefix, the body (iteration 0) and the suffix, each in graph order."""
-        graph = next(iter(self.static), None) or (self.body or self.suffix)[0]
-        return [n for n in graph.graph.nodes if n in self.static] + self.body + self.suffix
+        graph = (next(iter(self.static), None) or (self.body or self.suffix)[0]).graph  # (a loop-free graph has static nodes only)
+        return [n for n in graph.nodes if n in self.static] + self.body + self.suffix
 
     def reads_capture_length(self) -> bool:
         """Whether an argument is a number equal to the capture's T (it may be T itself:
