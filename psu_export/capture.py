@@ -321,7 +321,9 @@ def _probe_multi_step(model, neurons, whole, sample_shape, time_steps, kind) -> 
     ``x.unsqueeze(0).repeat(T, 1, 1, 1, 1)``), read from the sequence its neurons receive."""
     if len(whole) != len(neurons):
         single = [n.name for n in neurons if n not in whole]
-        raise NotConvertibleError({name: "single-step neuron in a model whose other neurons take the whole sequence (multi-step); use one step mode" for name in single})
+        raise NotConvertibleError({name: ("single-step neuron (called once per step, e.g. inside Norse's Lift) in a model whose other neurons "
+                                          "take the whole sequence (multi-step); use one step mode: the multi-step form of this neuron "
+                                          "(Norse LIF for Lift(LIFCell()), SpikingJelly step_mode='m')") for name in single})
     if kind == "step":
         raise UsageError("--input-kind step: the model's neurons take the whole sequence [T, B, ...] (multi-step); use --input-kind sequence or static.")
     attempts = {"sequence": (time_steps, 3, *sample_shape), "static": (3, *sample_shape)}

@@ -94,6 +94,14 @@ def test_lifted_layers_between_sequence_modules(tmp_path):
     assert [s.source_class for s in conversion.sites] == ["norse.LIF", "norse.LI"] and conversion.layout.dynamic_time
 
 
+def test_a_lifted_cell_among_sequence_modules_is_refused_with_the_module_to_use():
+    import norse.torch as nt
+
+    model = nt.SequentialState(nt.Lift(torch.nn.Linear(R.SAMPLE, 8)), nt.Lift(nt.LIFCell()), nt.Lift(torch.nn.Linear(8, 4)), nt.LI())
+    with pytest.raises(NotConvertibleError, match=r"Norse LIF for Lift\(LIFCell\(\)\)"):
+        prepare(model, input_shape=(R.SAMPLE,), time_steps=4)
+
+
 def test_bare_cell_step_by_step(tmp_path):
     _check("make_single_cell", 5, tmp_path, input_kind="step", other_steps=(9,))
 
