@@ -76,13 +76,7 @@ def record_layers(conversion, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, 
         for h in handles:
             h.remove()
         reset_neurons(conversion.neurons)
-
-    def stacked(n, values):
-        if n.converter.consumes_sequence(n.module) and len(values) == 1:
-            return n.converter.as_sequence(n.module, values[0])
-        return torch.stack(values)
-
-    return {n.name: (stacked(n, inputs[n.name]), stacked(n, spikes[n.name])) for n in conversion.neurons if inputs[n.name]}
+    return {n.name: (n.over_time(inputs[n.name]), n.over_time(spikes[n.name])) for n in conversion.neurons if inputs[n.name]}
 
 
 # ------------------------------------------------------------------ fitting

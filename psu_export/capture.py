@@ -67,6 +67,13 @@ class NeuronModule:
         cls = type(self.module)
         return f"{cls.__module__.split('.')[0]}.{cls.__name__}"
 
+    def over_time(self, calls: list[torch.Tensor]) -> torch.Tensor:
+        """Tensors recorded from this module's calls in one forward as ``[T, B, ...]``: one per
+        step stacked, or the one call of a multi-step module (in the capture op's layout)."""
+        if self.converter.consumes_sequence(self.module) and len(calls) == 1:
+            return self.converter.as_sequence(self.module, calls[0])
+        return torch.stack(calls)
+
 
 def find_neuron_modules(model: torch.nn.Module) -> list[NeuronModule]:
     """Every module of a registered framework's neuron classes, with its spec or the reason it has none."""

@@ -64,9 +64,7 @@ def run_original(model: torch.nn.Module, neurons: list[NeuronModule], layout: In
         for h in handles:
             h.remove()
         reset_neurons(neurons)
-    whole = {n.name: n for n in neurons if n.converter.consumes_sequence(n.module)}  # one call returns every step
-    return _as_tuple(out), {k: (whole[k].converter.as_sequence(whole[k].module, v[0]) if k in whole and len(v) == 1 else torch.stack(v))
-                            for k, v in spikes.items() if v}
+    return _as_tuple(out), {n.name: n.over_time(spikes[n.name]) for n in neurons if spikes[n.name]}
 
 
 def run_parallel(parallel, x: torch.Tensor):
