@@ -180,8 +180,8 @@ class ParallelModel(torch.nn.Module):
             elif loop.sequence and node in self._site_of:
                 env[node] = self._run_sequence_site(node, env)
             elif node in loop.static:
-                args, kwargs = tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, (node.args, node.kwargs))
-                env[node] = node.target(*self._this_time_length(node, args, env), **kwargs)
+                args, kwargs = self._arguments(node, env)
+                env[node] = node.target(*args, **kwargs)
             elif node in loop.copy_of:
                 if loop.copy_of[node][1] == 0:
                     env[node] = self._run_body_node(node, env)
@@ -220,8 +220,7 @@ class ParallelModel(torch.nn.Module):
             return env[node.args[0]][node.args[1]]
         if node.target is torch.ops.aten.sym_size.int and isinstance(env[node.args[0]], Timed):
             return env[node.args[0]].value.shape[node.args[1] + 1]
-        args, kwargs = tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, (node.args, node.kwargs))
-        args = self._this_time_length(node, args, env)
+        args, kwargs = self._arguments(node, env)
         leaves, spec = tree_flatten((args, kwargs))
         timed = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Timed)]
         if not timed:
@@ -249,6 +248,11 @@ class ParallelModel(torch.nn.Module):
         if isinstance(out, (tuple, list)):
             return [Timed(o) for o in out]
         return Timed(out)
+
+    def _arguments(self, node: fx.Node, env) -> tuple[list, dict]:
+        """``node``'s arguments from ``env``, this run's T where the capture wrote its own."""
+        args, kwargs = tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, (node.args, node.kwargs))
+        return self._this_time_length(node, args, env), kwargs
 
     def _this_time_length(self, node: fx.Node, args, env) -> list:
         """``args`` with the capture's T written as a number (:attr:`TimeLoop.time_length_args`)
