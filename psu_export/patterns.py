@@ -476,10 +476,9 @@ def _find_reset(step: _Step, consts: _Consts) -> None:
         # zero: h * (1 - s)
         if u.target is aten.mul.Tensor and h in u.args:
             r = u.args[1] if u.args[0] is h else u.args[0]
-            if _is_node(r) and len(_users(r)) == 1 and (
-                (r.target is aten.rsub.Scalar and r.args[0] in spikes and r.args[1] == 1 and r.kwargs.get("alpha", 1) == 1)
-                or (r.target is aten.sub.Tensor and r.args[1] in spikes and consts.value(r.args[0]) is not None
-                    and bool(torch.all(consts.value(r.args[0]) == 1)))
+            if _one_minus(r) in spikes or (
+                _is_node(r) and len(_users(r)) == 1 and r.target is aten.sub.Tensor and r.args[1] in spikes
+                and consts.value(r.args[0]) is not None and bool(torch.all(consts.value(r.args[0]) == 1))
             ):
                 step.reset, step.v_post = "zero", u
                 step.owned |= {u, r}
@@ -588,13 +587,14 @@ def _reset_inside_charge(v: fx.Node, consts: _Consts) -> tuple[_Charge, object] 
         if not (_is_node(kept) and _is_node(drive) and kept.target is aten.mul.Tensor and len(kept.args) == 2 and len(_users(kept)) == 1):
             continue
         for decayed, r in (kept.args, kept.args[::-1]):
-            if not (_is_node(r) and r.target is aten.rsub.Scalar and r.args[1] == 1 and r.kwargs.get("alpha", 1) == 1 and len(_users(r)) == 1
-                    and _is_node(decayed) and decayed.target is aten.mul.Tensor and len(decayed.args) == 2 and len(_users(decayed)) == 1):
+            spike = _one_minus(r)
+            if not (spike is not None and _is_node(decayed) and decayed.target is aten.mul.Tensor and len(decayed.args) == 2
+                    and len(_users(decayed)) == 1):
                 continue
             for v_prev, factor in (decayed.args, decayed.args[::-1]):
                 decay = consts.value(factor)
                 if decay is not None and (_is_node(v_prev) or isinstance(v_prev, (int, float))):
-                    return _Charge(v_prev, decay, drive, kept, extra=[decayed, r]), r.args[0]
+                    return _Charge(v_prev, decay, drive, kept, extra=[decayed, r]), spike
     return None
 
 
@@ -612,9 +612,16 @@ def _carried_spike_reset(v: fx.Node, thr: torch.Tensor, consts: _Consts):
             return h, "subtract", m, set()
     if v.target is aten.mul.Tensor and len(v.args) == 2:
         for h, r in (v.args, v.args[::-1]):
-            if (_is_node(h) and _is_node(r) and r.target is aten.rsub.Scalar and r.args[1] == 1
-                    and r.kwargs.get("alpha", 1) == 1 and len(_users(r)) == 1 and _is_node(r.args[0])):
-                return h, "zero", r.args[0], {r}
+            if _is_node(h) and _one_minus(r) is not None:
+                return h, "zero", _one_minus(r), {r}
+    return None
+
+
+def _one_minus(r) -> fx.Node | None:
+    """``s`` when ``r`` is ``1 - s`` (``rsub(s, 1)``) that only one node reads; else None."""
+    if (_is_node(r) and r.target is aten.rsub.Scalar and r.args[1] == 1 and r.kwargs.get("alpha", 1) == 1
+            and len(_users(r)) == 1 and _is_node(r.args[0])):
+        return r.args[0]
     return None
 
 
