@@ -391,6 +391,14 @@ class CapturedGraph:
     dynamic_batch: bool
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def writes_time_length(self) -> bool:
+        """Whether the graph's T is a number (the capture ran a concrete T), so that a number
+        equal to it may be T itself; multi-step neurons are captured with T a symbol."""
+        x = next(n for n in self.graph_module.graph.nodes if n.op == "placeholder").meta.get("val")
+        axis = self.layout.time_axis
+        return x is None or axis is None or not isinstance(x.shape[axis], torch.SymInt)
+
 
 def capture(model: torch.nn.Module, neurons: list[NeuronModule], layout: InputLayout, capture_steps: int | None = None) -> CapturedGraph:
     """Export ``model`` with opaque neurons at a small T (the loop is re-rolled later): 3 or 4

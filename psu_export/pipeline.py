@@ -352,7 +352,7 @@ def prepare(model: "str | torch.nn.Module", weights: str | None = None, input_sh
         captured.notes.extend(getattr(loaded.module, "conversion_notes", []))  # e.g. a .nir graph's discretisation
     say("re-rolling the time loop")
     sites, loop = find_sites(captured, mode)
-    if layout.dynamic_time and loop.reads_capture_length():
+    if layout.dynamic_time and captured.writes_time_length and loop.reads_capture_length():
         say("the model uses a number equal to the captured T; capturing one step longer to see whether it is T")
         mark_time_length_args(loop, find_sites(_recapture(loaded, neurons, layout, captured.capture_steps + 1), mode)[1])
     parallel = rewrite(captured, sites, loop, mode, seed)
