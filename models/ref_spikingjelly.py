@@ -19,6 +19,11 @@ Factories for ``psu-export`` (random weights, seeded; no download)::
   ``[T, B, 1, 12, 12]``.
 * :func:`make_sew_resnet18`, :func:`make_spiking_resnet18`, :func:`make_spiking_vgg`:
   model-zoo architectures, multi-step, for ``3,32,32`` inputs.
+* :func:`make_spikformer`, :func:`make_spike_driven_transformer`: the zoo's spiking vision
+  transformers (LIF neurons, attention over spikes), one block of 64 dimensions, for
+  ``3,32,32`` inputs; :func:`make_plif_mnist_net`: the zoo's ``MNISTNet`` from the
+  parametric-LIF paper (``ParametricLIFNode``, batch norm, dropout, voting layer), 8
+  channels, for ``1,28,28`` inputs, multi-step or driven step by step.
 """
 
 from __future__ import annotations
@@ -384,4 +389,55 @@ def make_spiking_vgg() -> nn.Module:
             layer.Dropout(),
             layer.Linear(32, 10),
         )
-        return _multi_step(net)
+        return _multi_step(_firing(net, gain=2.0, norm_bias=1.0))
+
+
+def _firing(net: nn.Module, gain: float, norm_bias: float) -> nn.Module:
+    """``net`` with its weights scaled by ``gain`` and its batch norms shifted by
+    ``norm_bias``, so that the deep layers of an untrained zoo network spike (with the
+    default initialisation they stay silent, and a parity check of silence proves little)."""
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.bias.fill_(norm_bias)
+        for param in net.parameters():
+            if param.dim() > 1:
+                param.mul_(gain)
+    return net
+
+
+def make_spikformer() -> nn.Module:
+    """The zoo's ``Spikformer``, one block of 64 dimensions and 4 heads over 4 x 4 patches; its
+    ``forward`` takes ``[T, B, 3, 32, 32]`` (a ``[B, 3, 32, 32]`` image is repeated over its T)."""
+    zoo = import_zoo("spikformer")
+    with _seeded(7):
+        return _firing(zoo.Spikformer(T=4, in_channels=3, img_size_h=32, img_size_w=32, patch_size=4, num_classes=10,
+                                      embed_dims=64, num_heads=4, depths=1), gain=2.0, norm_bias=1.0)
+
+
+def make_spike_driven_transformer() -> nn.Module:
+    """The zoo's ``SpikeDrivenTransformer`` (v1), one block of 64 dimensions and 4 heads; input
+    ``[T, B, 3, 32, 32]``."""
+    zoo = import_zoo("spike_driven_transformer")
+    with _seeded(8):
+        return _firing(zoo.SpikeDrivenTransformer(T=4, in_channels=3, num_classes=10, embed_dims=64, num_heads=4, depths=1),
+                       gain=2.0, norm_bias=0.5)
+
+
+def make_plif_mnist_net(step_mode: str = "m") -> nn.Module:
+    """The zoo's ``parametric_lif_net.MNISTNet`` with 8 channels, ``ParametricLIFNode``s;
+    ``step_mode`` ``'m'``: input ``[T, B, 1, 28, 28]``, ``'s'``: one step ``[B, 1, 28, 28]``."""
+    from spikingjelly.activation_based import functional, neuron, surrogate
+
+    zoo = import_zoo("parametric_lif_net")
+    with _seeded(9):
+        net = zoo.MNISTNet(channels=8, spiking_neuron=neuron.ParametricLIFNode, surrogate_function=surrogate.ATan(), detach_reset=True)
+    _firing(net, gain=4.0, norm_bias=1.0)
+    functional.set_step_mode(net, step_mode)
+    return net
+
+
+
+def make_plif_mnist_net_step() -> nn.Module:
+    """:func:`make_plif_mnist_net` in single-step mode (``[B, 1, 28, 28]`` a step)."""
+    return make_plif_mnist_net("s")

@@ -18,6 +18,7 @@ from conftest import reference_outputs, run_onnx  # noqa: E402
 from psu_export.errors import NotConvertibleError  # noqa: E402
 from psu_export.models import ref_spikingjelly as R  # noqa: E402
 from psu_export.pipeline import prepare  # noqa: E402
+from psu_export.verify import run_original  # noqa: E402
 
 MODELS = "psu_export.models.ref_spikingjelly"
 
@@ -151,18 +152,30 @@ def test_reset_net_state_is_not_baked_in(tmp_path):
     np.testing.assert_array_equal(run_onnx(path, x)[0], ref.numpy())
 
 
-@pytest.mark.parametrize("factory", ["make_sew_resnet18", "make_spiking_vgg"])
-def test_model_zoo(factory, tmp_path):
-    conversion = prepare(f"{MODELS}:{factory}", input_shape=(3, 32, 32), time_steps=3)
+@pytest.mark.parametrize("factory, shape", [
+    ("make_sew_resnet18", (3, 32, 32)),
+    ("make_spiking_vgg", (3, 32, 32)),
+    ("make_spikformer", (3, 32, 32)),
+    ("make_spike_driven_transformer", (3, 32, 32)),
+    ("make_plif_mnist_net", (1, 28, 28)),
+    ("make_plif_mnist_net_step", (1, 28, 28)),  # single-step mode: psu-export drives it over time
+])
+def test_model_zoo(factory, shape, tmp_path):
+    conversion = prepare(f"{MODELS}:{factory}", input_shape=shape, time_steps=3)
     path = tmp_path / "m.onnx"
     conversion.export(path)
     report = conversion.verify(path, batch=2, providers=("cpu",), extra_time_steps=False)
     summary = report.to_json()
     assert report.passed, summary
     assert summary["spike_agreement"] == 1.0
-    x = torch.rand(4, 1, 3, 32, 32) * 2  # another T and batch
-    ref = reference_outputs(conversion.loaded.module, x, "sequence")[0]
+    assert len(conversion.sites) == len(conversion.neurons) >= 4
+    x, _, _ = conversion.inputs(batch=2)  # the inputs verify checked: most layers spiked, none always
+    rates = [float(s.float().mean()) for s in run_original(conversion.loaded.module, conversion.neurons, conversion.layout, x)[1].values()]
+    assert sum(0.0 < r < 1.0 for r in rates) >= 0.75 * len(rates), rates
+    x = torch.rand(4, 1, *shape) * 2  # another T and batch
+    ref = reference_outputs(conversion.loaded.module, x, conversion.layout.kind)[0]
     np.testing.assert_allclose(run_onnx(path, x)[0], ref.numpy(), rtol=1e-4, atol=1e-4)
+
 
 
 @pytest.mark.slow
