@@ -240,6 +240,55 @@ def test_product_zero_reset_keeps_every_bit():
         np.testing.assert_array_equal(_bits(out[1]), _bits(expected[1]))
 
 
+@pytest.mark.parametrize("charge", ["if", "sj_decay_input"])
+def test_a_membrane_that_is_never_minus_zero_skips_the_plus_zero(charge):
+    """A standard zero reset to +0 with a threshold > 0, a +0 start and a charge ``v + y``
+    (SpikingJelly's, Norse's) runs as the ``product`` form: ``(1 - spike) * h`` is never -0
+    there, so adding the framework's ``spike * v_reset`` = +0 changes no bit.  Checked against
+    SpikingJelly's step written out, on inputs of -0 and of negative denormals (whose
+    charge underflows), in torch and onnxruntime; a runtime initial membrane of -0 is made
+    +0 first (``plus_zero``) and then gives the framework's bits too."""
+    from psu_export.ops.neuron import plus_zero
+    from psu_export.spec import NeuronSpec
+
+    extra = {"tau": 2.0, "v_rest": 0.0} if charge == "sj_decay_input" else {}
+    spec = NeuronSpec(decay=1.0, charge=charge, threshold=1.0, reset="zero", reset_value=0.0, v_init=0.0, compare="ge", **extra)
+    o = StepOptions.of(spec)
+    assert o.reset_form == "product" and "Sum" not in str(one_node_model(o.key(), (0,) * len(o.param_names)))
+    assert StepOptions.of(dataclasses.replace(spec, threshold=torch.tensor(-0.5))).reset_form == "standard"
+    assert StepOptions.of(dataclasses.replace(spec, v_init=torch.tensor(-0.0))).reset_form == "standard"
+    tiny = -1.4e-45  # the smallest negative denormal: halved, it rounds to -0
+    x = torch.tensor([-0.0, tiny, -0.0, 2.5, -0.0, tiny, -3.0, 0.7, -0.0]).reshape(9, 1, 1).repeat(1, 2, 3)
+    x[:, 1] = torch.tensor([tiny, -0.0, -0.0, -0.0, 1.5, -0.0, -0.0, tiny, -0.0]).reshape(9, 1)
+
+    def framework(v):  # SpikingJelly's charge, fire and hard reset (v_reset 0.0), step by step
+        spikes, membranes = [], []
+        for step in x:
+            h = v + (step - v) / 2.0 if charge == "sj_decay_input" else v + step
+            spike = (h >= 1.0).float()
+            v = spike * 0.0 + (1.0 - spike) * h
+            spikes.append(spike)
+            membranes.append(v)
+        return [torch.stack(spikes), torch.stack(membranes)]
+
+    expected = framework(torch.zeros(2, 3))
+    params = [getattr(spec, n) for n in o.param_names]
+    import onnxruntime as ort
+
+    model = one_node_model(o.key(), tuple(p.dim() for p in params))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    onnx_out = session.run(None, {"x": x.numpy(), **{n: p.numpy() for n, p in zip(o.param_names, params)}})
+    for out in (exact_neuron(x, params, o.key(), "l"), onnx_out):
+        np.testing.assert_array_equal(_bits(out[0]), _bits(expected[0]))
+        np.testing.assert_array_equal(_bits(out[1]), _bits(expected[1]))
+    # a runtime initial membrane of -0 (a state passed in): made +0, the framework's bits again
+    start = torch.full((2, 3), -0.0)
+    runtime = [plus_zero(start) if n == "v_init" else p for n, p in zip(o.param_names, params)]
+    got = exact_neuron(x, runtime, o.key(), "l")
+    for a, b in zip(got, framework(start)):
+        np.testing.assert_array_equal(_bits(a), _bits(b))
+
+
 @pytest.mark.parametrize("drive_batch", [3, 1])
 def test_a_repeated_drive_is_read_once_with_the_same_bits(drive_batch):
     """``Expand(Unsqueeze(drive, [0]), [T, B, N])`` into a neuron becomes the ``_static``

@@ -220,7 +220,8 @@ def test_cli_convert(tmp_path):
 @pytest.mark.parametrize("v_reset, skipped", [(0.0, True), (-0.0, False), (0.5, False)])
 def test_a_v_rest_and_v_reset_of_plus_zero_simplify_the_step(v_reset, skipped):
     """``v - v_rest`` is ``v`` and ``spike * v_reset`` is +0 bit for bit only for +0.0
-    (``-0 - (-0)`` is +0; ``1 * (-0)`` is -0)."""
+    (``-0 - (-0)`` is +0; ``1 * (-0)`` is -0); with +0 (the default) the membrane is never
+    -0, so the step adds nothing after the reset product (``ops.neuron._never_minus_zero``)."""
     from spikingjelly.activation_based import neuron
 
     from psu_export.converters.spikingjelly import SpikingJellyConverter
@@ -228,5 +229,6 @@ def test_a_v_rest_and_v_reset_of_plus_zero_simplify_the_step(v_reset, skipped):
 
     spec = SpikingJellyConverter().to_spec(neuron.LIFNode(tau=2.0, v_reset=v_reset, step_mode="m"))
     options = StepOptions.of(spec)
-    assert options.identities >= {"v_rest", "reset_value"} if skipped else not options.identities & {"v_rest", "reset_value"}
-    assert options.variant.endswith("_vr0_vz0") == skipped
+    assert options.identities >= {"v_rest"} if skipped else not options.identities & {"v_rest", "reset_value"}
+    assert (options.reset_form == "product") == skipped
+    assert options.variant.endswith("_product_th1_g1_vr0") == skipped

@@ -65,7 +65,8 @@ class StepOptions:
 
     @classmethod
     def of(cls, spec: NeuronSpec) -> "StepOptions":
-        base = cls(spec.reset, spec.reset_timing, spec.compare, spec.zero_scope, spec.two_state, spec.charge, spec.reset_form,
+        reset_form = "product" if _never_minus_zero(spec) else spec.reset_form
+        base = cls(spec.reset, spec.reset_timing, spec.compare, spec.zero_scope, spec.two_state, spec.charge, reset_form,
                    spike_from=spec.spike_from)
         applies = {
             "v_rest": base.charge.startswith("sj_"),  # Norse's charge computes v_rest - v: no identity
@@ -139,6 +140,32 @@ class StepOptions:
         return cls(text["reset"], text["reset_timing"], text["compare"], text["zero_scope"], bool(text["two_state"]),
                    text.get("charge", "leaky"), text.get("reset_form", "standard"), text.get("identity_params", ""),
                    text.get("spike_from", "updated"))
+
+
+#: charge forms ``h = v + y``: in round-to-nearest ``v + y`` is -0 only when ``v`` and ``y`` both are
+_V_PLUS_CHARGES = {"if", "sj_decay_input", "sj_decay_input_mul", "sj_no_decay_input", "sj_no_decay_input_mul", "norse_lif", "norse_box"}
+
+
+def _never_minus_zero(spec: NeuronSpec) -> bool:
+    """Whether a standard same-step zero reset to +0 can drop its ``+ v_reset``.
+
+    The step is ``v = spike * v_reset + (1 - spike) * h``; for ``v_reset`` +0 the first term
+    is +0, and adding it only turns a -0 ``(1 - spike) * h`` into +0.  That product is -0
+    only if ``h`` is -0 (no spike) or negative while spiking (``h >= threshold``).  With a
+    threshold > 0 the second cannot happen; with a charge ``h = v + y`` the first needs the
+    stored ``v`` to be -0, which a +0 ``v_init`` rules out step by step (a runtime initial
+    membrane is made +0 where it is zero: :func:`plus_zero`).  Then the step is the
+    ``product`` form, one node (a single-threaded ``Sum``) less a step, the same bits.
+    """
+    return (spec.reset == "zero" and spec.reset_timing == "same_step" and spec.reset_form == "standard"
+            and spec.charge in _V_PLUS_CHARGES and _is_exactly(spec.reset_value, 0.0)
+            and bool(torch.all(spec.threshold > 0)) and _is_exactly(spec.v_init, 0.0))
+
+
+def plus_zero(v: torch.Tensor) -> torch.Tensor:
+    """``v`` with -0 made +0 (elsewhere unchanged): a runtime initial membrane for a step
+    that relies on a +0 start (:func:`_never_minus_zero`)."""
+    return torch.where(v == 0, torch.zeros_like(v), v)
 
 
 def exact_step(b, o: StepOptions, p: dict, v_prev, i_prev, x):
