@@ -142,7 +142,10 @@ class StepOptions:
                    text.get("spike_from", "updated"))
 
 
-#: charge forms ``h = v + y``: in round-to-nearest ``v + y`` is -0 only when ``v`` and ``y`` both are
+#: charge forms whose ``h`` is -0 only if the stored ``v`` is: ``v + y`` (in round-to-nearest
+#: -0 only when ``v`` and ``y`` both are) and SpikingJelly's ``(v - v / tau) + x`` (``v - v / tau``
+#: is never -0: ``v / tau`` has the sign of ``v``); not ``decay * v + x``, whose product can
+#: underflow to -0 from a tiny negative ``v``
 _V_PLUS_CHARGES = {"if", "sj_decay_input", "sj_decay_input_mul", "sj_no_decay_input", "sj_no_decay_input_mul", "norse_lif", "norse_box"}
 
 
@@ -152,8 +155,8 @@ def _never_minus_zero(spec: NeuronSpec) -> bool:
     The step is ``v = spike * v_reset + (1 - spike) * h``; for ``v_reset`` +0 the first term
     is +0, and adding it only turns a -0 ``(1 - spike) * h`` into +0.  That product is -0
     only if ``h`` is -0 (no spike) or negative while spiking (``h >= threshold``).  With a
-    threshold > 0 the second cannot happen; with a charge ``h = v + y`` the first needs the
-    stored ``v`` to be -0, which a +0 ``v_init`` rules out step by step (a runtime initial
+    threshold > 0 the second cannot happen; with the charges of :data:`_V_PLUS_CHARGES` the
+    first needs the stored ``v`` to be -0, which a +0 ``v_init`` rules out step by step (a runtime initial
     membrane is made +0 where it is zero: :func:`plus_zero`).  Then the step is the
     ``product`` form, one node (a single-threaded ``Sum``) less a step, the same bits.
     """
