@@ -437,7 +437,6 @@ def make_plif_mnist_net(step_mode: str = "m") -> nn.Module:
     return net
 
 
-
 def make_plif_mnist_net_step() -> nn.Module:
     """:func:`make_plif_mnist_net` in single-step mode (``[B, 1, 28, 28]`` a step)."""
     return make_plif_mnist_net("s")

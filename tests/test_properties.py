@@ -242,7 +242,7 @@ def test_product_zero_reset_keeps_every_bit():
 
 @pytest.mark.parametrize("charge", ["if", "sj_decay_input"])
 def test_a_membrane_that_is_never_minus_zero_skips_the_plus_zero(charge):
-    """A standard zero reset to +0 with a threshold > 0, a +0 start and a charge ``v + y``
+    """A standard zero reset to +0 with a threshold > 0, a start without -0 and a charge ``v + y``
     (SpikingJelly's, Norse's) runs as the ``product`` form: ``(1 - spike) * h`` is never -0
     there, so adding the framework's ``spike * v_reset`` = +0 changes no bit.  Checked against
     SpikingJelly's step written out, on inputs of -0 and of negative denormals (whose

@@ -177,7 +177,6 @@ def test_model_zoo(factory, shape, tmp_path):
     np.testing.assert_allclose(run_onnx(path, x)[0], ref.numpy(), rtol=1e-4, atol=1e-4)
 
 
-
 @pytest.mark.slow
 def test_spiking_resnet18(tmp_path):
     """The rewrite is bit-exact; onnxruntime's 7x7 stem convolution sums in another order than
