@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from .capture import METADATA_ASSERTS, OPAQUE_NEURON, CapturedGraph
 from .errors import NotConvertibleError
 from .find import NeuronSite, TimeLoop
-from .ops.neuron import StepOptions, closed_form_neuron, exact_neuron, plus_zero
+from .ops.neuron import StepOptions, closed_form_neuron, exact_neuron, never_minus_zero, plus_zero
 from .ops.reset import reset_neuron
 
 
@@ -301,8 +301,8 @@ class ParallelModel(torch.nn.Module):
             if init is None:
                 continue
             value = site.neuron.converter.initial_state(site.neuron.module, role, env[init], cur[0])
-            if value is not None and role == "membrane" and isinstance(options, StepOptions) and options.reset_form != site.spec.reset_form:
-                value = plus_zero(value)  # the step relies on a +0 start (ops.neuron._never_minus_zero)
+            if value is not None and role == "membrane" and never_minus_zero(site.spec):
+                value = plus_zero(value)  # the step relies on a start without -0
             if value is not None:
                 params["v_init" if role == "membrane" else "i_init"] = value
         op = {"closed_form": closed_form_neuron, "scan": exact_neuron}.get(site.algorithm.name, reset_neuron)

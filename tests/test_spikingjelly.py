@@ -220,7 +220,7 @@ def test_cli_convert(tmp_path):
 def test_a_v_rest_and_v_reset_of_plus_zero_simplify_the_step(v_reset, skipped):
     """``v - v_rest`` is ``v`` and ``spike * v_reset`` is +0 bit for bit only for +0.0
     (``-0 - (-0)`` is +0; ``1 * (-0)`` is -0); with +0 (the default) the membrane is never
-    -0, so the step adds nothing after the reset product (``ops.neuron._never_minus_zero``)."""
+    -0, so the step adds nothing after the reset product (``ops.neuron.never_minus_zero``)."""
     from spikingjelly.activation_based import neuron
 
     from psu_export.converters.spikingjelly import SpikingJellyConverter

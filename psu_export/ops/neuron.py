@@ -65,7 +65,7 @@ class StepOptions:
 
     @classmethod
     def of(cls, spec: NeuronSpec) -> "StepOptions":
-        reset_form = "product" if _never_minus_zero(spec) else spec.reset_form
+        reset_form = "product" if never_minus_zero(spec) else spec.reset_form
         base = cls(spec.reset, spec.reset_timing, spec.compare, spec.zero_scope, spec.two_state, spec.charge, reset_form,
                    spike_from=spec.spike_from)
         applies = {
@@ -149,7 +149,7 @@ class StepOptions:
 _V_PLUS_CHARGES = {"if", "sj_decay_input", "sj_decay_input_mul", "sj_no_decay_input", "sj_no_decay_input_mul", "norse_lif", "norse_box"}
 
 
-def _never_minus_zero(spec: NeuronSpec) -> bool:
+def never_minus_zero(spec: NeuronSpec) -> bool:
     """Whether a standard same-step zero reset to +0 can drop its ``+ v_reset``.
 
     The step is ``v = spike * v_reset + (1 - spike) * h``; for ``v_reset`` +0 the first term
@@ -167,7 +167,7 @@ def _never_minus_zero(spec: NeuronSpec) -> bool:
 
 def plus_zero(v: torch.Tensor) -> torch.Tensor:
     """``v`` with -0 made +0 (elsewhere unchanged): a runtime initial membrane for a step
-    that relies on a +0 start (:func:`_never_minus_zero`)."""
+    that relies on a start without -0 (:func:`never_minus_zero`)."""
     return torch.where(v == 0, torch.zeros_like(v), v)
 
 
