@@ -19,9 +19,9 @@ Factories for ``psu-export`` (random weights, seeded; no download)::
   ``[T, B, 1, 12, 12]``.
 * :func:`make_sew_resnet18`, :func:`make_spiking_resnet18`, :func:`make_spiking_vgg`:
   model-zoo architectures, multi-step, for ``3,32,32`` inputs.
-* :func:`make_spikformer`, :func:`make_spike_driven_transformer`: the zoo's spiking vision
-  transformers (LIF neurons, attention over spikes), one block of 64 dimensions, for
-  ``3,32,32`` inputs; :func:`make_plif_mnist_net`: the zoo's ``MNISTNet`` from the
+* :func:`make_spikformer`, :func:`make_spike_driven_transformer`, :func:`make_qkformer`,
+  :func:`make_maxformer`: the zoo's spiking vision transformers (LIF neurons, attention over
+  spikes), one block (a stage) of 48-64 dimensions, for ``3,32,32`` inputs; :func:`make_plif_mnist_net`: the zoo's ``MNISTNet`` from the
   parametric-LIF paper (``ParametricLIFNode``, batch norm, dropout, voting layer), 8
   channels, for ``1,28,28`` inputs, multi-step or driven step by step.
 """
@@ -421,6 +421,24 @@ def make_spike_driven_transformer() -> nn.Module:
     zoo = import_zoo("spike_driven_transformer")
     with _seeded(8):
         return _firing(zoo.SpikeDrivenTransformer(T=4, in_channels=3, num_classes=10, embed_dims=64, num_heads=4, depths=1),
+                       gain=2.0, norm_bias=0.5)
+
+
+def make_qkformer() -> nn.Module:
+    """The zoo's hierarchical ``QKFormer`` (Q-K attention), 48 dimensions, one block a stage;
+    input ``[T, B, 3, 32, 32]``."""
+    zoo = import_zoo("qkformer")
+    with _seeded(10):
+        return _firing(zoo.QKFormer(T=4, in_channels=3, num_classes=10, embed_dims=48, num_heads=(1, 2, 2), depths=(1, 1, 1)),
+                       gain=2.0, norm_bias=1.0)
+
+
+def make_maxformer() -> nn.Module:
+    """The zoo's ``MaxFormer`` in its CIFAR configuration, 48 dimensions, one block a stage;
+    input ``[T, B, 3, 32, 32]``."""
+    zoo = import_zoo("maxformer")
+    with _seeded(10):
+        return _firing(zoo.MaxFormer(T=4, in_channels=3, num_classes=10, embed_dims=48, depths=(1, 1, 1), cifar=True),
                        gain=2.0, norm_bias=0.5)
 
 

@@ -157,6 +157,8 @@ def test_reset_net_state_is_not_baked_in(tmp_path):
     ("make_spiking_vgg", (3, 32, 32)),
     ("make_spikformer", (3, 32, 32)),
     ("make_spike_driven_transformer", (3, 32, 32)),
+    ("make_qkformer", (3, 32, 32)),
+    ("make_maxformer", (3, 32, 32)),
     ("make_plif_mnist_net", (1, 28, 28)),
     ("make_plif_mnist_net_step", (1, 28, 28)),  # single-step mode: psu-export drives it over time
 ])
