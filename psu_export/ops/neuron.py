@@ -156,9 +156,10 @@ def never_minus_zero(spec: NeuronSpec) -> bool:
     is +0, and adding it only turns a -0 ``(1 - spike) * h`` into +0.  That product is -0
     only if ``h`` is -0 (no spike) or negative while spiking (``h >= threshold``).  With a
     threshold > 0 the second cannot happen; with the charges of :data:`_V_PLUS_CHARGES` the
-    first needs the stored ``v`` to be -0, which a ``v_init`` without -0 rules out step by step (a runtime initial
-    membrane is made +0 where it is zero: :func:`plus_zero`).  Then the step is the
-    ``product`` form, one node (a single-threaded ``Sum``) less a step, the same bits.
+    first needs the stored ``v`` to be -0, which a ``v_init`` without -0 rules out step by
+    step (a runtime initial membrane is made +0 where it is zero: :func:`plus_zero`).  Then
+    the step is the ``product`` form, one node (a single-threaded ``Sum``) less a step, the
+    same bits.
     """
     return (spec.reset == "zero" and spec.reset_timing == "same_step" and spec.reset_form == "standard"
             and spec.charge in _V_PLUS_CHARGES and _is_exactly(spec.reset_value, 0.0)
