@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from .capture import METADATA_ASSERTS, OPAQUE_NEURON, CapturedGraph
 from .errors import NotConvertibleError
 from .find import NeuronSite, TimeLoop
-from .ops.neuron import StepOptions, closed_form_neuron, exact_neuron, never_minus_zero, plus_zero
+from .ops.neuron import StepOptions, closed_form_neuron, exact_neuron, never_minus_zero, plus_zero, step_spec
 from .ops.reset import reset_neuron
 
 
@@ -123,8 +123,9 @@ class ParallelModel(torch.nn.Module):
             return own[1], own[2]
         if site.algorithm.name in ("probabilistic_reset", "stochastic_reset"):
             return reset_kernel(site.spec, site.algorithm.name, self.seed, site.name)
-        options = StepOptions.of(site.spec)
-        return options, {name: getattr(site.spec, name) for name in options.param_names}
+        spec = step_spec(site.spec)
+        options = StepOptions.of(spec)
+        return options, {name: getattr(spec, name) for name in options.param_names}
 
     # -- planning ---------------------------------------------------------------------
     def _plan_suffix_args(self, node: fx.Node):

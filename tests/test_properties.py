@@ -294,6 +294,55 @@ def test_a_membrane_that_is_never_minus_zero_skips_the_plus_zero(charge):
         np.testing.assert_array_equal(_bits(a), _bits(b))
 
 
+@pytest.mark.parametrize("decay_input", [True, False])
+@pytest.mark.parametrize("tau", [2.0, 4.0, 0.5, 2.0 ** 127])  # 2^-127: a subnormal reciprocal, still exact
+def test_a_power_of_two_tau_multiplies_with_the_same_bits(tau, decay_input):
+    """SpikingJelly's ``/ tau`` runs as ``* (1 / tau)`` when ``tau`` is a power of two
+    (``step_spec``): bit for bit SpikingJelly's step written out, on normal, subnormal,
+    -0, infinite and NaN inputs, in torch and onnxruntime (the ONNX step has a ``Mul`` and
+    no ``Div``).  Any other ``tau`` keeps the division."""
+    import onnxruntime as ort
+
+    from psu_export.ops.neuron import step_spec
+    from psu_export.spec import NeuronSpec
+
+    charge = "sj_decay_input" if decay_input else "sj_no_decay_input"
+    spec = NeuronSpec(decay=1.0 - 1.0 / tau, charge=charge, tau=tau, v_rest=0.0, threshold=1.0, reset="zero",
+                      reset_value=0.0, v_init=0.0, compare="ge")
+    fast = step_spec(spec)
+    assert fast.charge == charge + "_mul" and float(fast.inv_tau) == 1.0 / tau
+    # not a power of two, a reciprocal that overflows (2^128), not finite, not all elements
+    for other in (3.0, 1.5, 2.0 ** -128, -0.0, float("inf"), float("nan"), [2.0, 3.0]):
+        assert step_spec(dataclasses.replace(spec, tau=torch.tensor(other))).charge == charge
+    o = StepOptions.of(fast)
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.standard_normal((12, 2, 8)).astype(np.float32)) * 2
+    x[:, 0, :6] = torch.tensor([1.4e-45, -1.4e-45, -0.0, 3e-39, float("inf"), float("nan")])
+    x[:, 1, :3] = torch.tensor([1e38, -3e38, 1.2e-38])
+
+    def framework(v):  # SpikingJelly's LIFNode step (v_reset 0.0) with its division
+        spikes, membranes = [], []
+        for step in x:
+            h = v + (step - v) / tau if decay_input else v - v / tau + step
+            spike = (h >= 1.0).float()
+            v = spike * 0.0 + (1.0 - spike) * h
+            spikes.append(spike)
+            membranes.append(v)
+        return [torch.stack(spikes), torch.stack(membranes)]
+
+    expected = framework(torch.zeros(2, 8))
+    params = [getattr(fast, n) for n in o.param_names]
+    model = one_node_model(o.key(), tuple(p.dim() for p in params))
+    assert "Mul" in str(model) and "Div" not in str(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    onnx_out = session.run(None, {"x": x.numpy(), **{n: p.numpy() for n, p in zip(o.param_names, params)}})
+    for out in (exact_neuron(x, params, o.key(), "l"), onnx_out):
+        np.testing.assert_array_equal(_bits(out[0]), _bits(expected[0]))
+        np.testing.assert_array_equal(np.isnan(np.asarray(out[1])), np.isnan(expected[1].numpy()))
+        finite = ~np.isnan(expected[1].numpy())
+        np.testing.assert_array_equal(_bits(out[1])[finite], _bits(expected[1])[finite])
+
+
 @pytest.mark.parametrize("drive_batch", [3, 1])
 def test_a_repeated_drive_is_read_once_with_the_same_bits(drive_batch):
     """``Expand(Unsqueeze(drive, [0]), [T, B, N])`` into a neuron becomes the ``_static``
