@@ -247,6 +247,7 @@ def recompute_sequence_identities(fn: onnx.FunctionProto) -> onnx.FunctionProto:
         if src is None or src.op_type not in _ELEMENTWISE or src.op_type in ("Constant", "Identity") or len(src.output) != 1:
             continue
         operands = []
+        fresh = []  # body values this candidate would add to the per-step outputs
         ok = True
         for i in src.input:
             if not i:
@@ -267,14 +268,15 @@ def recompute_sequence_identities(fn: onnx.FunctionProto) -> onnx.FunctionProto:
             elif i in state_names or (i in out_names and i not in stacked):
                 ok = False  # a state output cannot also be a per-step output
             else:
-                if i not in stacked:
-                    stacked[i] = f"rc_stacked_{i}"
-                    new_seq.append(i)
-                operands.append(stacked[i])
+                if i not in stacked and i not in fresh:
+                    fresh.append(i)
+                operands.append(stacked.get(i, f"rc_stacked_{i}"))
             if not ok:
                 break
         if not ok:
-            continue
+            continue  # (an operand stacked for a candidate that failed would be written every step for nothing)
+        stacked.update({i: f"rc_stacked_{i}" for i in fresh})
+        new_seq.extend(fresh)
         if ident is not None:
             remove.add(id(ident))
         replace[j] = None
