@@ -24,6 +24,8 @@ def test_smoke_run_measures_every_variant(smoke):
         assert {"eager", "naive", "psu", "bound"} <= set(cell["times_ms"])
         assert cell["spike_agreement_psu_vs_naive"] == 1.0  # exact mode: identical spikes
         assert cell["speedup_vs_naive"] > 0 and cell["psu_over_bound"] > 0
+        t = cell["times_ms"]
+        assert cell["ceiling_vs_naive"] == pytest.approx(t["naive"] / t["bound"], rel=1e-2)
     assert all(site["algorithm"] for sites in smoke["algorithms"].values() for site in sites)
 
 
@@ -48,7 +50,7 @@ def test_reports_are_written(smoke, tmp_path):
     paths = write_results([smoke], tmp_path, "r")
     assert json.loads(paths["json"].read_text())[0]["model"] == SMALL
     text = paths["markdown"].read_text()
-    assert "speed-up vs naive" in text and "| 24 | 1 |" in text
+    assert "speed-up vs naive" in text and "ceiling vs naive" in text and "| 24 | 1 |" in text
     assert "plot" not in paths or paths["plot"].stat().st_size > 0
 
 
@@ -85,7 +87,8 @@ def test_a_baseline_that_does_not_export_is_reported_not_fatal(monkeypatch):
     result = bench.run_benchmark(SMALL, (64,), time_steps=(8,), batches=(1,), min_runs=1, max_runs=2, cell_budget_s=0.0, eager=False)
     assert "does not export (RuntimeError: reads a neuron state" in result["baselines_unavailable"]["bound"]
     (cell,) = result["cells"]
-    assert "bound" not in cell["times_ms"] and cell["psu_over_bound"] is None and cell["speedup_vs_naive"] > 0
+    assert "bound" not in cell["times_ms"] and cell["psu_over_bound"] is None and cell["ceiling_vs_naive"] is None
+    assert cell["speedup_vs_naive"] > 0
 
 
 def test_the_bound_calls_each_neuron_as_its_framework_does(tmp_path):
