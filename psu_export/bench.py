@@ -16,8 +16,9 @@ block after them (:data:`EAGER_SETTLE_S`):
 Times are reported in milliseconds and as ratios (``naive / psu``: speed-up over the
 naive export; ``psu / bound``: distance from the bound; ``naive / bound``: the ceiling,
 the speed-up over the naive export that an exact export would reach if its neurons cost
-nothing; a model whose synaptic layers dominate, a compute-bound conv net, has a low one).  Export time, file size and
-node count are reported per T for the naive export and for ours (ours must not grow).
+nothing, low for a model whose synaptic layers dominate, such as a compute-bound conv
+net).  Export time, file size and node count are reported per T for the naive export
+and for ours (ours must not grow).
 
 Library use: :func:`run_benchmark`; command line: ``psu-export bench`` (:func:`bench`);
 the reference suite: ``benchmarks/run_suite.py``.
