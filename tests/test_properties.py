@@ -246,6 +246,29 @@ def test_product_zero_reset_keeps_every_bit():
         np.testing.assert_array_equal(_bits(out[1]), _bits(expected[1]))
 
 
+def _sj_hard_reset(x: torch.Tensor, v: torch.Tensor, charge) -> list[torch.Tensor]:
+    """SpikingJelly's fire and hard reset to ``v_reset`` 0.0 written out step by step, with
+    the charge ``charge(v, x_t)``: ``[spikes, membranes]`` stacked over time."""
+    spikes, membranes = [], []
+    for step in x:
+        h = charge(v, step)
+        spike = (h >= 1.0).float()
+        v = spike * 0.0 + (1.0 - spike) * h
+        spikes.append(spike)
+        membranes.append(v)
+    return [torch.stack(spikes), torch.stack(membranes)]
+
+
+def _kernel_and_onnx(o: StepOptions, params: list[torch.Tensor], x: torch.Tensor) -> list:
+    """The exact kernel's ``[spikes, membrane]`` in torch and in onnxruntime (a one-node model)."""
+    import onnxruntime as ort
+
+    model = one_node_model(o.key(), tuple(p.dim() for p in params))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    onnx_out = session.run(None, {"x": x.numpy(), **{n: p.numpy() for n, p in zip(o.param_names, params)}})
+    return [exact_neuron(x, params, o.key(), "l"), onnx_out]
+
+
 @pytest.mark.parametrize("charge", ["if", "sj_decay_input"])
 def test_a_membrane_that_is_never_minus_zero_skips_the_plus_zero(charge):
     """A standard zero reset to +0 with a threshold > 0, a start without -0 and a charge ``v + y``
@@ -269,23 +292,11 @@ def test_a_membrane_that_is_never_minus_zero_skips_the_plus_zero(charge):
     x[:, 1] = torch.tensor([tiny, -0.0, -0.0, -0.0, 1.5, -0.0, -0.0, tiny, -0.0]).reshape(9, 1)
 
     def framework(v):  # SpikingJelly's charge, fire and hard reset (v_reset 0.0), step by step
-        spikes, membranes = [], []
-        for step in x:
-            h = v + (step - v) / 2.0 if charge == "sj_decay_input" else v + step
-            spike = (h >= 1.0).float()
-            v = spike * 0.0 + (1.0 - spike) * h
-            spikes.append(spike)
-            membranes.append(v)
-        return [torch.stack(spikes), torch.stack(membranes)]
+        return _sj_hard_reset(x, v, (lambda v, step: v + (step - v) / 2.0) if charge == "sj_decay_input" else (lambda v, step: v + step))
 
     expected = framework(torch.zeros(2, 3))
     params = [getattr(spec, n) for n in o.param_names]
-    import onnxruntime as ort
-
-    model = one_node_model(o.key(), tuple(p.dim() for p in params))
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    onnx_out = session.run(None, {"x": x.numpy(), **{n: p.numpy() for n, p in zip(o.param_names, params)}})
-    for out in (exact_neuron(x, params, o.key(), "l"), onnx_out):
+    for out in _kernel_and_onnx(o, params, x):
         np.testing.assert_array_equal(_bits(out[0]), _bits(expected[0]))
         np.testing.assert_array_equal(_bits(out[1]), _bits(expected[1]))
     # a runtime initial membrane of -0 (a state passed in): made +0, the framework's bits again
@@ -307,8 +318,6 @@ def test_a_power_of_two_tau_multiplies_with_the_same_bits(tau, decay_input):
     (``step_spec``): bit for bit SpikingJelly's step written out, on normal, subnormal,
     -0, infinite and NaN inputs, in torch and onnxruntime (the ONNX step has a ``Mul`` and
     no ``Div``).  Any other ``tau`` keeps the division."""
-    import onnxruntime as ort
-
     from psu_export.ops.neuron import step_spec
     from psu_export.spec import NeuronSpec
 
@@ -326,23 +335,13 @@ def test_a_power_of_two_tau_multiplies_with_the_same_bits(tau, decay_input):
     x[:, 0, :6] = torch.tensor([1.4e-45, -1.4e-45, -0.0, 3e-39, float("inf"), float("nan")])
     x[:, 1, :3] = torch.tensor([1e38, -3e38, 1.2e-38])
 
-    def framework(v):  # SpikingJelly's LIFNode step (v_reset 0.0) with its division
-        spikes, membranes = [], []
-        for step in x:
-            h = v + (step - v) / tau if decay_input else v - v / tau + step
-            spike = (h >= 1.0).float()
-            v = spike * 0.0 + (1.0 - spike) * h
-            spikes.append(spike)
-            membranes.append(v)
-        return [torch.stack(spikes), torch.stack(membranes)]
-
-    expected = framework(torch.zeros(2, 8))
+    # SpikingJelly's LIFNode step (v_reset 0.0) with its division
+    charge_step = (lambda v, step: v + (step - v) / tau) if decay_input else (lambda v, step: v - v / tau + step)
+    expected = _sj_hard_reset(x, torch.zeros(2, 8), charge_step)
     params = [getattr(fast, n) for n in o.param_names]
-    model = one_node_model(o.key(), tuple(p.dim() for p in params))
-    assert "Mul" in str(model) and "Div" not in str(model)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    onnx_out = session.run(None, {"x": x.numpy(), **{n: p.numpy() for n, p in zip(o.param_names, params)}})
-    for out in (exact_neuron(x, params, o.key(), "l"), onnx_out):
+    body = str(one_node_model(o.key(), tuple(p.dim() for p in params)))
+    assert "Mul" in body and "Div" not in body
+    for out in _kernel_and_onnx(o, params, x):
         np.testing.assert_array_equal(_bits(out[0]), _bits(expected[0]))
         np.testing.assert_array_equal(np.isnan(np.asarray(out[1])), np.isnan(expected[1].numpy()))
         finite = ~np.isnan(expected[1].numpy())
