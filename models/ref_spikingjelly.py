@@ -57,6 +57,8 @@ def _neuron(kind: str, step_mode: str, v_reset=0.0, decay_input: bool = True, v_
         return neuron.IFNode(**common)
     if kind == "lif":
         return neuron.LIFNode(tau=2.5, decay_input=decay_input, **common)
+    if kind == "lif_tau2":  # SpikingJelly's default tau: the step multiplies by 1 / tau (ops.neuron.step_spec)
+        return neuron.LIFNode(tau=2.0, decay_input=decay_input, **common)
     if kind == "plif":
         return neuron.ParametricLIFNode(init_tau=3.0, decay_input=decay_input, **common)
     raise ValueError(kind)
@@ -195,6 +197,8 @@ VARIANTS = {
     "lif_hard": ("lif", "m", 0.0, True),
     "lif_hard_vreset": ("lif", "m", -0.2, True),
     "lif_soft": ("lif", "m", None, True),
+    "lif_tau2_hard": ("lif_tau2", "m", 0.0, True),
+    "lif_tau2_nodecay_soft": ("lif_tau2", "m", None, False),
     "lif_nodecay_hard": ("lif", "m", 0.0, False),
     "lif_nodecay_soft": ("lif", "m", None, False),
     "plif_hard": ("plif", "m", 0.0, True),

@@ -84,7 +84,7 @@ def record_layers(conversion, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, 
 
 def _layer_program(conversion, index: int):
     """(options with the pre-reset potential reported and no sampling, parameter dict) of site ``index``."""
-    options = conversion.parallel._options[index]
+    options = conversion.parallel.site_options[index]
     fit_options = dataclasses.replace(options, kind="ProbabilisticReset", membrane="pre", key_mul=1, key_add=0)
     params = {name: getattr(conversion.parallel, f"site{index}_{name}").detach().clone() for name in options.param_names}
     return fit_options, params

@@ -213,17 +213,17 @@ class Conversion:
     def _threshold_gaps(self) -> dict[str, torch.Tensor]:
         """Per layer, |v - threshold| (relative) where v is the value the spike was decided on."""
         gaps = {}
-        for site in self.sites:
+        for site, options in zip(self.parallel.sites, self.parallel.site_options):
             spec = site.spec
             if spec.reset_timing == "previous_step" or spec.reset == "none" or site.algorithm.name == "psu_module":
                 membrane = self.parallel.site_outputs[site.name][1]  # the value the spike was decided on
                 theta = spec.threshold
                 gaps[site.name] = (membrane - theta).abs() / torch.clamp(theta.abs(), min=1.0)
             elif spec.reset_timing == "same_step" and site.algorithm.name == "scan" and site.name in getattr(self.parallel, "site_inputs", {}):
-                from .ops.neuron import StepOptions, charged_values
+                from .ops.neuron import charged_values
 
-                x, params = self.parallel.site_inputs[site.name]
-                charged = charged_values(StepOptions.of(spec), params, x, self.parallel.site_outputs[site.name])
+                x, params = self.parallel.site_inputs[site.name]  # the kernel's parameters, for its options
+                charged = charged_values(options, params, x, self.parallel.site_outputs[site.name])
                 gaps[site.name] = (charged - spec.threshold).abs() / torch.clamp(spec.threshold.abs(), min=1.0)
         return gaps
 

@@ -98,11 +98,13 @@ class ParallelModel(torch.nn.Module):
         #: ``--reset`` mode and the seed of the stochastic reset's hash RNG
         self.mode, self.seed = mode, seed
         self._site_of = {site.call: i for i, site in enumerate(sites)}
-        #: per site, StepOptions (exact kernels) or ResetOptions (psu::reset_neuron)
-        self._options = []
+        #: per site, the options its kernel runs with: StepOptions (exact kernels, of
+        #: :func:`~psu_export.ops.neuron.step_spec`, which may differ from ``site.spec``'s) or
+        #: ResetOptions (psu::reset_neuron); the kernel's parameters match them
+        self.site_options = []
         for i, site in enumerate(sites):
             options, params = self._site_kernel(site)
-            self._options.append(options)
+            self.site_options.append(options)
             for name in options.param_names:
                 self.register_buffer(f"site{i}_{name}", params[name].clone())
         # (the output node reads loop values itself: _read_after_loop, checked by _check_output_reads)
@@ -290,7 +292,7 @@ class ParallelModel(torch.nn.Module):
 
     def _run_site(self, index: int, node: fx.Node, env) -> list[Timed]:
         site = self.sites[index]
-        options = self._options[index]
+        options = self.site_options[index]
         cur = env[node.args[0]]
         if isinstance(cur, Timed):
             cur = cur.value

@@ -233,3 +233,25 @@ def test_a_v_rest_and_v_reset_of_plus_zero_simplify_the_step(v_reset, skipped):
     assert options.identities >= {"v_rest"} if skipped else not options.identities & {"v_rest", "reset_value"}
     assert (options.reset_form == "product") == skipped
     assert options.variant.endswith("_product_th1_g1_vr0") == skipped
+
+
+def test_the_tie_analysis_recomputes_the_charge_the_kernel_ran():
+    """verify tells float ties from real mismatches by recomputing the membrane each spike was
+    decided on (``Conversion._threshold_gaps``).  It must use the options and parameters the
+    kernel ran with: a LIF whose ``/ tau`` runs as ``* inv_tau`` (``step_spec``), recomputed
+    with the spec's division options, divided by ``inv_tau`` and so found no real ties (the
+    zoo's Spikformer then failed verify at T = 128).  Where a neuron did not spike, the
+    membrane it was decided on is the stored one."""
+    from psu_export.verify import run_parallel
+
+    conversion = prepare(f"{MODELS}:make_mlp_lif_tau2_hard", input_shape=(R.SAMPLE,), time_steps=8)
+    assert {o.charge for o in conversion.parallel.site_options} == {"sj_decay_input_mul"}
+    run_parallel(conversion.parallel, conversion.layout.example(3, 8, generator=torch.Generator().manual_seed(0)) * 3)
+    gaps = conversion._threshold_gaps()
+    for site in conversion.parallel.sites:
+        spikes, membrane = conversion.parallel.site_outputs[site.name][:2]
+        quiet = spikes == 0
+        assert quiet.any() and not quiet.all()
+        theta = site.spec.threshold
+        expected = (membrane - theta).abs() / torch.clamp(theta.abs(), min=1.0)
+        assert torch.equal(gaps[site.name][quiet], expected[quiet])
