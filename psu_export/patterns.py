@@ -612,8 +612,9 @@ def _carried_spike_reset(v: fx.Node, thr: torch.Tensor, consts: _Consts):
             return h, "subtract", m, set()
     if v.target is aten.mul.Tensor and len(v.args) == 2:
         for h, r in (v.args, v.args[::-1]):
-            if _is_node(h) and _one_minus(r) is not None:
-                return h, "zero", _one_minus(r), {r}
+            spike = _one_minus(r)
+            if _is_node(h) and spike is not None:
+                return h, "zero", spike, {r}
     return None
 
 

@@ -18,7 +18,7 @@ from conftest import reference_outputs, run_onnx  # noqa: E402
 from psu_export.errors import NotConvertibleError  # noqa: E402
 from psu_export.models import ref_spikingjelly as R  # noqa: E402
 from psu_export.pipeline import prepare  # noqa: E402
-from psu_export.verify import run_original  # noqa: E402
+from psu_export.verify import run_original, run_parallel  # noqa: E402
 
 MODELS = "psu_export.models.ref_spikingjelly"
 
@@ -242,8 +242,6 @@ def test_the_tie_analysis_recomputes_the_charge_the_kernel_ran():
     with the spec's division options, divided by ``inv_tau`` and so found no real ties (the
     zoo's Spikformer then failed verify at T = 128).  Where a neuron did not spike, the
     membrane it was decided on is the stored one."""
-    from psu_export.verify import run_parallel
-
     conversion = prepare(f"{MODELS}:make_mlp_lif_tau2_hard", input_shape=(R.SAMPLE,), time_steps=8)
     assert {o.charge for o in conversion.parallel.site_options} == {"sj_decay_input_mul"}
     run_parallel(conversion.parallel, conversion.layout.example(3, 8, generator=torch.Generator().manual_seed(0)) * 3)

@@ -178,13 +178,9 @@ def exact_reciprocal(tau: torch.Tensor) -> torch.Tensor | None:
     subnormal results included.  SpikingJelly's default ``tau`` = 2.0 is such a value.
     """
     tau = tau.float()
-    if not bool(torch.isfinite(tau).all()) or bool((tau == 0).any()):
-        return None
     inv = 1.0 / tau
-    power_of_two = torch.frexp(tau).mantissa.abs() == 0.5
-    if bool(power_of_two.all()) and bool(torch.isfinite(inv).all()) and bool((inv * tau == 1.0).all()):
-        return inv
-    return None
+    power_of_two = torch.frexp(tau).mantissa.abs() == 0.5  # (0, infinities and NaN have other mantissas)
+    return inv if bool(power_of_two.all()) and bool(torch.isfinite(inv).all()) else None
 
 
 def step_spec(spec: NeuronSpec) -> NeuronSpec:
