@@ -593,7 +593,7 @@ def plot(results: list[dict], path) -> bool:
         for j, batch in enumerate(batches):
             ax = axes[i][j]
             cells = [c for c in r["cells"] if c["batch"] == batch]
-            for variant in ("eager", "naive", "psu", "psu-psu", "psu-stochastic", "bound"):
+            for variant in ("eager", "naive", "psu", "psu-psu", "psu-stochastic", "psu-cuda-graph", "bound"):
                 pts = [(c["time_steps"], c["times_ms"][variant]) for c in cells if variant in c["times_ms"]]
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=variant)

@@ -6,6 +6,7 @@ probabilistic reset's idle ``Loop``, the CLI, and (with a GPU) the CUDA-graph re
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ from conftest import assert_static_build_matches, run_onnx
 
 pytest.importorskip("snntorch")
 
+from psu_export.cuda_graph import sum_subtract_resets, unroll_scans  # noqa: E402
 from psu_export.errors import UsageError  # noqa: E402
 from psu_export.runtime import GraphRunner, make_session, provider_available  # noqa: E402
 from test_cli_errors import run  # noqa: E402
@@ -38,6 +40,59 @@ def test_static_build_matches_the_default_build(convert, tmp_path, spec, steps, 
     x = _x(steps, 3)
     assert_static_build_matches(path, static, x, same_floats=algorithm == "scan")
     assert run_onnx(static, x)[0].sum() > 0, "the test input should make the network fire"
+    if algorithm == "scan":  # snnTorch's subtract reset: a Sum a step (a folded initial reset: from step 1 on)
+        ops = [n.op_type for n in onnx.load(str(static)).graph.node]
+        assert ops.count("Sum") >= 2 * (steps - 1) and ops.count("Cast") <= 2 * 2
+
+
+def _subtract_reset_scan(threshold: np.ndarray, steps: int, shape: tuple) -> onnx.ModelProto:
+    """One layer of snnTorch's step as the exact ``Scan`` runs it: ``v = (decay * v + x) - r``,
+    ``r = Cast(v > threshold) [* threshold]`` carried to the next step, spikes stacked."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    f = TensorProto.FLOAT
+    identity = bool(np.all(threshold == 1.0))
+    body = [helper.make_node("Mul", ["decay", "v"], ["m"]), helper.make_node("Add", ["m", "x"], ["a"]),
+            helper.make_node("Sub", ["a", "r"], ["v_next"]), helper.make_node("Greater", ["v_next", "th"], ["test"]),
+            helper.make_node("Cast", ["test"], ["fired"], to=f)]
+    body.append(helper.make_node("Identity" if identity else "Mul", ["fired"] if identity else ["fired", "th"], ["r_next"]))
+    body += [helper.make_node("Identity", ["fired"], ["spike"]), helper.make_node("Identity", ["v_next"], ["v_out"])]
+    value = lambda name: helper.make_tensor_value_info(name, f, None)  # noqa: E731
+    step = helper.make_graph(body, "step", [value("v"), value("r"), value("x")], [value(n) for n in ("v_next", "r_next", "spike", "v_out")])
+    outer = [helper.make_node("Greater", ["v0", "th"], ["test0"]), helper.make_node("Cast", ["test0"], ["fired0"], to=f)]
+    outer.append(helper.make_node("Identity" if identity else "Mul", ["fired0"] if identity else ["fired0", "th"], ["r0"]))
+    outer.append(helper.make_node("Scan", ["v0", "r0", "X"], ["v_last", "r_last", "spikes", "membrane"], num_scan_inputs=1, body=step))
+    constants = [numpy_helper.from_array(np.array(0.95, np.float32), "decay"), numpy_helper.from_array(threshold.astype(np.float32), "th"),
+                 numpy_helper.from_array(np.array([[1.5, -0.0, 0.5, np.nan]] * shape[0], np.float32)[:, : shape[1]], "v0")]
+    graph = helper.make_graph(outer, "layer", [helper.make_tensor_value_info("X", f, [steps, *shape])],
+                              [value("spikes"), value("membrane")], constants)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
+@pytest.mark.parametrize("threshold", [np.array(1.0), np.array(0.75), np.array(-0.5), np.array([1.0, -0.0, 0.25, np.inf])],
+                         ids=["one", "0.75", "negative", "per-neuron"])
+def test_subtract_resets_fold_into_sums_with_the_same_bits(threshold):
+    """``(m + x) - r`` as ``Sum(m, x, Where(test, -threshold, -(0 * threshold)))`` gives the same
+    bits as the scan: -0 and +0 membranes (a negative threshold makes ``0 * threshold`` -0),
+    infinities, NaN and huge values included; the spikes are cast once after stacking."""
+    steps, shape = 40, (3, 4)
+    scan = _subtract_reset_scan(threshold, steps, shape)
+    folded = unroll_scans(onnx.ModelProto.FromString(scan.SerializeToString()))
+    assert sum_subtract_resets(folded) == steps  # every step, the first one's initial reset included
+    ops = [n.op_type for n in folded.graph.node]
+    assert "Sub" not in ops and ops.count("Cast") == 2  # the initial test's and the stacked spikes'
+    x = np.random.default_rng(0).normal(0.3, 0.8, (steps, *shape)).astype(np.float32)
+    x[:2, :, 1] = -0.0  # with v0's -0: zero membranes
+    x[3] = -0.0
+    x[5, 0] = [np.inf, -np.inf, np.nan, 1e38]
+    x[6, 1] = [-1e38, 1e-40, -1e-40, 0.0]
+    x[9:12, 2] = -0.0
+    want = make_session(scan.SerializeToString(), "cpu").run(None, {"X": x})
+    got = make_session(folded.SerializeToString(), "cpu").run(None, {"X": x})
+    for w, g in zip(want, got):  # bit for bit (signed zeros included); NaN payloads may differ
+        same_bits = np.array_equal(w.view(np.uint32), g.view(np.uint32))
+        assert same_bits or (np.array_equal(w, g, equal_nan=True) and np.array_equal(np.signbit(w), np.signbit(g)))
+    assert want[0].sum() > 0 and (bool((want[1] == 0).any()) or bool((threshold < 0).any()))
 
 
 def test_probabilistic_reset_builds_up_to_256_steps(convert, tmp_path):
