@@ -21,10 +21,10 @@ bound to fixed device buffers (IOBinding).
 3. every ``Scan`` is unrolled over T (:func:`unroll_scans`): step t's copy of the body
    reads slice t of the scan input and the states of step t-1, the same nodes in the same
    order as the scan ran them, so membranes and spikes are bit-identical;
-4. a subtract reset from a spike tested on the stored membrane (snnTorch's), ``v = (m + x)
-   - r`` with ``r = spike * threshold``, becomes ``Sum(m, x, Where(test, -threshold, -(0 *
-   threshold)))`` and the spikes are cast to float once after stacking
-   (:func:`sum_subtract_resets`): four kernels a step instead of five, the same floats.
+4. arithmetic on a spike's two values folds into one ``Where`` a step, and snnTorch's
+   subtract reset ``(m + x) - spike * threshold`` into one ``Sum``; the spikes are cast to
+   float once after stacking (:func:`fold_spike_arithmetic`): the same floats, a kernel or
+   two fewer a step.
 
 A probabilistic reset (``--reset psu|stochastic``, the PSU modules) writes its first
 doubling levels as plain nodes and loops over further levels only past T = 256: its
@@ -70,7 +70,7 @@ def static_build(model: onnx.ModelProto, input_shape: tuple[int, ...], layer_out
         model = onnxscript.optimizer.optimize(model)
     model = unroll_scans(model)
     del model.graph.output[len(own_outputs):]
-    sum_subtract_resets(model, keep=set(layer_outputs.values()))
+    fold_spike_arithmetic(model, keep=set(layer_outputs.values()))
     model = with_static_output_shapes(model)
     left = sorted({n.op_type for n in walk_nodes(model.graph) if n.op_type in CONTROL_FLOW})
     if left == ["Loop"]:
@@ -215,31 +215,35 @@ def _concat(values: list[str], output: str) -> list[onnx.NodeProto]:
     return nodes + _concat(parts, output)
 
 
-def sum_subtract_resets(model: onnx.ModelProto, keep: set[str] = frozenset()) -> int:
-    """Fold each subtract reset ``v = (m + x) - r`` of an unrolled step into one ``Sum``; in place.
+def fold_spike_arithmetic(model: onnx.ModelProto, keep: set[str] = frozenset()) -> int:
+    """Fewer kernels for the arithmetic on spikes in an unrolled graph, the same bits; in place.
 
-    ``r`` is ``Cast(test)`` or ``Cast(test) * threshold`` for a boolean spike test; IEEE
-    defines ``a - r`` as ``a + (-r)``, and ``-r`` is ``Where(test, -threshold, -(0 *
-    threshold))`` (-1 / -0 for a threshold of 1), so ``Sum(m, x, -r)``, which onnxruntime
-    adds left to right (CPU, and one CUDA kernel for inputs of one shape), gives the bits of
-    ``Sub(Add(m, x), r)``.  Only where ``m + x`` has no other reader and ``m``, ``x`` and the
-    test have the step's shape.  The casts then left only for the stacked spike outputs are
-    moved after the ``Concat`` (one cast per stack instead of one per step) unless the value
-    is in ``keep`` or a graph output.  On an H200 under a CUDA graph a step went from five
-    kernels to four (one layer, T = 64: 0.86-0.91x the time); on the CPU the ``Scan`` keeps
-    ``Sub`` (its ``Sum`` and ``Where`` are slower there), so this is a static-build pass.
-    Returns how many resets were folded.
+    A float cast of a boolean test ``Cast(test)`` takes two values, 1 and 0, and so does
+    any elementwise ``Add``/``Sub``/``Mul``/``Div`` of it with a constant: the pass carries
+    such a value as a select ``(test, value if true, value if false)``, both arms computed
+    by numpy in float32 (the same IEEE operation on the same operands), and writes one
+    ``Where(test, ...)`` where a non-constant operation reads it: SpikingJelly's hard reset
+    ``(1 - spike) * h`` becomes ``Where(test, +0, 1) * h``, one kernel instead of a cast and
+    a subtraction.  A subtract reset ``(m + x) - select`` (snnTorch's ``- spike *
+    threshold``) becomes ``Sum(m, x, Where(test, -a, -b))``: IEEE defines ``y - r`` as
+    ``y + (-r)``, and onnxruntime's ``Sum`` adds left to right (one CUDA kernel for inputs
+    of one shape); only where ``m + x`` has no other reader and the three have one shape.
+    The casts then read only by stacked outputs move after the ``Concat``.  snnTorch's step
+    goes from five kernels to four (``Mul``, ``Sum``, ``Greater``, ``Where``): on an H200
+    under a CUDA graph the reference MLP at T = 64 took 0.746 against 0.857 ms.  On the CPU
+    the ``Scan`` keeps its arithmetic (its ``Sum`` / ``Where`` body measured 1.1-1.4x
+    slower there), so this is a static-build pass.  ``keep``: values to leave in place
+    (graph outputs are kept too).  Returns how many operations were folded.
     """
     graph = model.graph
     inferred = onnx.shape_inference.infer_shapes(model, data_prop=True).graph
     types = {v.name: v.type.tensor_type for v in list(inferred.value_info) + list(inferred.input) + list(inferred.output)}
-    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, list] = {}
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    protected = set(keep) | {o.name for o in graph.output}
+    readers: dict[str, int] = {}
     for n in graph.node:
         for i in n.input:
-            readers.setdefault(i, []).append(n)
-    protected = set(keep) | {o.name for o in graph.output}
+            readers[i] = readers.get(i, 0) + 1
 
     def shape(name):
         t = types.get(name)
@@ -247,56 +251,78 @@ def sum_subtract_resets(model: onnx.ModelProto, keep: set[str] = frozenset()) ->
             return None
         return tuple(d.dim_value for d in t.shape.dim)
 
-    def spike_test(name):  # the boolean test a float cast reads, or None
-        cast = producer.get(_through_identities(name, producer))
-        if cast is None or cast.op_type != "Cast" or types.get(cast.input[0], None) is None:
-            return None
-        to = next(helper.get_attribute_value(a) for a in cast.attribute if a.name == "to")
-        is_bool = types[cast.input[0]].elem_type == onnx.TensorProto.BOOL
-        return cast.input[0] if to == onnx.TensorProto.FLOAT and is_bool else None
+    def is_bool(name):
+        return name in types and types[name].elem_type == onnx.TensorProto.BOOL
 
-    def negated_reset(r):  # (test, -threshold, -(0 * threshold)) for r = Cast(test) [* threshold]
-        test = spike_test(r)
-        if test is not None:
-            return test, np.array(1.0, np.float32)
-        mul = producer.get(_through_identities(r, producer))
-        if mul is None or mul.op_type != "Mul":
-            return None
-        for cast_out, other in (mul.input, mul.input[::-1]):
-            test = spike_test(cast_out)
-            if test is not None and other in constants and constants[other].dtype == np.float32:
-                return test, constants[other]
-        return None
+    producer = {o: n for n in graph.node for o in n.output}
+    selects: dict[str, tuple[str, np.ndarray, np.ndarray]] = {}  # value -> (test, if true, if false)
+    folded: set[str] = set()  # select values whose node was dropped: a reader needs their Where
+    arms: dict[tuple, str] = {}  # initializers of the arms, by value
+    nodes, dropped, folds = [], set(), 0
 
-    replacements, negations = {}, {}  # negations: (-threshold, -(0 * threshold)) initializers by value
-    for sub in graph.node:
-        if sub.op_type != "Sub" or sub.output[0] in protected:
+    def constant(value: np.ndarray) -> str:
+        key = (value.shape, value.tobytes())
+        if key not in arms:
+            arms[key] = f"spike_select{len(arms)}"
+            graph.initializer.append(numpy_helper.from_array(value, arms[key]))
+        return arms[key]
+
+    def where(select, output):
+        test, when_true, when_false = select
+        return helper.make_node("Where", [test, constant(when_true), constant(when_false)], [output])
+
+    def summable(sub, select):  # Sub(Add(m, x), select) that one Sum can take
+        add, step = producer.get(sub.input[0]), shape(sub.output[0])
+        return (add is not None and add.op_type == "Add" and id(add) not in dropped and sub.input[0] not in folded
+                and readers[sub.input[0]] == 1 and sub.input[0] not in protected and step is not None
+                and shape(add.input[0]) == shape(add.input[1]) == shape(select[0]) == step
+                and np.broadcast_shapes(step, select[1].shape, select[2].shape) == step)
+
+    for n in graph.node:
+        ins, out = list(n.input), n.output[0]
+        if n.op_type == "Cast" and is_bool(ins[0]) and _attribute(n, "to") == onnx.TensorProto.FLOAT:
+            selects[out] = (ins[0], np.array(1.0, np.float32), np.array(0.0, np.float32))
+        elif n.op_type == "Identity" and ins[0] in selects and out not in protected:
+            selects[out] = selects[ins[0]]
+            if ins[0] in folded:
+                folded.add(out)
+                continue
+        elif n.op_type in _ARITHMETIC and out not in protected and [i in selects for i in ins].count(True) == 1 \
+                and any(i in constants for i in ins):
+            on_left = ins[0] in selects
+            test, when_true, when_false = selects[ins[0] if on_left else ins[1]]
+            c = constants[ins[1] if on_left else ins[0]]
+            with np.errstate(all="ignore"):
+                values = [_ARITHMETIC[n.op_type](*((v, c) if on_left else (c, v))).astype(np.float32) for v in (when_true, when_false)]
+            selects[out] = (test, *values)
+            folded.add(out)
+            folds += 1
             continue
-        add = producer.get(sub.input[0])
-        found = negated_reset(sub.input[1])
-        if add is None or add.op_type != "Add" or found is None or len(readers[add.output[0]]) != 1 or add.output[0] in protected:
+        elif n.op_type == "Sub" and ins[1] in selects and out not in protected and summable(n, selects[ins[1]]):
+            add = producer[ins[0]]
+            test, when_true, when_false = selects[ins[1]]
+            dropped.add(id(add))
+            nodes += [where((test, -when_true, -when_false), out + "_negated"),
+                      helper.make_node("Sum", [add.input[0], add.input[1], out + "_negated"], [out])]
+            folds += 1
             continue
-        test, threshold = found
-        step = shape(sub.output[0])
-        if step is None or not (shape(add.input[0]) == shape(add.input[1]) == shape(test) == step) \
-                or np.broadcast_shapes(threshold.shape, step) != step:
-            continue
-        key = (threshold.shape, threshold.tobytes())
-        if key not in negations:
-            negations[key] = f"sum_reset{len(negations)}_spike", f"sum_reset{len(negations)}_none"
-            graph.initializer.extend([
-                numpy_helper.from_array(np.negative(threshold).astype(np.float32), negations[key][0]),
-                numpy_helper.from_array(np.negative(np.float32(0.0) * threshold).astype(np.float32), negations[key][1])])
-        when_spike, otherwise = negations[key]
-        negated = f"{sub.output[0]}_negated_reset"
-        replacements[id(sub)] = [helper.make_node("Where", [test, when_spike, otherwise], [negated]),
-                                 helper.make_node("Sum", [add.input[0], add.input[1], negated], [sub.output[0]])]
-        replacements[id(add)] = []
-    nodes = [m for n in graph.node for m in replacements.get(id(n), [n])]
-    is_bool = lambda name: name in types and types[name].elem_type == onnx.TensorProto.BOOL  # noqa: E731
+        for i in ins:  # a select that a kept node reads: its Where, once
+            if i in folded:
+                nodes.append(where(selects[i], i))
+                folded.discard(i)
+        nodes.append(n)
+    nodes = [n for n in nodes if id(n) not in dropped]
     del graph.node[:]
     graph.node.extend(_cast_after_stacking(nodes, is_bool, protected))
-    return sum(1 for r in replacements.values() if r)
+    return folds
+
+
+def _attribute(node: onnx.NodeProto, name: str):
+    return next(helper.get_attribute_value(a) for a in node.attribute if a.name == name)
+
+
+#: elementwise operations folded over the two values of a select (numpy, float32)
+_ARITHMETIC = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}
 
 
 def _cast_after_stacking(nodes: list[onnx.NodeProto], is_bool, protected: set[str]) -> list[onnx.NodeProto]:
