@@ -41,6 +41,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import CaptureError, UsageError
+from .ops.linear import without_dead_nodes
 from .ops.registry import walk_nodes
 
 #: the CUDA provider's Concat takes at most this many inputs while a CUDA graph is captured
@@ -356,7 +357,7 @@ def _cast_after_stacking(nodes: list[onnx.NodeProto], is_bool, protected: set[st
         stacked.input[:] = [u.output[0] for u in ups]
         stacked.output[0] = n.output[0] + "_tests"
         result += [stacked, helper.make_node("Cast", [stacked.output[0]], [n.output[0]], to=onnx.TensorProto.FLOAT)]
-    return _without_unread(result, protected)
+    return without_dead_nodes(result, protected)
 
 
 def _through_identities(name: str, producer: dict) -> str:
@@ -364,13 +365,3 @@ def _through_identities(name: str, producer: dict) -> str:
     while name in producer and producer[name].op_type == "Identity":
         name = producer[name].input[0]
     return name
-
-
-def _without_unread(nodes: list[onnx.NodeProto], keep: set[str]) -> list[onnx.NodeProto]:
-    """``nodes`` less those whose outputs nobody reads (nor ``keep`` names), transitively."""
-    needed, live = set(keep), []
-    for n in reversed(nodes):
-        if any(o in needed for o in n.output):
-            live.append(n)
-            needed.update(n.input)
-    return live[::-1]

@@ -359,7 +359,7 @@ def carry_state_functions(fn: onnx.FunctionProto) -> onnx.FunctionProto:
     carry_in = {value: f"carry_{value}" for value in carried}
     carried_next = {mapping[c] for c in carried}
     nodes = [_copy_with(n, input=[carry_in.get(i, i) for i in n.input]) for n in body.node]
-    nodes = _without_dead_nodes(nodes, set(outputs) | carried_next)
+    nodes = without_dead_nodes(nodes, set(outputs) | carried_next)
     # a next value that is also a per-step output (the spike, with no scale to multiply by)
     # is returned per step through a copy: a name is either a state or a per-step output;
     # recompute_sequence_identities later replaces the copy
@@ -380,7 +380,7 @@ def carry_state_functions(fn: onnx.FunctionProto) -> onnx.FunctionProto:
         new = _copy_with(n, input=[initial.get(i, i) for i in n.input])
         initial[n.output[0]] = new.output[0] = f"carry_init_{n.output[0]}"
         before.append(new)
-    before = _without_dead_nodes(before, {initial[c] for c in carried})
+    before = without_dead_nodes(before, {initial[c] for c in carried})
     scan_inputs = list(scan.input[:n_state]) + [initial[c] for c in carried] + list(scan.input[n_state:])
     scan_outputs = list(scan.output[:n_state]) + [f"carry_last_{c}" for c in carried] + list(scan.output[n_state:])
     new_scan = helper.make_node("Scan", scan_inputs, scan_outputs, num_scan_inputs=n_scan_in, body=graph)
@@ -397,7 +397,7 @@ def _reads(node: onnx.NodeProto) -> set[str]:
     return names
 
 
-def _without_dead_nodes(nodes: list[onnx.NodeProto], needed: set[str]) -> list[onnx.NodeProto]:
+def without_dead_nodes(nodes: list[onnx.NodeProto], needed: set[str]) -> list[onnx.NodeProto]:
     """``nodes`` less those whose outputs nothing in ``needed`` (transitively) reads."""
     live, keep = set(needed), []
     for n in reversed(nodes):
@@ -441,7 +441,7 @@ def _graph_keeping(graph: onnx.GraphProto, keep: list[int], n_state: int = 0) ->
 
 def _prune_nodes(nodes: list[onnx.NodeProto], needed: set[str]) -> list[onnx.NodeProto]:
     """Dead-node removal that also drops unread ``Scan`` per-step outputs and ``If`` outputs."""
-    nodes = _without_dead_nodes(nodes, needed)
+    nodes = without_dead_nodes(nodes, needed)
     read = set(needed).union(*(_reads(n) for n in nodes))
     pruned = []
     for n in nodes:
@@ -460,7 +460,7 @@ def _prune_nodes(nodes: list[onnx.NodeProto], needed: set[str]) -> list[onnx.Nod
                                      then_branch=_graph_keeping(attrs["then_branch"].g, keep),
                                      else_branch=_graph_keeping(attrs["else_branch"].g, keep))
         pruned.append(n)
-    return _without_dead_nodes(pruned, needed)
+    return without_dead_nodes(pruned, needed)
 
 
 def keep_outputs(fn: onnx.FunctionProto, count: int) -> onnx.FunctionProto:
