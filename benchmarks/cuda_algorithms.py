@@ -8,8 +8,9 @@ This experiment times, at a fixed T, on device buffers (IOBinding, TF32 off):
 - ``naive``: the unrolled ``torch.onnx.export`` of the original;
 - ``scan``: psu-export's exact file (time-folded layers, one ``Scan`` per neuron layer);
 - ``unrolled``: the same file with every ``Scan`` unrolled over T, as ``convert --cuda-graph``
-  builds it (:func:`psu_export.cuda_graph.static_build`; the same nodes in the same order,
-  so the same floats: checked bit for bit against ``scan``);
+  builds it (:func:`psu_export.cuda_graph.static_build`: the same operations in the same
+  order, the spike arithmetic folded exactly, so the same floats: checked bit for bit
+  against ``scan``);
 - ``psu``: the time-parallel PSU reset mode (an approximation, for comparison);
 - each of them again under a CUDA graph (``enable_cuda_graph``: one graph launch replaces
   the per-node kernel launches; onnxruntime refuses it for graphs with control flow).
