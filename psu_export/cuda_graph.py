@@ -34,6 +34,7 @@ idle ``Loop`` is dropped (:func:`_drop_idle_loops`); a longer T is refused.
 
 from __future__ import annotations
 
+import collections
 import json
 
 import numpy as np
@@ -241,10 +242,7 @@ def fold_spike_arithmetic(model: onnx.ModelProto, keep: set[str] = frozenset()) 
     types = {v.name: v.type.tensor_type for v in list(inferred.value_info) + list(inferred.input) + list(inferred.output)}
     constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
     protected = set(keep) | {o.name for o in graph.output}
-    readers: dict[str, int] = {}
-    for n in graph.node:
-        for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
+    readers = _reader_counts(graph.node)
 
     def shape(name):
         t = types.get(name)
@@ -331,10 +329,7 @@ def _cast_after_stacking(nodes: list[onnx.NodeProto], is_bool, protected: set[st
     ``Cast(Concat(Unsqueeze(test_t)))`` (a cast commutes with moving values); the per-step
     casts nobody reads any more are dropped."""
     producer = {o: n for n in nodes for o in n.output}
-    readers: dict[str, int] = {}
-    for n in nodes:
-        for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
+    readers = _reader_counts(nodes)
 
     def cast_of_bool(unsqueeze):  # the Cast under an Unsqueeze read only by the Concat, or None
         if unsqueeze is None or unsqueeze.op_type != "Unsqueeze" or readers[unsqueeze.output[0]] != 1:
@@ -358,6 +353,11 @@ def _cast_after_stacking(nodes: list[onnx.NodeProto], is_bool, protected: set[st
         stacked.output[0] = n.output[0] + "_tests"
         result += [stacked, helper.make_node("Cast", [stacked.output[0]], [n.output[0]], to=onnx.TensorProto.FLOAT)]
     return without_dead_nodes(result, protected)
+
+
+def _reader_counts(nodes) -> dict[str, int]:
+    """How many node inputs read each value."""
+    return collections.Counter(i for n in nodes for i in n.input)
 
 
 def _through_identities(name: str, producer: dict) -> str:
