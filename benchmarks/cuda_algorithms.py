@@ -10,7 +10,8 @@ This experiment times, at a fixed T, on device buffers (IOBinding, TF32 off):
 - ``unrolled``: the same file with every ``Scan`` unrolled over T, as ``convert --cuda-graph``
   builds it (:func:`psu_export.cuda_graph.static_build`: the same operations in the same
   order, the spike arithmetic folded exactly, so the same floats: checked bit for bit
-  against ``scan``);
+  against ``scan``); chained layers run in waves (:mod:`psu_export.wavefront`);
+- ``unrolled-layers``: the same without the waves, the layers one after the other;
 - ``psu``: the time-parallel PSU reset mode (an approximation, for comparison);
 - each of them again under a CUDA graph (``enable_cuda_graph``: one graph launch replaces
   the per-node kernel launches; onnxruntime refuses it for graphs with control flow).
@@ -77,6 +78,7 @@ def run(folder: Path, steps: int, batches, rounds: int, out: Path, provider: str
             x = (np.random.default_rng(0).random((steps, batch, *shape)) < 0.3).astype(np.float32)
             models = {v: onnx.load(folder / f"{key}_{v}_T{steps}.onnx") for v in ("naive", "scan", "psu")}
             models["unrolled"] = static_build(models["scan"], x.shape, {})
+            models["unrolled-layers"] = static_build(models["scan"], x.shape, {}, waves=False)
             runners, load_s, errors = {}, {}, {}
             for variant, model in models.items():
                 for graph in (False, True) if provider == "cuda" else (False,):
@@ -101,7 +103,7 @@ def run(folder: Path, steps: int, batches, rounds: int, out: Path, provider: str
             for name, r in runners.items():
                 ms = float(np.median(times[name])) * 1e3
                 same = None
-                if reference is not None and name.split(" ")[0] in ("scan", "unrolled"):
+                if reference is not None and name.split(" ")[0] in ("scan", "unrolled", "unrolled-layers"):
                     same = all(np.array_equal(a, b) for a, b in zip(reference, results[name]))
                 rows.append({"model": key, "T": steps, "batch": batch, "variant": name, "ms": round(ms, 4),
                              "speedup_vs_naive": round(naive_ms / ms, 2) if naive_ms else None,

@@ -18,10 +18,13 @@ bound to fixed device buffers (IOBinding).
    folded too, computed by numpy instead of onnxruntime, so a reset-free layer's membrane
    may differ in the last bit, and a spike only at a float tie with the threshold, which
    verify reports);
-3. every ``Scan`` is unrolled over T (:func:`unroll_scans`): step t's copy of the body
+3. chained layers with the same step run in waves (:mod:`psu_export.wavefront`): their
+   steps of different time chunks share kernels, ``T + (D - 1) C`` steps for ``D``
+   layers instead of ``D T``, each neuron computing what it computed before;
+4. every ``Scan`` is unrolled over T (:func:`unroll_scans`): step t's copy of the body
    reads slice t of the scan input and the states of step t-1, the same nodes in the same
    order as the scan ran them, so membranes and spikes are bit-identical;
-4. arithmetic on a spike's two values folds into one ``Where`` a step, and snnTorch's
+5. arithmetic on a spike's two values folds into one ``Where`` a step, and snnTorch's
    subtract reset ``(m + x) - spike * threshold`` into one ``Sum``; the spikes are cast to
    float once after stacking (:func:`fold_spike_arithmetic`): the same floats, a kernel or
    two fewer a step.
@@ -44,6 +47,7 @@ from onnx import helper, numpy_helper
 from .errors import CaptureError, UsageError
 from .ops.linear import without_dead_nodes
 from .ops.registry import walk_nodes
+from .wavefront import pipeline_scan_chains
 
 #: the CUDA provider's Concat takes at most this many inputs while a CUDA graph is captured
 CONCAT_MAX_INPUTS = 32
@@ -53,12 +57,13 @@ CONTROL_FLOW = ("Scan", "Loop", "If")
 STATIC_KEY, LAYER_OUTPUTS_KEY = "psu_export.cuda_graph", "psu_export.layer_outputs"
 
 
-def static_build(model: onnx.ModelProto, input_shape: tuple[int, ...], layer_outputs: dict[str, str]) -> onnx.ModelProto:
+def static_build(model: onnx.ModelProto, input_shape: tuple[int, ...], layer_outputs: dict[str, str], waves: bool = True) -> onnx.ModelProto:
     """``model`` (one input, as :func:`psu_export.emit.export_onnx` writes it) with the input
     fixed to ``input_shape``, functions inlined and every ``Scan`` unrolled (module docstring).
 
     ``layer_outputs`` (``{layer: spike value}``) are kept as values of the result and
-    recorded in its metadata (:data:`LAYER_OUTPUTS_KEY`) for per-layer parity.
+    recorded in its metadata (:data:`LAYER_OUTPUTS_KEY`) for per-layer parity.  ``waves``
+    False keeps chained layers one after the other (for comparison: module docstring, 3).
     """
     import onnxscript.optimizer
 
@@ -70,6 +75,10 @@ def static_build(model: onnx.ModelProto, input_shape: tuple[int, ...], layer_out
     model = onnxscript.optimizer.optimize(model)
     while _drop_idle_loops(model.graph):  # shapes after a dropped Loop may fold the next one's condition
         model = onnxscript.optimizer.optimize(model)
+    if _fold_static_shapes(model):
+        model = onnxscript.optimizer.optimize(model)
+    if waves:
+        pipeline_scan_chains(model)
     model = unroll_scans(model)
     del model.graph.output[len(own_outputs):]
     fold_spike_arithmetic(model, keep=set(layer_outputs.values()))
@@ -112,6 +121,26 @@ def with_input_shape(model: onnx.ModelProto, shape: tuple[int, ...]) -> onnx.Mod
         d.Clear()
         d.dim_value = int(size)
     return copy
+
+
+def _fold_static_shapes(model: onnx.ModelProto) -> int:
+    """Replace each ``Shape`` of a value whose shape inference finds static by its constant;
+    in place.  Returns how many were replaced (the optimizer leaves those behind a ``Scan``)."""
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    shapes = {}
+    for v in list(inferred.value_info) + list(inferred.input):
+        dims = v.type.tensor_type.shape.dim
+        if v.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
+            shapes[v.name] = [d.dim_value for d in dims]
+    folded = 0
+    for k, node in enumerate(model.graph.node):
+        if node.op_type == "Shape" and node.input[0] in shapes:
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            dims = shapes[node.input[0]][attrs.get("start", 0):attrs.get("end")]
+            model.graph.node[k].CopyFrom(helper.make_node(
+                "Constant", [], list(node.output), value=numpy_helper.from_array(np.array(dims, np.int64))))
+            folded += 1
+    return folded
 
 
 def _drop_idle_loops(graph: onnx.GraphProto) -> int:
@@ -200,21 +229,21 @@ def unroll_scans(model: onnx.ModelProto) -> onnx.ModelProto:
         nodes += [helper.make_node("Identity", [s], [o]) for s, o in zip(states, node.output[:n_state]) if o]
         for values, output in zip(stacked, node.output[n_state:]):
             if output:
-                nodes += _concat(values, output)
+                nodes += concat_tree(values, output)
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.value_info[:]
     return model
 
 
-def _concat(values: list[str], output: str) -> list[onnx.NodeProto]:
+def concat_tree(values: list[str], output: str) -> list[onnx.NodeProto]:
     """Nodes concatenating ``values`` on axis 0 into ``output``, none wider than the limit."""
     if len(values) <= CONCAT_MAX_INPUTS:
         return [helper.make_node("Concat", values, [output], axis=0)]
     groups = [values[i:i + CONCAT_MAX_INPUTS] for i in range(0, len(values), CONCAT_MAX_INPUTS)]
     parts = [f"{output}_part{k}" for k in range(len(groups))]
     nodes = [helper.make_node("Concat", g, [p], axis=0) for g, p in zip(groups, parts)]
-    return nodes + _concat(parts, output)
+    return nodes + concat_tree(parts, output)
 
 
 def fold_spike_arithmetic(model: onnx.ModelProto, keep: set[str] = frozenset()) -> int:

@@ -40,9 +40,64 @@ def test_static_build_matches_the_default_build(convert, tmp_path, spec, steps, 
     x = _x(steps, 3)
     assert_static_build_matches(path, static, x, same_floats=algorithm == "scan")
     assert run_onnx(static, x)[0].sum() > 0, "the test input should make the network fire"
-    if algorithm == "scan":  # snnTorch's subtract reset: a Sum a step (fold_spike_arithmetic; the initial reset may fold away)
+    if algorithm == "scan":
         ops = [n.op_type for n in onnx.load(str(static)).graph.node]
-        assert ops.count("Sum") >= 2 * (steps - 1) and ops.count("Cast") <= 2 * 2
+        # the two layers' steps run in waves of 10 (psu_export.wavefront): T + 10 steps, not 2 T
+        assert ops.count("Greater") == steps + 10
+        # snnTorch's subtract reset: a Sum a step (fold_spike_arithmetic), but where a
+        # layer starts and where the waves' states are concatenated or split; no per-step Cast
+        assert ops.count("Sum") == ops.count("Greater") - 3 and ops.count("Cast") < steps // 4
+
+
+class _ThreeLayers(torch.nn.Module):
+    """A 64-48-32-10 snnTorch net whose layers decay and fire at different values."""
+
+    def __init__(self, steps: int):
+        import snntorch as snn
+
+        super().__init__()
+        torch.manual_seed(0)
+        self.steps = steps
+        self.fc = torch.nn.ModuleList(torch.nn.Linear(a, b) for a, b in [(64, 48), (48, 32), (32, 10)])
+        self.lif = torch.nn.ModuleList(snn.Leaky(beta=b, threshold=t) for b, t in [(0.9, 0.5), (0.8, 0.75), (0.95, 0.25)])
+        for fc in self.fc:  # strong enough for every layer to fire
+            torch.nn.init.uniform_(fc.weight, -2 / fc.in_features**0.5, 2 / fc.in_features**0.5)
+            torch.nn.init.uniform_(fc.bias, 0.0, 0.2)
+
+    def forward(self, x):
+        mems = [lif.init_leaky() for lif in self.lif]
+        out = []
+        for t in range(self.steps):
+            h = x[t]
+            for k, (fc, lif) in enumerate(zip(self.fc, self.lif)):
+                h, mems[k] = lif(fc(h), mems[k])
+            out.append(h)
+        return torch.stack(out)
+
+
+def test_chained_layers_run_in_waves_with_the_same_bits(tmp_path):
+    """Three chained layers with their own decays and thresholds (one value per neuron in
+    the merged step) take ``T + 2 C`` steps in the static build, not ``3 T``, with the
+    default build's floats; a segment that is not row-wise in time (the reference conv
+    net's convolutions) keeps its layers one after the other."""
+    from psu_export.pipeline import prepare
+
+    steps = 48
+    conversion = prepare(_ThreeLayers(steps), input_shape=(64,), time_steps=steps)
+    path, static = tmp_path / "model.onnx", tmp_path / "static.onnx"
+    conversion.export(path)
+    conversion.export(static, batch=2, cuda_graph=True)
+    x = _x(steps, 2)
+    assert_static_build_matches(path, static, x)
+    rate = float(run_onnx(static, x)[0].mean())
+    assert 0 < rate < 1, f"the output layer should fire, not always (rate {rate})"
+    ops = [n.op_type for n in onnx.load(str(static)).graph.node]
+    assert ops.count("Greater") == steps + 2 * 6  # chunks of 6 steps
+
+    conv, conv_path = prepare("psu_export.models.ref_convnet:make_net", input_shape=(1, 28, 28), time_steps=12), tmp_path / "conv.onnx"
+    conv.export(conv_path, batch=1, cuda_graph=True)
+    conv_ops = [n.op_type for n in onnx.load(str(conv_path)).graph.node]
+    assert conv_ops.count("Greater") == 12 * len(conv.sites)
 
 
 def _reset_scan(reset: str, threshold: np.ndarray, steps: int, shape: tuple) -> onnx.ModelProto:

@@ -387,12 +387,12 @@ def carry_state_functions(fn: onnx.FunctionProto) -> onnx.FunctionProto:
     return _with_scan_replaced(fn, scan, before + [new_scan])
 
 
-def _reads(node: onnx.NodeProto) -> set[str]:
+def node_reads(node: onnx.NodeProto) -> set[str]:
     """Names ``node`` reads: its inputs and, over-approximated, every name read in its subgraphs."""
     names = set(node.input)
     for attr in node.attribute:
         if attr.type == onnx.AttributeProto.GRAPH:
-            names.update(name for n in attr.g.node for name in _reads(n))
+            names.update(name for n in attr.g.node for name in node_reads(n))
             names.update(o.name for o in attr.g.output)
     return names
 
@@ -403,7 +403,7 @@ def without_dead_nodes(nodes: list[onnx.NodeProto], needed: set[str]) -> list[on
     for n in reversed(nodes):
         if any(o in live for o in n.output):
             keep.append(n)
-            live.update(_reads(n))
+            live.update(node_reads(n))
     return keep[::-1]
 
 
@@ -442,7 +442,7 @@ def _graph_keeping(graph: onnx.GraphProto, keep: list[int], n_state: int = 0) ->
 def _prune_nodes(nodes: list[onnx.NodeProto], needed: set[str]) -> list[onnx.NodeProto]:
     """Dead-node removal that also drops unread ``Scan`` per-step outputs and ``If`` outputs."""
     nodes = without_dead_nodes(nodes, needed)
-    read = set(needed).union(*(_reads(n) for n in nodes))
+    read = set(needed).union(*(node_reads(n) for n in nodes))
     pruned = []
     for n in nodes:
         attrs = {a.name: a for a in n.attribute}
@@ -490,9 +490,9 @@ def read_static_drive(fn: onnx.FunctionProto) -> onnx.FunctionProto | None:
     scan, body, n_scan_in, n_state = found
     if list(scan.input[n_state:]) != ["x"]:
         return None
-    readers = [n for n in fn.node if "x" in _reads(n)]
+    readers = [n for n in fn.node if "x" in node_reads(n)]
     step_shapes = [n for n in readers if n.op_type == "Shape" and {a.name: a.i for a in n.attribute} == {"start": 1}]
-    if any(n is not scan and n not in step_shapes for n in readers) or any("x" in _reads(n) for n in body.node):
+    if any(n is not scan and n not in step_shapes for n in readers) or any("x" in node_reads(n) for n in body.node):
         return None
     x_t = body.input[n_state].name
     b = OnnxBuilder("sd")
