@@ -26,6 +26,12 @@ PSU="python3 -m psu_export.cli"
 $PSU convert psu_export.models.digits:make_net --weights models/digits_snn.pt /tmp/digits_graph.onnx --time-steps 16 --input-shape 64 --cuda-graph --batch 4 --no-verify
 $PSU verify psu_export.models.digits:make_net --weights models/digits_snn.pt /tmp/digits_graph.onnx --time-steps 16 --provider all --report "$OUT/digits_cuda_graph_parity.json" | tail -4
 echo "exit digits --cuda-graph verify: ${PIPESTATUS[0]}"
+# the reference MLP's static build runs its two layers in waves (psu_export/wavefront.py): CUDA parity at T = 64
+for b in 1 32; do
+  $PSU convert psu_export.models.ref_mlp:make_net /tmp/mlp_graph_b$b.onnx --time-steps 64 --input-shape 784 --cuda-graph --batch $b --no-verify
+  $PSU verify psu_export.models.ref_mlp:make_net /tmp/mlp_graph_b$b.onnx --time-steps 64 --provider all --report "$OUT/mlp_cuda_graph_parity_b$b.json" | tail -2
+  echo "exit MLP --cuda-graph batch $b verify: ${PIPESTATUS[0]}"
+done
 # 2. the benchmark suite with the CUDA provider (includes the --cuda-graph build); GPU_BENCH=0 skips it
 stamp "suite"
 if [ "${GPU_BENCH:-1}" = 1 ]; then PYTHON=python3 OUT="$OUT/bench" bash benchmarks/gpu_check.sh; fi
