@@ -488,9 +488,9 @@ def _graph_runner(conversion, work: Path, steps: int, batch: int, feed, exports:
     path = work / f"psu_cuda_graph_T{steps}_B{batch}.onnx"
     t0 = time.perf_counter()
     with _quiet():
-        conversion.export(path, batch=batch, cuda_graph=True)
+        emitted = conversion.export(path, batch=batch, cuda_graph=True)
     exports.append({"variant": GRAPH_VARIANT, "time_steps": steps, "batch": batch, "export_s": round(time.perf_counter() - t0, 3),
-                    "file_bytes": file_size(path), "nodes": node_count(path)})
+                    "file_bytes": file_size(path), "nodes": node_count(path), "waves": emitted.waves})
     runner = GraphRunner(runtime.make_session(path, "cuda", cuda_graph=True), feed).warm_up()
     return lambda: runner.run(feed)
 
@@ -568,6 +568,9 @@ def markdown(results: list[dict]) -> str:
                 algos.setdefault((s["name"], s["algorithm"], s["reason"]), []).append(key.split("@", 1)[1])
         for (name, algo, reason), where in algos.items():
             lines.append(f"- `{name}`: {algo} ({', '.join(where)}): {reason}")
+        for e in r["exports"]:
+            if e.get("waves"):
+                lines.append(f"- `{GRAPH_VARIANT}` (T={e['time_steps']}, batch {e['batch']}): {'; '.join(e['waves'])}")
         lines.append("")
     return "\n".join(lines)
 

@@ -53,8 +53,8 @@ from .wavefront import pipeline_scan_chains
 CONCAT_MAX_INPUTS = 32
 #: ONNX operators with subgraphs: none may remain in a static build
 CONTROL_FLOW = ("Scan", "Loop", "If")
-#: metadata keys of a static build
-STATIC_KEY, LAYER_OUTPUTS_KEY = "psu_export.cuda_graph", "psu_export.layer_outputs"
+#: metadata keys of a static build (the last: the wave schedule, one line per chain of layers)
+STATIC_KEY, LAYER_OUTPUTS_KEY, WAVES_KEY = "psu_export.cuda_graph", "psu_export.layer_outputs", "psu_export.waves"
 
 
 def static_build(model: onnx.ModelProto, input_shape: tuple[int, ...], layer_outputs: dict[str, str], waves: bool = True) -> onnx.ModelProto:
@@ -62,8 +62,9 @@ def static_build(model: onnx.ModelProto, input_shape: tuple[int, ...], layer_out
     fixed to ``input_shape``, functions inlined and every ``Scan`` unrolled (module docstring).
 
     ``layer_outputs`` (``{layer: spike value}``) are kept as values of the result and
-    recorded in its metadata (:data:`LAYER_OUTPUTS_KEY`) for per-layer parity.  ``waves``
-    False keeps chained layers one after the other (for comparison: module docstring, 3).
+    recorded in its metadata (:data:`LAYER_OUTPUTS_KEY`) for per-layer parity; the wave
+    schedule is described in :data:`WAVES_KEY`.  ``waves`` False keeps chained layers one
+    after the other (for comparison: module docstring, 3).
     """
     import onnxscript.optimizer
 
@@ -77,8 +78,7 @@ def static_build(model: onnx.ModelProto, input_shape: tuple[int, ...], layer_out
         model = onnxscript.optimizer.optimize(model)
     if _fold_static_shapes(model):
         model = onnxscript.optimizer.optimize(model)
-    if waves:
-        pipeline_scan_chains(model)
+    schedule = pipeline_scan_chains(model) if waves else []
     model = unroll_scans(model)
     del model.graph.output[len(own_outputs):]
     fold_spike_arithmetic(model, keep=set(layer_outputs.values()))
@@ -90,8 +90,9 @@ def static_build(model: onnx.ModelProto, input_shape: tuple[int, ...], layer_out
                          "build for T <= 256 or convert with --reset exact.")
     if left:
         raise CaptureError(f"--cuda-graph: {', '.join(left)} remained in the static build; this is a psu-export limitation, please report it.")
-    entry = model.metadata_props.add()
-    entry.key, entry.value = LAYER_OUTPUTS_KEY, json.dumps(layer_outputs)
+    for key, value in ((LAYER_OUTPUTS_KEY, layer_outputs), (WAVES_KEY, schedule)):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
     return model
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
@@ -20,7 +20,7 @@ import torch
 
 from . import __version__
 from .errors import CaptureError, UsageError, one_line
-from .cuda_graph import STATIC_KEY, static_build
+from .cuda_graph import STATIC_KEY, WAVES_KEY, static_build
 from .ops import DOMAIN, attach_functions, layer_spike_outputs, translation_table
 from .rewrite import ParallelModel
 
@@ -37,6 +37,7 @@ class EmittedModel:
     psu_nodes: list[str]
     input_names: list[str]
     output_names: list[str]
+    waves: list[str] = field(default_factory=list)  # a static build's wave schedule (psu_export.wavefront)
 
 
 def metadata(model: ParallelModel, source: str, mode: str) -> dict[str, str]:
@@ -130,4 +131,5 @@ def export_onnx(model: ParallelModel, example: torch.Tensor, out_path: str | os.
         psu_nodes,
         [i.name for i in proto.graph.input],
         [o.name for o in proto.graph.output],
+        json.loads(next((e.value for e in proto.metadata_props if e.key == WAVES_KEY), "[]")),
     )

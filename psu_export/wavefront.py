@@ -111,7 +111,7 @@ def pipeline_scan_chains(model: onnx.ModelProto) -> list[str]:
     """Rewrite every chain of neuron ``Scan``s (module docstring) into waves; in place.
 
     ``model`` has a static input shape, and its ``Shape`` nodes are folded.  Returns one
-    line per chain rewritten: its layers, chunk length and steps.
+    line per chain rewritten: its layers' widths, chunk length and steps.
     """
     graph = model.graph
     inferred = onnx.shape_inference.infer_shapes(model).graph
@@ -147,8 +147,8 @@ def pipeline_scan_chains(model: onnx.ModelProto) -> list[str]:
         ordered = _topological([n for n in graph.node if id(n) not in drop] + nodes, graph)
         del graph.node[:]
         graph.node.extend(ordered)
-        reports.append(f"{' -> '.join(layer.scan.output[0] for layer in chain)}: {len(chain)} layers in waves of "
-                       f"{chunk} steps, {steps + (len(chain) - 1) * chunk} steps instead of {len(chain) * steps}")
+        reports.append(f"{len(chain)} chained layers ({', '.join(str(layer.lanes) for layer in chain)} neurons) in waves of "
+                       f"{chunk} steps: {steps + (len(chain) - 1) * chunk} steps instead of {len(chain) * steps}")
         context = _Context(graph, shapes)
     return reports
 

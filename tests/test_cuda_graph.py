@@ -86,7 +86,8 @@ def test_chained_layers_run_in_waves_with_the_same_bits(tmp_path):
     conversion = prepare(_ThreeLayers(steps), input_shape=(64,), time_steps=steps)
     path, static = tmp_path / "model.onnx", tmp_path / "static.onnx"
     conversion.export(path)
-    conversion.export(static, batch=2, cuda_graph=True)
+    emitted = conversion.export(static, batch=2, cuda_graph=True)
+    assert emitted.waves == ["3 chained layers (48, 32, 10 neurons) in waves of 6 steps: 60 steps instead of 144"]
     x = _x(steps, 2)
     assert_static_build_matches(path, static, x)
     rate = float(run_onnx(static, x)[0].mean())
@@ -95,7 +96,7 @@ def test_chained_layers_run_in_waves_with_the_same_bits(tmp_path):
     assert ops.count("Greater") == steps + 2 * 6  # chunks of 6 steps
 
     conv, conv_path = prepare("psu_export.models.ref_convnet:make_net", input_shape=(1, 28, 28), time_steps=12), tmp_path / "conv.onnx"
-    conv.export(conv_path, batch=1, cuda_graph=True)
+    assert conv.export(conv_path, batch=1, cuda_graph=True).waves == []
     conv_ops = [n.op_type for n in onnx.load(str(conv_path)).graph.node]
     assert conv_ops.count("Greater") == 12 * len(conv.sites)
 
