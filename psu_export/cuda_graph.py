@@ -9,7 +9,8 @@ but only for a graph without control flow, with static shapes, every node on the
 no ``Concat`` of more than :data:`CONCAT_MAX_INPUTS` inputs, and inputs and outputs
 bound to fixed device buffers (IOBinding).
 
-:func:`static_build` turns a converted model into such a graph, with the same floats:
+:func:`static_build` turns a converted model into such a graph, with the same floats on
+the CPU provider (on CUDA, step 3's chunked matrix products may round differently):
 
 1. the input's batch and time dimensions are fixed;
 2. the model-local ``psu`` functions are inlined and the shape computations folded
