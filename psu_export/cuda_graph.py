@@ -48,7 +48,7 @@ from onnx import helper, numpy_helper
 from .errors import CaptureError, UsageError
 from .ops.linear import without_dead_nodes
 from .ops.registry import walk_nodes
-from .wavefront import pipeline_scan_chains
+from .wavefront import pipeline_scan_chains, static_shapes
 
 #: the CUDA provider's Concat takes at most this many inputs while a CUDA graph is captured
 CONCAT_MAX_INPUTS = 32
@@ -128,17 +128,12 @@ def with_input_shape(model: onnx.ModelProto, shape: tuple[int, ...]) -> onnx.Mod
 def _fold_static_shapes(model: onnx.ModelProto) -> int:
     """Replace each ``Shape`` of a value whose shape inference finds static by its constant;
     in place.  Returns how many were replaced (the optimizer leaves those behind a ``Scan``)."""
-    inferred = onnx.shape_inference.infer_shapes(model).graph
-    shapes = {}
-    for v in list(inferred.value_info) + list(inferred.input):
-        dims = v.type.tensor_type.shape.dim
-        if v.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
-            shapes[v.name] = [d.dim_value for d in dims]
+    shapes = static_shapes(model)
     folded = 0
     for k, node in enumerate(model.graph.node):
         if node.op_type == "Shape" and node.input[0] in shapes:
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            dims = shapes[node.input[0]][attrs.get("start", 0):attrs.get("end")]
+            dims = list(shapes[node.input[0]][attrs.get("start", 0):attrs.get("end")])
             model.graph.node[k].CopyFrom(helper.make_node(
                 "Constant", [], list(node.output), value=numpy_helper.from_array(np.array(dims, np.int64))))
             folded += 1

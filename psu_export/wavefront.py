@@ -87,24 +87,37 @@ class _Body:
     cost: int  # kernels a step
 
 
+def static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """The values whose shape inference finds fully static, and their shapes."""
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    shapes = {}
+    for v in list(inferred.value_info) + list(inferred.input) + list(inferred.output):
+        dims = v.type.tensor_type.shape.dim
+        if v.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
+            shapes[v.name] = tuple(d.dim_value for d in dims)
+    return shapes
+
+
 def _canonical(body: onnx.GraphProto) -> _Body:
     ids = {v.name: ("input", k) for k, v in enumerate(body.input)}
     signature, constants = [], []
+
+    def operand(name: str):  # a body value, or the next slot of an outer constant
+        if name not in ids:
+            constants.append(name)
+            return "constant", len(constants) - 1
+        return ids[name]
+
     for node in body.node:
         if node.op_type == "Identity":
-            ids[node.output[0]] = ids[node.input[0]] if node.input[0] in ids else ("constant", _slot(constants, node.input[0]))
+            ids[node.output[0]] = operand(node.input[0])
             continue
-        operands = tuple(None if not i else ids[i] if i in ids else ("constant", _slot(constants, i)) for i in node.input)
+        operands = tuple(operand(i) if i else None for i in node.input)
         attributes = tuple(sorted((a.name, a.SerializeToString()) for a in node.attribute))
         signature.append((node.domain, node.op_type, attributes, operands, len(node.output)))
         for j, o in enumerate(node.output):
             ids[o] = ("node", len(signature) - 1, j)
-    return _Body(tuple(signature), tuple(ids[o.name] for o in body.output), tuple(constants), len(signature))
-
-
-def _slot(constants: list, name: str) -> int:
-    constants.append(name)
-    return len(constants) - 1
+    return _Body(tuple(signature), tuple(operand(o.name) for o in body.output), tuple(constants), len(signature))
 
 
 def pipeline_scan_chains(model: onnx.ModelProto) -> list[str]:
@@ -113,13 +126,7 @@ def pipeline_scan_chains(model: onnx.ModelProto) -> list[str]:
     ``model`` has a static input shape, and its ``Shape`` nodes are folded.  Returns one
     line per chain rewritten: its layers' widths, chunk length and steps.
     """
-    graph = model.graph
-    inferred = onnx.shape_inference.infer_shapes(model).graph
-    shapes = {}
-    for v in list(inferred.value_info) + list(inferred.input) + list(inferred.output):
-        dims = v.type.tensor_type.shape.dim
-        if v.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
-            shapes[v.name] = tuple(d.dim_value for d in dims)
+    graph, shapes = model.graph, static_shapes(model)
     context = _Context(graph, shapes)
     layers = {id(n): layer for n in graph.node if n.op_type == "Scan" and (layer := _as_layer(n, shapes)) is not None}
     previous: dict[int, _Layer] = {}  # layer -> the layer feeding it through its segment
@@ -130,27 +137,36 @@ def pipeline_scan_chains(model: onnx.ModelProto) -> list[str]:
     followers: dict[int, list[_Layer]] = {}
     for layer_id, feeder in previous.items():
         followers.setdefault(id(feeder.scan), []).append(layers[layer_id])
-    reports = []
+    reports, new_nodes, drop = [], [], set()
     for head in [layer for layer in layers.values() if id(layer.scan) not in previous]:
         chain = [head]
         while len(followers.get(id(chain[-1].scan), [])) == 1:
             chain.append(followers[id(chain[-1].scan)][0])
-        bodies = [_canonical(layer.body) for layer in chain]
-        if len(chain) < 2 or not _mergeable(chain, bodies, context.constants):
-            continue
-        steps = shapes[head.source][0]
-        chunk = _chunk_length(steps, len(chain), bodies[0].cost)
-        if chunk >= steps:
-            continue
-        nodes = _Waves(chain, bodies, context, f"wave{len(reports)}_").build(steps, chunk)
-        drop = {id(n) for layer in chain for n in [layer.scan, *layer.segment]}
-        ordered = _topological([n for n in graph.node if id(n) not in drop] + nodes, graph)
+        for run in [run for run in _runs(chain, context.constants) if len(run) > 1]:
+            steps = shapes[run[0].source][0]
+            chunk = _chunk_length(steps, len(run), _canonical(run[0].body).cost)
+            if chunk >= steps:
+                continue
+            new_nodes += _Waves(run, context, f"wave{len(reports)}_").build(steps, chunk)
+            drop |= {id(run[0].scan)} | {id(n) for layer in run[1:] for n in [layer.scan, *layer.segment]}
+            reports.append(f"{len(run)} chained layers ({', '.join(str(layer.lanes) for layer in run)} neurons) in waves of "
+                           f"{chunk} steps: {steps + (len(run) - 1) * chunk} steps instead of {len(run) * steps}")
+    if reports:
+        ordered = _topological([n for n in graph.node if id(n) not in drop] + new_nodes, graph)
         del graph.node[:]
         graph.node.extend(ordered)
-        reports.append(f"{len(chain)} chained layers ({', '.join(str(layer.lanes) for layer in chain)} neurons) in waves of "
-                       f"{chunk} steps: {steps + (len(chain) - 1) * chunk} steps instead of {len(chain) * steps}")
-        context = _Context(graph, shapes)
     return reports
+
+
+def _runs(chain: list[_Layer], constants: dict) -> list[list[_Layer]]:
+    """``chain`` cut into runs of consecutive layers that can share a step (:func:`_mergeable`)."""
+    runs = [[chain[0]]]
+    for layer in chain[1:]:
+        if _mergeable(runs[-1] + [layer], constants):
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return runs
 
 
 class _Context:
@@ -231,9 +247,10 @@ def _ancestors(value: str, producer: dict) -> set[str]:
     return seen
 
 
-def _mergeable(chain: list[_Layer], bodies: list[_Body], constants: dict) -> bool:
+def _mergeable(chain: list[_Layer], constants: dict) -> bool:
     """The same step up to constants that broadcast along the neuron axis, the same states,
     and per-step shapes that differ in the neuron axis only."""
+    bodies = [_canonical(layer.body) for layer in chain]
     first, n_state, lead = bodies[0], chain[0].n_state, chain[0].step_shape[:-1]
     if any(b.signature != first.signature or layer.n_state != n_state or b.outputs[:n_state] != first.outputs[:n_state]
            or layer.step_shape[:-1] != lead for b, layer in zip(bodies, chain)):
@@ -270,8 +287,9 @@ def _chunk_length(steps: int, depth: int, step_kernels: int) -> int:
 class _Waves:
     """Builds the nodes of one chain's wave schedule; the chain's output names are kept."""
 
-    def __init__(self, chain: list[_Layer], bodies: list[_Body], context: _Context, prefix: str):
-        self.chain, self.bodies, self.context, self.prefix = chain, bodies, context, prefix
+    def __init__(self, chain: list[_Layer], context: _Context, prefix: str):
+        self.chain, self.context, self.prefix = chain, context, prefix
+        self.bodies = [_canonical(layer.body) for layer in chain]
         self.n_state = chain[0].n_state
         self.nodes: list[onnx.NodeProto] = []
         self.count = 0

@@ -49,17 +49,21 @@ def test_static_build_matches_the_default_build(convert, tmp_path, spec, steps, 
         assert ops.count("Sum") == ops.count("Greater") - 3 and ops.count("Cast") < steps // 4
 
 
-class _ThreeLayers(torch.nn.Module):
-    """A 64-48-32-10 snnTorch net whose layers decay and fire at different values."""
+class _LeakyChain(torch.nn.Module):
+    """A 64-48-32-16-10 snnTorch net (as many layers as ``resets``) whose layers decay and
+    fire at different values, with the given reset mechanisms."""
 
-    def __init__(self, steps: int):
+    def __init__(self, steps: int, resets: tuple[str, ...]):
         import snntorch as snn
 
         super().__init__()
         torch.manual_seed(0)
         self.steps = steps
-        self.fc = torch.nn.ModuleList(torch.nn.Linear(a, b) for a, b in [(64, 48), (48, 32), (32, 10)])
-        self.lif = torch.nn.ModuleList(snn.Leaky(beta=b, threshold=t) for b, t in [(0.9, 0.5), (0.8, 0.75), (0.95, 0.25)])
+        widths = [64, 48, 32, 16, 10][:len(resets) + 1]
+        widths[-1] = 10
+        self.fc = torch.nn.ModuleList(torch.nn.Linear(a, b) for a, b in zip(widths, widths[1:]))
+        self.lif = torch.nn.ModuleList(snn.Leaky(beta=b, threshold=t, reset_mechanism=r)
+                                       for b, t, r in zip([0.9, 0.8, 0.95, 0.85], [0.5, 0.75, 0.25, 1.5], resets))
         for fc in self.fc:  # strong enough for every layer to fire
             torch.nn.init.uniform_(fc.weight, -2 / fc.in_features**0.5, 2 / fc.in_features**0.5)
             torch.nn.init.uniform_(fc.bias, 0.0, 0.2)
@@ -75,30 +79,40 @@ class _ThreeLayers(torch.nn.Module):
         return torch.stack(out)
 
 
-def test_chained_layers_run_in_waves_with_the_same_bits(tmp_path):
-    """Three chained layers with their own decays and thresholds (one value per neuron in
-    the merged step) take ``T + 2 C`` steps in the static build, not ``3 T``, with the
-    default build's floats; a segment that is not row-wise in time (the reference conv
-    net's convolutions) keeps its layers one after the other."""
+@pytest.mark.parametrize("resets, waves, steps_run", [
+    (("subtract",) * 3, ["3 chained layers (48, 32, 10 neurons) in waves of 6 steps: 60 steps instead of 144"], 48 + 2 * 6),
+    (("subtract", "subtract", "zero"), ["2 chained layers (48, 32 neurons) in waves of 8 steps: 56 steps instead of 96"], 56 + 48),
+    (("subtract", "subtract", "zero", "zero"), ["2 chained layers (48, 32 neurons) in waves of 8 steps: 56 steps instead of 96",
+                                                 "2 chained layers (16, 10 neurons) in waves of 8 steps: 56 steps instead of 96"], 56 + 56),
+])
+def test_chained_layers_run_in_waves_with_the_same_bits(tmp_path, resets, waves, steps_run):
+    """Chained layers with their own decays and thresholds (one value per neuron in the
+    merged step) take ``T + (D - 1) C`` steps in the static build, not ``D T``, with the
+    default build's floats; layers with another step (a zero reset) run on their own or
+    in a run of their own."""
     from psu_export.pipeline import prepare
 
     steps = 48
-    conversion = prepare(_ThreeLayers(steps), input_shape=(64,), time_steps=steps)
+    conversion = prepare(_LeakyChain(steps, resets), input_shape=(64,), time_steps=steps)
     path, static = tmp_path / "model.onnx", tmp_path / "static.onnx"
     conversion.export(path)
-    emitted = conversion.export(static, batch=2, cuda_graph=True)
-    assert emitted.waves == ["3 chained layers (48, 32, 10 neurons) in waves of 6 steps: 60 steps instead of 144"]
+    assert conversion.export(static, batch=2, cuda_graph=True).waves == waves
     x = _x(steps, 2)
     assert_static_build_matches(path, static, x)
     rate = float(run_onnx(static, x)[0].mean())
     assert 0 < rate < 1, f"the output layer should fire, not always (rate {rate})"
     ops = [n.op_type for n in onnx.load(str(static)).graph.node]
-    assert ops.count("Greater") == steps + 2 * 6  # chunks of 6 steps
+    assert ops.count("Greater") == steps_run
 
-    conv, conv_path = prepare("psu_export.models.ref_convnet:make_net", input_shape=(1, 28, 28), time_steps=12), tmp_path / "conv.onnx"
-    assert conv.export(conv_path, batch=1, cuda_graph=True).waves == []
-    conv_ops = [n.op_type for n in onnx.load(str(conv_path)).graph.node]
-    assert conv_ops.count("Greater") == 12 * len(conv.sites)
+
+def test_convolution_layers_keep_their_order(tmp_path):
+    """A segment that is not row-wise in time (the reference conv net's convolutions over
+    ``[T*B, ...]``) keeps its layers one after the other."""
+    from psu_export.pipeline import prepare
+
+    conv, path = prepare("psu_export.models.ref_convnet:make_net", input_shape=(1, 28, 28), time_steps=12), tmp_path / "conv.onnx"
+    assert conv.export(path, batch=1, cuda_graph=True).waves == []
+    assert [n.op_type for n in onnx.load(str(path)).graph.node].count("Greater") == 12 * len(conv.sites)
 
 
 def _reset_scan(reset: str, threshold: np.ndarray, steps: int, shape: tuple) -> onnx.ModelProto:
