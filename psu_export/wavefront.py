@@ -53,8 +53,14 @@ from .ops.linear import node_reads
 ELEMENTWISE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Neg", "Abs", "Sum", "Max", "Min", "Greater", "Less",
                              "GreaterOrEqual", "LessOrEqual", "Equal", "Not", "And", "Or", "Xor", "Where", "Cast",
                              "Identity", "Relu", "Sigmoid", "Exp"})
-#: operations allowed between two chained layers: each row of the time axis computed alone
-SEGMENT_OPS = frozenset({"Cast", "MatMul", "Add", "Sub", "Mul", "Div", "Identity"})
+#: operations allowed between two chained layers, on values whose first axis is time or
+#: time folded with the batch (``[T * k, ...]``): each step's rows computed alone.  Their
+#: constant operands: a ``MatMul``'s weight (second input, at most 2-D), convolution and
+#: normalisation parameters, a ``Reshape``'s shape (its first entry rewritten per chunk),
+#: elementwise operands that do not vary along the first axis
+SEGMENT_OPS = frozenset({"Cast", "MatMul", "Add", "Sub", "Mul", "Div", "Identity", "Relu", "Reshape", "Flatten", "Conv",
+                         "MaxPool", "AveragePool", "BatchNormalization"})
+_SEGMENT_ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div"})
 #: kernels a wave costs besides its steps (synaptic ops, input Concat, input and output
 #: Splits, output Concats): the chunk length balances them against the waves' extra steps
 WAVE_KERNELS = 8
@@ -70,7 +76,8 @@ class _Layer:
 
     @property
     def lanes(self) -> int:
-        return self.step_shape[-1]
+        """Neurons per sample: a step ``[B, ...]`` flattened to ``[B, lanes]``."""
+        return math.prod(self.step_shape[1:])
 
     @property
     def source(self) -> str:
@@ -204,7 +211,7 @@ def _as_layer(scan: onnx.NodeProto, shapes: dict) -> _Layer | None:
 def _segment(layer: _Layer, layers: dict, context: _Context) -> tuple[_Layer, list[onnx.NodeProto]] | None:
     """``(feeding layer, segment nodes)`` when ``layer``'s scan input is computed row by row
     in time from one other layer's per-step outputs (module docstring), else None."""
-    rank, constants = len(context.shapes[layer.source]), context.constants
+    constants, steps = context.constants, context.shapes[layer.source][0]
     segment, sources, stack = {}, set(), [layer.source]
     while stack:
         node = context.producer.get(stack.pop())
@@ -217,13 +224,9 @@ def _segment(layer: _Layer, layers: dict, context: _Context) -> tuple[_Layer, li
                 return None
             sources.add(id(node))
             continue
-        if node.op_type not in SEGMENT_OPS or (node.op_type == "MatMul" and node.input[0] in constants):
-            return None  # not row-wise in time (a constant's rows times the sequence mixes its steps)
-        for i in node.input:
-            if i not in constants:
-                stack.append(i)
-            elif constants[i].ndim >= rank and constants[i].shape[0] != 1:
-                return None  # a constant indexed by time
+        if not _row_wise(node, constants, context.shapes, steps):
+            return None
+        stack += [i for i in node.input if i and i not in constants]
         segment[id(node)] = node
     if len(sources) != 1 or context.read_outside(layer.source, {id(layer.scan)}):
         return None
@@ -234,6 +237,29 @@ def _segment(layer: _Layer, layers: dict, context: _Context) -> tuple[_Layer, li
     if any(v in dependent for s in layer.scan.input[:layer.n_state] for v in _ancestors(s, context.producer)):
         return None  # the layer's initial state depends on the feeder
     return feeder, sorted(segment.values(), key=lambda n: context.position[id(n)])
+
+
+def _row_wise(node: onnx.NodeProto, constants: dict, shapes: dict, steps: int) -> bool:
+    """Whether ``node`` computes each of ``steps`` time steps' rows from that step's rows
+    alone: a :data:`SEGMENT_OPS` node on values of static shape ``[steps * k, ...]``."""
+    if node.op_type not in SEGMENT_OPS:
+        return False
+    data = [i for i in node.input if i and i not in constants]
+    values = data + list(node.output)
+    if not data or any(v not in shapes or not shapes[v] or shapes[v][0] % steps for v in values):
+        return False
+    out_rank = len(shapes[node.output[0]])
+    if node.op_type == "MatMul":  # the sequence times a weight: not a constant's rows times the sequence
+        return node.input[0] in data and (node.input[1] in data or constants[node.input[1]].ndim <= 2)
+    if node.op_type == "Reshape":  # the shape's first entry: the time axis's (a chunk's copy rewrites it) or -1
+        shape = constants.get(node.input[1])
+        return (shape is not None and node.input[0] in data and len(shape) > 0
+                and shape[0] in (-1, shapes[node.output[0]][0]))
+    if node.op_type == "Flatten":
+        return next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 1) >= 1
+    if node.op_type in _SEGMENT_ELEMENTWISE:  # a constant must not vary along the first axis
+        return all(i in data or constants[i].ndim < out_rank or constants[i].shape[-out_rank] == 1 for i in node.input)
+    return node.input[0] in data and all(i in constants for i in node.input[1:] if i)  # convolution, pooling, norm
 
 
 def _ancestors(value: str, producer: dict) -> set[str]:
@@ -248,12 +274,12 @@ def _ancestors(value: str, producer: dict) -> set[str]:
 
 
 def _mergeable(chain: list[_Layer], constants: dict) -> bool:
-    """The same step up to constants that broadcast along the neuron axis, the same states,
-    and per-step shapes that differ in the neuron axis only."""
+    """The same step up to constants that broadcast over a sample's neurons, the same
+    states, and the same batch (a step ``[B, ...]`` runs flattened to ``[B, lanes]``)."""
     bodies = [_canonical(layer.body) for layer in chain]
-    first, n_state, lead = bodies[0], chain[0].n_state, chain[0].step_shape[:-1]
+    first, n_state, batch = bodies[0], chain[0].n_state, chain[0].step_shape[0]
     if any(b.signature != first.signature or layer.n_state != n_state or b.outputs[:n_state] != first.outputs[:n_state]
-           or layer.step_shape[:-1] != lead for b, layer in zip(bodies, chain)):
+           or layer.step_shape[0] != batch for b, layer in zip(bodies, chain)):
         return False
     for slot in range(len(first.constants)):
         names = [b.constants[slot] for b in bodies]
@@ -263,16 +289,16 @@ def _mergeable(chain: list[_Layer], constants: dict) -> bool:
 
 
 def _lane_values(value: np.ndarray | None, layer: _Layer) -> np.ndarray | None:
-    """``value`` as one entry per neuron, shaped to broadcast over a step, or None."""
-    lane_shape = (1,) * (len(layer.step_shape) - 1) + (layer.lanes,)
-    if value is None or value.ndim > len(lane_shape):
+    """``value`` as one entry per neuron of a flattened step ``[1, lanes]``, or None."""
+    sample = (1, *layer.step_shape[1:])
+    if value is None or value.ndim > len(sample):
         return None
     try:
-        if np.broadcast_shapes(value.shape, lane_shape) != lane_shape:
-            return None  # varies along another axis than the neurons'
+        if np.broadcast_shapes(value.shape, sample) != sample:
+            return None  # varies along the batch
     except ValueError:
         return None
-    return np.broadcast_to(value, lane_shape)
+    return np.broadcast_to(value, sample).reshape(1, layer.lanes)
 
 
 def _chunk_length(steps: int, depth: int, step_kernels: int) -> int:
@@ -308,8 +334,26 @@ class _Waves:
         self.nodes.append(helper.make_node("Split", [value, self.constant(np.array(sizes, np.int64), "sizes")], parts, axis=axis))
         return parts
 
+    def reshaped(self, value: str, shape: tuple[int, ...]) -> str:
+        out = self.fresh("reshaped")
+        self.nodes.append(helper.make_node("Reshape", [value, self.constant(np.array(shape, np.int64), "shape")], [out]))
+        return out
+
+    def flat(self, value: str, d: int, stacked: bool) -> str:
+        """Layer ``d``'s step (``stacked``: a chunk of steps) as ``[B, lanes]`` (``[C, B, lanes]``)."""
+        layer = self.chain[d]
+        if len(layer.step_shape) == 2:
+            return value
+        return self.reshaped(value, ((self.chunk,) if stacked else ()) + (layer.step_shape[0], layer.lanes))
+
+    def unflat(self, value: str, d: int, stacked: bool) -> str:
+        """The inverse of :meth:`flat`."""
+        layer = self.chain[d]
+        return value if len(layer.step_shape) == 2 else self.reshaped(value, ((self.chunk,) if stacked else ()) + layer.step_shape)
+
     def build(self, steps: int, chunk: int) -> list[onnx.NodeProto]:
         chain, n_state, depth = self.chain, self.n_state, len(self.chain)
+        self.steps, self.chunk = steps, chunk
         sizes = [chunk] * (steps // chunk)
         inputs = [{} for _ in chain]  # inputs[d][c]: layer d's scan input, chunk c
         inputs[0] = dict(enumerate(self.split(chain[0].source, sizes, 0)))
@@ -336,10 +380,10 @@ class _Waves:
                 continue
             if not merged[0]:
                 merged = (active, [self.fresh("states") for _ in range(n_state)])
-                self.nodes += [helper.make_node("Concat", [states[d][k] for d in active], [merged[1][k]], axis=-1)
+                self.nodes += [helper.make_node("Concat", [self.flat(states[d][k], d, False) for d in active], [merged[1][k]], axis=-1)
                                for k in range(n_state)]
             joined = self.fresh("x")
-            self.nodes.append(helper.make_node("Concat", [inputs[d][wave - d] for d in active], [joined], axis=-1))
+            self.nodes.append(helper.make_node("Concat", [self.flat(inputs[d][wave - d], d, True) for d in active], [joined], axis=-1))
             body, owners = self.merged_body(active)
             outs, stacked = [self.fresh("states") for _ in range(n_state)], [self.fresh("y") for _ in owners]
             self.nodes.append(_scan(body, merged[1] + [joined], outs + stacked))
@@ -347,7 +391,7 @@ class _Waves:
             for value, owned in zip(stacked, owners):
                 parts = self.split(value, [chain[d].lanes for d in active], -1)
                 for d, j in owned:
-                    pieces[d][j][wave - d] = parts[active.index(d)]
+                    pieces[d][j][wave - d] = self.unflat(parts[active.index(d)], d, True)
         if merged[0]:
             self.unmerge(merged, states)
         for d, layer in enumerate(chain):
@@ -363,7 +407,7 @@ class _Waves:
         active, values = merged
         for k, value in enumerate(values):
             for d, part in zip(active, self.split(value, [self.chain[d].lanes for d in active], -1)):
-                states[d][k] = part
+                states[d][k] = self.unflat(part, d, False)
 
     def segment_chunk(self, d: int, c: int, pieces: list, rebuilt: dict) -> str:
         """Copies of layer ``d``'s segment computing chunk ``c`` of its input; returns that chunk's name."""
@@ -375,6 +419,10 @@ class _Waves:
             copy.CopyFrom(node)
             copy.name = ""
             copy.input[:] = [rename.get(i, i) for i in node.input]
+            if node.op_type == "Reshape" and self.context.constants[node.input[1]][0] != -1:  # time's entry T * k: C * k
+                shape = self.context.constants[node.input[1]].copy()
+                shape[0] = shape[0] // self.steps * self.chunk
+                copy.input[1] = self.constant(shape, "chunk_shape")
             for k, o in enumerate(node.output):
                 rename[o] = copy.output[k] = self.fresh("segment")
                 if self.context.read_outside(o, inside):

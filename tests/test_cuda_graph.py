@@ -5,6 +5,8 @@ probabilistic reset's idle ``Loop``, the CLI, and (with a GPU) the CUDA-graph re
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -105,14 +107,33 @@ def test_chained_layers_run_in_waves_with_the_same_bits(tmp_path, resets, waves,
     assert ops.count("Greater") == steps_run
 
 
-def test_convolution_layers_keep_their_order(tmp_path):
-    """A segment that is not row-wise in time (the reference conv net's convolutions over
-    ``[T*B, ...]``) keeps its layers one after the other."""
-    from psu_export.pipeline import prepare
+def test_convolution_layers_run_in_waves_with_the_same_bits(convert):
+    """The reference conv net's three layers (convolutions and pooling between them over
+    ``[T*B, ...]``, each ``Reshape``'s time entry rewritten per chunk; steps of different
+    shapes flattened to ``[B, neurons]``) in one run: the same floats as its layers one
+    after the other."""
+    from psu_export.cuda_graph import static_build
 
-    conv, path = prepare("psu_export.models.ref_convnet:make_net", input_shape=(1, 28, 28), time_steps=12), tmp_path / "conv.onnx"
-    assert conv.export(path, batch=1, cuda_graph=True).waves == []
-    assert [n.op_type for n in onnx.load(str(path)).graph.node].count("Greater") == 12 * len(conv.sites)
+    steps, batch = 16, 2
+    conversion, path = convert("psu_export.models.ref_convnet:make_net", (1, 28, 28), steps)
+    model = onnx.load(str(path))
+    shape = (steps, batch, 1, 28, 28)
+    waves, layers = static_build(model, shape, {}), static_build(model, shape, {}, waves=False)
+    schedule = json.loads(next(e.value for e in waves.metadata_props if e.key == "psu_export.waves"))
+    assert schedule == ["3 chained layers (1728, 1024, 10 neurons) in waves of 4 steps: 24 steps instead of 48"]
+    assert [n.op_type for n in waves.graph.node].count("Greater") == 24
+    x = (torch.rand(shape, generator=torch.Generator().manual_seed(1)) < 0.5).float().numpy()
+    got, want = (_run_model(m, x) for m in (waves, layers))
+    assert got[0].sum() > 0, "the test input should make the network fire"
+    for g, w in zip(got, want):
+        assert np.array_equal(g, w), f"{int((g != w).sum())} of {g.size} values differ"
+
+
+def _run_model(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})
 
 
 def _reset_scan(reset: str, threshold: np.ndarray, steps: int, shape: tuple) -> onnx.ModelProto:
