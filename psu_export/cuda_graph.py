@@ -9,8 +9,10 @@ but only for a graph without control flow, with static shapes, every node on the
 no ``Concat`` of more than :data:`CONCAT_MAX_INPUTS` inputs, and inputs and outputs
 bound to fixed device buffers (IOBinding).
 
-:func:`static_build` turns a converted model into such a graph, with the same floats on
-the CPU provider (on CUDA, step 3's chunked matrix products may round differently):
+:func:`static_build` turns a converted model into such a graph, each neuron computing the
+same operations on the same operands (onnxruntime may still round a synaptic product
+differently: on CUDA step 3's chunks, on the CPU a MatMul and bias fused once shapes are
+static; docs/ARCHITECTURE.md):
 
 1. the input's batch and time dimensions are fixed;
 2. the model-local ``psu`` functions are inlined and the shape computations folded
@@ -21,7 +23,7 @@ the CPU provider (on CUDA, step 3's chunked matrix products may round differentl
    verify reports);
 3. chained layers with the same step run in waves (:mod:`psu_export.wavefront`): their
    steps of different time chunks share kernels, ``T + (D - 1) C`` steps for ``D``
-   layers instead of ``D T``, each neuron computing what it computed before;
+   layers instead of ``D T``;
 4. every ``Scan`` is unrolled over T (:func:`unroll_scans`): step t's copy of the body
    reads slice t of the scan input and the states of step t-1, the same nodes in the same
    order as the scan ran them, so membranes and spikes are bit-identical;

@@ -7,31 +7,32 @@ into a few kernels a step, and under a CUDA graph a step costs its kernels' laun
 ``t`` of ``B`` needs only ``A``'s steps up to ``t``.  This pass cuts time into ``K`` chunks
 of ``C`` steps and runs *waves*: in wave ``w`` the chain's layer ``d`` processes chunk
 ``w - d``, so the layers of one wave are independent of each other and their steps run as
-one: the states and inputs are concatenated along the neuron axis and one ``Scan`` over the
-chunk runs the common step body, its constants made one value per neuron where the layers'
-differ.  Between waves the synaptic ops in front of layer ``d`` run on the chunk that layer
-``d - 1`` has just finished.  ``D`` layers then take ``T + (D - 1) C`` steps instead of ``D T``,
-for a few kernels a wave (the chunk's synaptic ops, a ``Concat`` of the inputs, ``Split``s
-of the outputs).
+one: each step flattened to ``[B, neurons]``, the states and inputs are concatenated along
+the neuron axis and one ``Scan`` over the chunk runs the common step body, its constants
+made one value per neuron where the layers' differ.  Between waves the synaptic ops in
+front of layer ``d`` run on the chunk that layer ``d - 1`` has just finished.  ``D``
+layers then take ``T + (D - 1) C`` steps instead of ``D T``, for a few kernels a wave (the
+chunk's synaptic ops, a ``Concat`` of the inputs, ``Split``s of the outputs).
 
-The layers compute exactly what they computed before, in the same order, on the same
-operands: each neuron's step runs the same elementwise operations on its own lane, a
-per-neuron constant equals the layer's broadcast one, and the synaptic ops are row-wise
-over time (elementwise operations, ``MatMul`` with weights of lower rank), so running them
-on a chunk computes each row as before (checked bit for bit on onnxruntime's CPU provider,
-whose matrix products give each row the same sum whatever the row count; see the tests).
+The layers compute what they computed before, in the same order, on the same operands:
+each neuron's step runs the same elementwise operations on its own lane, a per-neuron
+constant equals the layer's broadcast one, and the synaptic ops compute each step's rows
+alone (:func:`_row_wise`), so running them on a chunk computes each row as before.  On
+onnxruntime's CPU provider that is bit for bit (its matrix products and convolutions give
+a row the same sum whatever the row count; see the tests); cuBLAS and cuDNN choose their
+algorithms by shape, so on CUDA a chunk's product may round differently.
 
 A chain is formed where, after the input's shape is fixed (every ``Shape`` then folds):
 
 * each layer is a forward ``Scan`` over axis 0 with one scan input, whose states have the
   per-step shape of that input, and whose body is elementwise only;
 * layer ``d``'s scan input is computed from layer ``d - 1``'s per-step outputs by
-  :data:`SEGMENT_OPS` whose other operands are constants not indexed by time, and
-  nothing else reads those intermediate values (what does, and layer outputs, are
-  rebuilt by a ``Concat`` of the chunks);
-* the layers' bodies are the same operations on the same operands apart from constants
-  that broadcast along the neuron axis (thresholds, decays), and their per-step shapes
-  differ in the last (neuron) axis only.
+  :data:`SEGMENT_OPS` (:func:`_row_wise`), and nothing else reads the scan input (other
+  intermediate values read elsewhere, and the layers' outputs, are rebuilt by a ``Concat``
+  of the chunks), and its initial states do not depend on layer ``d - 1``;
+* a chain is cut into runs of layers whose bodies are the same operations on the same
+  operands apart from constants that broadcast over a sample (thresholds, decays), with
+  the same batch; a run of two or more layers takes the waves.
 
 The pass runs before :func:`psu_export.cuda_graph.unroll_scans`, which unrolls the waves'
 ``Scan`` nodes like any other.
