@@ -111,7 +111,7 @@ def _finish_report(report, report_path) -> int:
 @click.option("--no-verify", is_flag=True, help="Skip the parity check after export.")
 @click.option("--cuda-graph", is_flag=True,
               help="Build for onnxruntime's CUDA graphs (enable_cuda_graph): batch and T fixed, every neuron scan unrolled, "
-                   "same floats as the default build.")
+                   "chained layers run in waves of time chunks; the same operations as the default build (see README, GPU).")
 @click.option("--batch", type=int, default=1, show_default=True, help="The batch size of a --cuda-graph build.")
 @handle_errors
 def convert(model, out, weights, time_steps, input_shape, input_kind, trust_model, reset_mode, seed, data, report_path, raster, no_verify, cuda_graph, batch):
