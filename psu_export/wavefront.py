@@ -50,7 +50,7 @@ from onnx import helper, numpy_helper
 from .errors import CaptureError
 from .ops.linear import node_reads
 
-#: operations that act on each neuron's lane alone (constants broadcast along the neuron axis)
+#: operations that act on each neuron's lane alone (constants broadcast over a sample's neurons)
 ELEMENTWISE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Neg", "Abs", "Sum", "Max", "Min", "Greater", "Less",
                              "GreaterOrEqual", "LessOrEqual", "Equal", "Not", "And", "Or", "Xor", "Where", "Cast",
                              "Identity", "Relu", "Sigmoid", "Exp"})
@@ -63,7 +63,8 @@ SEGMENT_OPS = frozenset({"Cast", "MatMul", "Add", "Sub", "Mul", "Div", "Identity
                          "MaxPool", "AveragePool", "BatchNormalization"})
 _SEGMENT_ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div"})
 #: kernels a wave costs besides its steps (synaptic ops, input Concat, input and output
-#: Splits, output Concats): the chunk length balances them against the waves' extra steps
+#: Splits, output Concats), counted for the reference models, not timed: the chunk length
+#: balances them against the waves' extra steps
 WAVE_KERNELS = 8
 
 
@@ -72,7 +73,7 @@ class _Layer:
     scan: onnx.NodeProto
     body: onnx.GraphProto
     n_state: int
-    step_shape: tuple[int, ...]  # one step's shape, the neurons last
+    step_shape: tuple[int, ...]  # one step's shape, the batch first
     segment: list[onnx.NodeProto]  # the nodes computing the scan input from the previous layer's outputs
 
     @property
@@ -160,7 +161,7 @@ def pipeline_scan_chains(model: onnx.ModelProto) -> list[str]:
             reports.append(f"{len(run)} chained layers ({', '.join(str(layer.lanes) for layer in run)} neurons) in waves of "
                            f"{chunk} steps: {steps + (len(run) - 1) * chunk} steps instead of {len(run) * steps}")
     if reports:
-        ordered = _topological([n for n in graph.node if id(n) not in drop] + new_nodes, graph)
+        ordered = _topological([n for n in graph.node if id(n) not in drop] + new_nodes)
         del graph.node[:]
         graph.node.extend(ordered)
     return reports
@@ -250,8 +251,9 @@ def _row_wise(node: onnx.NodeProto, constants: dict, shapes: dict, steps: int) -
     if not data or any(v not in shapes or not shapes[v] or shapes[v][0] % steps for v in values):
         return False
     out_rank = len(shapes[node.output[0]])
-    if node.op_type == "MatMul":  # the sequence times a weight: not a constant's rows times the sequence
-        return node.input[0] in data and (node.input[1] in data or constants[node.input[1]].ndim <= 2)
+    if node.op_type == "MatMul":  # the sequence times a weight (not a constant's rows times it), or a batched product
+        left, right = node.input
+        return left in data and (constants[right].ndim <= 2 if right in constants else min(len(shapes[left]), len(shapes[right])) >= 3)
     if node.op_type == "Reshape":  # the shape's first entry: the time axis's (a chunk's copy rewrites it) or -1
         shape = constants.get(node.input[1])
         return (shape is not None and node.input[0] in data and len(shape) > 0
@@ -478,7 +480,7 @@ def _stack(parts: list[str], output: str) -> list[onnx.NodeProto]:
     return concat_tree(parts, output) if len(parts) > 1 else [helper.make_node("Identity", parts, [output])]
 
 
-def _topological(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+def _topological(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
     """``nodes`` reordered so that every value is computed before it is read, otherwise in their order."""
     producer = {o: k for k, n in enumerate(nodes) for o in n.output}
     order, placed, visiting = [], set(), set()
