@@ -9,9 +9,12 @@ This experiment times, at a fixed T, on device buffers (IOBinding, TF32 off):
 - ``scan``: psu-export's exact file (time-folded layers, one ``Scan`` per neuron layer);
 - ``unrolled``: the same file with every ``Scan`` unrolled over T, as ``convert --cuda-graph``
   builds it (:func:`psu_export.cuda_graph.static_build`: the same operations in the same
-  order, the spike arithmetic folded exactly, so the same floats: checked bit for bit
-  against ``scan``); chained layers run in waves (:mod:`psu_export.wavefront`);
-- ``unrolled-layers``: the same without the waves, the layers one after the other;
+  order, the spike arithmetic folded exactly); chained layers run in waves
+  (:mod:`psu_export.wavefront`), whose chunked products cuBLAS / cuDNN may round
+  differently from the whole sequence's;
+- ``unrolled-layers``: the same without the waves, the layers one after the other (the
+  same floats as ``scan``);
+- ``same floats as scan`` compares each with ``scan`` bit for bit;
 - ``psu``: the time-parallel PSU reset mode (an approximation, for comparison);
 - each of them again under a CUDA graph (``enable_cuda_graph``: one graph launch replaces
   the per-node kernel launches; onnxruntime refuses it for graphs with control flow).
