@@ -245,6 +245,7 @@ def test_cli_convert_and_verify_a_static_build(tmp_path):
     code, text = run("convert", SMALL, out, "--input-shape", "64", "--time-steps", "10", "--cuda-graph", "--batch", "3")
     assert code == 0, text
     assert "static build for CUDA graphs" in text and "static --cuda-graph build" in text
+    assert "2 chained layers (128, 10 neurons) in waves of 5 steps: 15 steps instead of 20" in " ".join(text.split())
     # verify reads batch and T from the file; other values are usage errors (exit 2)
     assert run("verify", SMALL, out, "--input-shape", "64", "--time-steps", "10", "--provider", "cpu")[0] == 0
     code, text = run("verify", SMALL, out, "--input-shape", "64", "--time-steps", "10", "--batch", "5")
