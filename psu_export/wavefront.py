@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import onnx
@@ -84,6 +85,11 @@ class _Layer:
     @property
     def source(self) -> str:
         return self.scan.input[self.n_state]
+
+    @cached_property
+    def canonical(self) -> "_Body":
+        """The step body up to names (:func:`_canonical`), computed once."""
+        return _canonical(self.body)
 
 
 @dataclass(frozen=True)
@@ -153,7 +159,7 @@ def pipeline_scan_chains(model: onnx.ModelProto) -> list[str]:
             chain.append(followers[id(chain[-1].scan)][0])
         for run in [run for run in _runs(chain, context.constants) if len(run) > 1]:
             steps = shapes[run[0].source][0]
-            chunk = _chunk_length(steps, len(run), _canonical(run[0].body).cost)
+            chunk = _chunk_length(steps, len(run), run[0].canonical.cost)
             if chunk >= steps:
                 continue
             new_nodes += _Waves(run, context, f"wave{len(reports)}_").build(steps, chunk)
@@ -279,7 +285,7 @@ def _ancestors(value: str, producer: dict) -> set[str]:
 def _mergeable(chain: list[_Layer], constants: dict) -> bool:
     """The same step up to constants that broadcast over a sample's neurons, the same
     states, and the same batch (a step ``[B, ...]`` runs flattened to ``[B, lanes]``)."""
-    bodies = [_canonical(layer.body) for layer in chain]
+    bodies = [layer.canonical for layer in chain]
     first, n_state, batch = bodies[0], chain[0].n_state, chain[0].step_shape[0]
     if any(b.signature != first.signature or layer.n_state != n_state or b.outputs[:n_state] != first.outputs[:n_state]
            or layer.step_shape[0] != batch for b, layer in zip(bodies, chain)):
@@ -318,19 +324,25 @@ class _Waves:
 
     def __init__(self, chain: list[_Layer], context: _Context, prefix: str):
         self.chain, self.context, self.prefix = chain, context, prefix
-        self.bodies = [_canonical(layer.body) for layer in chain]
+        self.bodies = [layer.canonical for layer in chain]
         self.n_state = chain[0].n_state
         self.nodes: list[onnx.NodeProto] = []
         self.count = 0
+        self.constants: dict[tuple, str] = {}  # initializers written, by dtype, shape and bytes
+        self.merged_bodies: dict[tuple[int, ...], tuple] = {}  # merged_body's results, by set of layers
 
     def fresh(self, hint: str) -> str:
         self.count += 1
         return f"{self.prefix}{hint}{self.count}"
 
     def constant(self, value: np.ndarray, hint: str) -> str:
-        name = self.fresh(hint)
-        self.context.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
-        return name
+        """An initializer holding ``value``, written once however often it is asked for."""
+        value = np.ascontiguousarray(value)
+        key = (value.dtype.str, value.shape, value.tobytes())
+        if key not in self.constants:
+            self.constants[key] = self.fresh(hint)
+            self.context.graph.initializer.append(numpy_helper.from_array(value, self.constants[key]))
+        return self.constants[key]
 
     def split(self, value: str, sizes: list[int], axis: int) -> list[str]:
         parts = [self.fresh("part") for _ in sizes]
@@ -435,7 +447,12 @@ class _Waves:
 
     def merged_body(self, active: tuple[int, ...]) -> tuple[onnx.GraphProto, list[list[tuple[int, int]]]]:
         """The step body of the ``active`` layers run as one, and for each of its per-step
-        outputs the ``(layer, output index)`` pairs it stands for."""
+        outputs the ``(layer, output index)`` pairs it stands for (built once per set)."""
+        if active not in self.merged_bodies:
+            self.merged_bodies[active] = self._merged_body(active)
+        return self.merged_bodies[active]
+
+    def _merged_body(self, active: tuple[int, ...]) -> tuple[onnx.GraphProto, list[list[tuple[int, int]]]]:
         chain, bodies, n_state = self.chain, self.bodies, self.n_state
         first = bodies[active[0]]
         names = {("input", k): f"in{k}" for k in range(n_state + 1)}
