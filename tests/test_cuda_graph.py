@@ -107,7 +107,7 @@ def test_chained_layers_run_in_waves_with_the_same_bits(tmp_path, resets, waves,
     assert ops.count("Greater") == steps_run
 
 
-def test_convolution_layers_run_in_waves_with_the_same_bits(convert):
+def test_convolution_layers_run_in_waves_with_the_same_bits(convert, tmp_path):
     """The reference conv net's three layers (convolutions and pooling between them over
     ``[T*B, ...]``, each ``Reshape``'s time entry rewritten per chunk; steps of different
     shapes flattened to ``[B, neurons]``) in one run: the same floats as its layers one
@@ -122,18 +122,14 @@ def test_convolution_layers_run_in_waves_with_the_same_bits(convert):
     schedule = json.loads(next(e.value for e in waves.metadata_props if e.key == "psu_export.waves"))
     assert schedule == ["3 chained layers (1728, 1024, 10 neurons) in waves of 4 steps: 24 steps instead of 48"]
     assert [n.op_type for n in waves.graph.node].count("Greater") == 24
-    x = (torch.rand(shape, generator=torch.Generator().manual_seed(1)) < 0.5).float().numpy()
-    got, want = (_run_model(m, x) for m in (waves, layers))
+    x = (torch.rand(shape, generator=torch.Generator().manual_seed(1)) < 0.5).float()
+    paths = [tmp_path / "waves.onnx", tmp_path / "layers.onnx"]
+    for m, p in zip((waves, layers), paths):
+        onnx.save(m, str(p))
+    got, want = (run_onnx(p, x) for p in paths)
     assert got[0].sum() > 0, "the test input should make the network fire"
     for g, w in zip(got, want):
         assert np.array_equal(g, w), f"{int((g != w).sum())} of {g.size} values differ"
-
-
-def _run_model(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x})
 
 
 def _reset_scan(reset: str, threshold: np.ndarray, steps: int, shape: tuple) -> onnx.ModelProto:
