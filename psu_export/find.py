@@ -24,6 +24,7 @@ from torch import fx
 
 from .capture import OPAQUE_NEURON, CapturedGraph, NeuronModule, is_multi_step
 from .errors import CaptureError, NotConvertibleError
+from .invariant import hoist_repeated_inputs, repeat_source
 from .kernels import Algorithm, choose_algorithm
 from .spec import NeuronSpec
 
@@ -378,26 +379,16 @@ def _repeated_selects(graph: fx.Graph) -> None:
     ``direct`` encoder) or ``x.unsqueeze(d).repeat(..., T, ...)`` then ``[t]`` along ``d`` is ``x``
     at every step, so each step's select becomes ``x`` itself: the steps then read a static
     input, as a loop over ``range(T)`` that uses ``x`` directly does."""
-    aten = torch.ops.aten
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not aten.select.int:
+        if node.op != "call_function" or node.target is not torch.ops.aten.select.int:
             continue
-        src, dim = node.args[0], node.args[1]
-        if not (isinstance(src, fx.Node) and src.target in (aten.expand.default, aten.repeat.default)):
+        source = repeat_source(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+        if source is None or source[1] != node.args[1]:
             continue
-        base, sizes = src.args[0], src.args[1]
-        if not (isinstance(base, fx.Node) and base.target is aten.unsqueeze.default and dim >= 0 and base.args[1] == dim):
-            continue
-        shape = base.meta["val"].shape if "val" in base.meta else None
-        if shape is None or len(sizes) != len(shape):
-            continue
-        # the other axes keep their size: expand by -1 or their own size, repeat once
-        kept = (lambda s, n: s in (-1, n)) if src.target is aten.expand.default else (lambda s, n: s == 1)
-        if not all(kept(s, n) for i, (s, n) in enumerate(zip(sizes, shape)) if i != dim):
-            continue
-        node.replace_all_uses_with(base.args[0])
+        repeat = node.args[0]
+        node.replace_all_uses_with(source[0])
         graph.erase_node(node)
-        for unused in (src, base):
+        for unused in (repeat, repeat.args[0]):
             if not unused.users:
                 graph.erase_node(unused)
     graph.lint()
@@ -575,6 +566,10 @@ def sequence_graph(captured: CapturedGraph) -> TimeLoop:
                 for n in captured.neurons if len(calls.get(n.index, [])) > 1}
     if repeated:
         raise NotConvertibleError(repeated)
+    hoisted = hoist_repeated_inputs(gm.graph)
+    if hoisted:
+        gm.recompile()
+        captured.notes.append(f"run once instead of at every step (their input is repeated over time): {', '.join(hoisted)}")
     loop = TimeLoop(captured.capture_steps, sequence=True)
     loop.static = {n for n in gm.graph.nodes if n.op not in ("placeholder", "output")}
     return loop

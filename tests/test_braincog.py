@@ -63,6 +63,7 @@ def test_model_zoo_direct_encoder(tmp_path):
 def test_layer_by_layer_nodes_take_time_folded_into_the_batch(tmp_path):
     conversion = _check(R.make_layer_by_layer(), (R.SAMPLE,), 8, tmp_path)
     assert conversion.layout.kind == "static" and conversion.layout.time_steps == 8  # the model's own step
+    assert conversion.captured.notes[-1].endswith("repeated over time): layers.0")  # the first Linear runs once
 
 
 def test_the_reset_is_read_from_the_module(monkeypatch, tmp_path):

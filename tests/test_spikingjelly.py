@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -97,8 +98,12 @@ def test_multi_step_model_that_repeats_one_input(tmp_path):
     model = R.make_repeating_csnn(time_steps=5)
     conversion = prepare(model, input_shape=(1, 28, 28))
     assert (conversion.layout.kind, conversion.layout.time_steps) == ("static", 5)
+    # the first convolution and batch norm see the same image at every step: they run once
+    assert "repeated over time): conv_fc.0, conv_fc.1" in " ".join(conversion.captured.notes)
     path = tmp_path / "m.onnx"
     conversion.export(path)
+    graph = onnx.load(path).graph
+    assert next(n for n in graph.node if n.op_type == "Conv").input[0] == graph.input[0].name  # [B, 1, 28, 28]
     x = torch.rand(3, 1, 28, 28) * 2
     last = []
     handle = model.conv_fc[-1].register_forward_hook(lambda module, args, out: last.append(out))
