@@ -28,8 +28,9 @@ Rules, on ``aten`` operations:
   broadcast over the leading axes, ``flatten`` of the sample dimensions) of either form,
   is the same form of that operation applied to the base.
 
-Any other reader gets the repeated tensor, rebuilt from the base with ``repeat`` just
-before it.
+Any other reader gets the repeated tensor, rebuilt from the base just before it: an
+``expand`` for a neuron (whose exported function then reads the one step, no copy over
+time), a ``repeat`` for anything else.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx
+
+from .capture import OPAQUE_NEURON
 
 aten = torch.ops.aten
 
@@ -122,11 +125,13 @@ def hoist_repeated_inputs(graph: fx.Graph) -> list[str]:
         return []
     for node, form in forms.items():
         readers = [u for u in node.users if u not in forms]
-        if readers:
-            with graph.inserting_before(node):
-                whole = _materialize(graph, form)
-            for reader in readers:
-                reader.replace_input_with(node, whole)
+        for by_neuron in (True, False):
+            group = [u for u in readers if (u.target is OPAQUE_NEURON) == by_neuron]
+            if group:
+                with graph.inserting_before(node):
+                    whole = _materialize(graph, form, copy=not by_neuron)
+                for reader in group:
+                    reader.replace_input_with(node, whole)
     for node in reversed(list(graph.nodes)):
         if node in forms and not node.users:
             graph.erase_node(node)
@@ -186,11 +191,17 @@ def _apply(graph: fx.Graph, node: fx.Node, form: _Form, varying: set[fx.Node]):
     return None
 
 
-def _materialize(graph: fx.Graph, form: _Form) -> fx.Node:
-    """The tracked value itself: the base repeated over T (a contiguous copy, as the
-    original's ``repeat`` made; later views need one), folded for a folded value."""
-    whole = graph.call_function(aten.repeat.default, (graph.call_function(aten.unsqueeze.default, (form.base, 0)),
-                                                      [form.steps] + [1] * form.ndim))
+def _materialize(graph: fx.Graph, form: _Form, copy: bool) -> fx.Node:
+    """The tracked value itself, the base over T, folded for a folded value: a ``repeat``
+    (a contiguous copy, as the original made: later views need one) or, for a neuron
+    (``copy`` False), an ``expand``, which the exported neuron reads as its one step
+    (:func:`psu_export.ops.registry.attach_functions`: no ``[T, B, ...]`` copy is written)."""
+    step = graph.call_function(aten.unsqueeze.default, (form.base, 0))
+    if copy:
+        whole = graph.call_function(aten.repeat.default, (step, [form.steps] + [1] * form.ndim))
+    else:  # to the base's own sizes, which the export writes as the expanded shape
+        sizes = [graph.call_function(aten.sym_size.int, (form.base, d)) for d in range(form.ndim)]
+        whole = graph.call_function(aten.expand.default, (step, [form.steps, *sizes]))
     return graph.call_function(aten.flatten.using_ints, (whole, 0, 1)) if form.kind == "folded" else whole
 
 

@@ -17,6 +17,7 @@ pytest.importorskip("spikingjelly.activation_based.neuron")
 from conftest import reference_outputs, run_onnx  # noqa: E402
 
 from psu_export.errors import NotConvertibleError  # noqa: E402
+from psu_export.ops.registry import STATIC_DRIVE  # noqa: E402
 from psu_export.models import ref_spikingjelly as R  # noqa: E402
 from psu_export.pipeline import prepare  # noqa: E402
 from psu_export.verify import run_original, run_parallel  # noqa: E402
@@ -103,7 +104,10 @@ def test_multi_step_model_that_repeats_one_input(tmp_path):
     path = tmp_path / "m.onnx"
     conversion.export(path)
     graph = onnx.load(path).graph
-    assert next(n for n in graph.node if n.op_type == "Conv").input[0] == graph.input[0].name  # [B, 1, 28, 28]
+    conv = next(n for n in graph.node if n.op_type == "Conv")
+    assert conv.input[0] == graph.input[0].name  # [B, 1, 28, 28]
+    neuron = next(n for n in graph.node if n.domain == "psu")
+    assert neuron.op_type.endswith(STATIC_DRIVE) and neuron.input[0] == conv.output[0]  # no copy over T either
     x = torch.rand(3, 1, 28, 28) * 2
     last = []
     handle = model.conv_fc[-1].register_forward_hook(lambda module, args, out: last.append(out))
