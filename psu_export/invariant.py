@@ -153,8 +153,8 @@ def _apply(graph: fx.Graph, node: fx.Node, form: _Form, varying: set[fx.Node]):
     repeated = form.kind == "repeated"
     lead = 1 if repeated else 0  # dimensions before the base's own in the tracked value
 
-    def same(new_target, new_args, kind=form.kind, computes=True, kwargs=None):
-        new = graph.call_function(new_target, (form.base, *new_args), kwargs if kwargs is not None else dict(node.kwargs))
+    def same(new_target, new_args, kind=form.kind, computes=True):  # the same op on the base
+        new = graph.call_function(new_target, (form.base, *new_args), dict(node.kwargs))
         new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
         return _Form(kind, new, form.steps, out_ndim - (1 if kind == "repeated" else 0)), [new], computes
 
@@ -185,8 +185,8 @@ def _apply(graph: fx.Graph, node: fx.Node, form: _Form, varying: set[fx.Node]):
     if target in PER_ELEMENT:
         return same(target, args[1:])
     if target in ARITHMETIC and len(args) >= 2:
-        other = args[1]
-        if isinstance(other, (int, float)) or (isinstance(other, fx.Node) and (_ndim(other) or 99) < _ndim(args[0])):
+        other_ndim = 0 if isinstance(args[1], (int, float)) else _ndim(args[1])
+        if other_ndim is not None and other_ndim < _ndim(args[0]):
             return same(target, args[1:])
     return None
 
