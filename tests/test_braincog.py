@@ -4,6 +4,7 @@ own sequential run at the conversion T and at other T; the rest is refused with 
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -14,6 +15,7 @@ from conftest import reference_outputs, run_onnx  # noqa: E402
 from psu_export.converters import REGISTRY  # noqa: E402
 from psu_export.errors import NotConvertibleError  # noqa: E402
 from psu_export.models import ref_braincog as R  # noqa: E402
+from psu_export.ops.registry import STATIC_DRIVE  # noqa: E402
 from psu_export.pipeline import prepare  # noqa: E402
 
 node = R.import_nodes()
@@ -64,6 +66,8 @@ def test_layer_by_layer_nodes_take_time_folded_into_the_batch(tmp_path):
     conversion = _check(R.make_layer_by_layer(), (R.SAMPLE,), 8, tmp_path)
     assert conversion.layout.kind == "static" and conversion.layout.time_steps == 8  # the model's own step
     assert conversion.captured.notes[-1].endswith("repeated over time): layers.0")  # the first Linear runs once
+    first = next(n for n in onnx.load(tmp_path / "m.onnx").graph.node if n.domain == "psu")
+    assert first.op_type.endswith(STATIC_DRIVE)  # and its neuron reads that one step, not T copies
 
 
 def test_the_reset_is_read_from_the_module(monkeypatch, tmp_path):
