@@ -402,7 +402,7 @@ def run_benchmark(
             naive_path, cached = _cached_path(cache_dir, model, weights, input_shape, steps), True
             try:
                 if naive_path is None or not naive_path.exists():
-                    say(f"T={steps}: naive torch.onnx.export (unrolled)")
+                    say(f"T={steps}: naive torch.onnx.export (unrolled: its graph grows with T, so this can take minutes at T in the hundreds)")
                     naive_path = naive_path or work / f"naive_T{steps}.onnx"
                     (seconds, exporter), cached = export_naive(module, neurons, layout, steps, naive_path), False
                     naive_path.with_suffix(".json").write_text(json.dumps({"export_s": seconds, "exporter": exporter}))
