@@ -35,6 +35,7 @@ time), a ``repeat`` for anything else.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -172,8 +173,9 @@ def _apply(graph: fx.Graph, node: fx.Node, form: _Form, varying: set[fx.Node]):
         shape = list(args[1])
         if len(shape) >= 2 and _same(shape[0], form.steps):  # -> [T, B, ...]: v[t] is the base, reshaped
             return same(target, ([shape[1], *shape[2:]],), kind="repeated", computes=False)
-        if shape and -1 not in shape[1:] and (shape[0] == -1 or (not repeated and _same_size(node, args[0], 0))):
-            # -> [-1, ...]: time stays the outermost axis of the fold
+        if (shape and _divides(shape[1:], args[0], lead + 1)
+                and (shape[0] == -1 or (not repeated and _same_size(node, args[0], 0)))):
+            # -> [-1, ...] of whole samples: time stays the outermost axis of the fold
             return same(target, ([-1, *shape[1:]],), kind="folded", computes=False)
         return None
     if target in PER_SAMPLE and not repeated:
@@ -228,6 +230,19 @@ def _same_size(node: fx.Node, source: fx.Node, dim: int) -> bool:
     """Whether ``node`` keeps ``source``'s size at ``dim`` (compared as recorded, no guard)."""
     a, b = node.meta.get("val"), source.meta.get("val")
     return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and str(a.shape[dim]) == str(b.shape[dim])
+
+
+def _divides(sizes: list, source: fx.Node, first: int) -> bool:
+    """Whether ``sizes`` (numbers) tile the sample of ``source``: the dimensions from ``first`` on."""
+    value = source.meta.get("val")
+    if not all(isinstance(n, int) and n > 0 for n in sizes) or not isinstance(value, torch.Tensor):
+        return False
+    sample = 1
+    for n in value.shape[first:]:
+        if not isinstance(n, int):
+            return False
+        sample *= n
+    return sample % math.prod(sizes) == 0
 
 
 def _names(nodes: list[fx.Node]) -> list[str]:

@@ -88,3 +88,9 @@ def test_an_unchanged_graph_when_nothing_runs_once():
     ops = _ops(gm)
     assert hoist_repeated_inputs(gm.graph) == []
     assert _ops(gm) == ops
+
+
+def test_a_view_across_samples_reads_the_repeat():
+    # rows of 96 cut across samples of 144: the rows are not one [B, ...] value repeated
+    names, gm, _ = _hoisted(lambda m, y: y.reshape(-1, 96).sum(-1))
+    assert names == ["conv", "norm", "relu", "mul", "max_pool2d"], names
