@@ -19,14 +19,16 @@ Rules, on ``aten`` operations:
 
 * ``repeat(unsqueeze(b, 0), [T, 1, ...])`` and ``expand(unsqueeze(b, 0), [T, -1, ...])``
   are ``repeated``;
-* ``flatten(v, 0, 1)`` or a ``view`` / ``reshape`` to ``[-1, ...]`` of a ``repeated`` value is
-  ``folded``; ``unflatten(v, 0, [T, B])`` or a ``view`` / ``reshape`` to ``[T, B, ...]`` of a
-  ``folded`` one is ``repeated`` (the view may reshape the sample dimensions too);
-* an operation on each sample (:data:`PER_SAMPLE`: convolution, pooling, batch norm in
+* ``flatten(v, 0, 1)`` or a ``view`` / ``reshape`` to ``[-1, ...]`` (rows that tile one
+  sample) of a ``repeated`` value is ``folded``; ``unflatten(v, 0, [T, B])`` or a ``view`` /
+  ``reshape`` to ``[T, B, ...]`` of a ``folded`` one is ``repeated`` (the view may reshape
+  the sample dimensions too);
+* an operation on each sample (:data:`PER_SAMPLE`: convolution, pooling; batch norm in
   evaluation) of a ``folded`` value, and an operation on the trailing dimensions
-  (:data:`PER_ELEMENT`: linear, activations, arithmetic with a constant that does not
-  broadcast over the leading axes, ``flatten`` of the sample dimensions) of either form,
-  is the same form of that operation applied to the base.
+  (:data:`PER_ELEMENT`: linear, activations; dropout in evaluation; :data:`ARITHMETIC`
+  with a number or a constant that does not broadcast over the leading axes; ``flatten``
+  of the sample dimensions) of either form, is the same form of that operation applied
+  to the base.
 
 Any other reader gets the repeated tensor, rebuilt from the base just before it: an
 ``expand`` for a neuron (whose exported function then reads the one step, no copy over
