@@ -50,6 +50,13 @@ OPAQUE_NEURON = torch.ops.psu_capture.neuron.default
 METADATA_ASSERTS = {torch.ops.aten._assert_tensor_metadata.default} if hasattr(torch.ops.aten, "_assert_tensor_metadata") else set()
 
 
+def module_path(node: torch.fx.Node) -> str:
+    """The path of the module whose forward made ``node`` (recorded by ``torch.export``), else
+    the node's own name (an operation of the top-level forward, or no record)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return (list(stack.values())[-1][0] if stack else "") or node.name
+
+
 @dataclass
 class NeuronModule:
     """A neuron module found in the model, with its converter and spec (or why not)."""

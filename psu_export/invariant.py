@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from .capture import OPAQUE_NEURON
+from .capture import OPAQUE_NEURON, module_path
 
 aten = torch.ops.aten
 
@@ -110,9 +110,8 @@ def hoist_repeated_inputs(graph: fx.Graph) -> list[str]:
         if source is not None and source[1] == 0 and _ndim(source[0]) is not None:
             forms[node] = _Form("repeated", source[0], source[2], _ndim(source[0]))
             continue
-        tracked = [a for a in node.args if isinstance(a, fx.Node) and a in forms]
-        if node.op != "call_function" or not tracked or tracked[0] is not node.args[0]:
-            continue
+        if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node) or node.args[0] not in forms:
+            continue  # (a tracked value read other than as the first argument gets the repeat)
         form = forms[node.args[0]]
         with graph.inserting_before(node):
             result = _apply(graph, node, form, varying)
@@ -249,10 +248,4 @@ def _divides(sizes: list, source: fx.Node, first: int) -> bool:
 
 def _names(nodes: list[fx.Node]) -> list[str]:
     """Each hoisted operation by its module's path where the capture recorded one, else its node."""
-    names: list[str] = []
-    for node in nodes:
-        stack = node.meta.get("nn_module_stack") or {}
-        name = (list(stack.values())[-1][0] if stack else "") or node.name
-        if name not in names:
-            names.append(name)
-    return names
+    return list(dict.fromkeys(module_path(node) for node in nodes))

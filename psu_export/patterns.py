@@ -55,7 +55,7 @@ import torch
 from torch import fx
 from torch.overrides import TorchFunctionMode
 
-from .capture import METADATA_ASSERTS, OPAQUE_NEURON, CapturedGraph, InputLayout, NeuronModule, capture, probe_sequence
+from .capture import METADATA_ASSERTS, OPAQUE_NEURON, CapturedGraph, InputLayout, NeuronModule, capture, module_path, probe_sequence
 from .converters import CallConvention, FrameworkConverter
 from .errors import NotConvertibleError, UsageError
 from .find import _whole_slice_of, reroll
@@ -833,11 +833,7 @@ def _carried_lif(s: _Step):
 
 
 def _site_name(rule: str, index: int, step: _Step) -> str:
-    stack = step.charge.drive.meta.get("nn_module_stack") if step.charge else None
-    where = ""
-    if stack:
-        where = list(stack.values())[-1][0]
-    where = where or (step.charge.drive.name if step.charge else step.h.name)
+    where = module_path(step.charge.drive) if step.charge else step.h.name
     prefix = "lif" if rule == "lif" else "integrator"
     return f"{prefix}{index}@{where}"
 
