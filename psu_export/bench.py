@@ -70,19 +70,24 @@ def machine_description() -> dict:
     import onnxruntime as ort
     import torch
 
-    cpu = platform.processor() or platform.machine()
+    info = {}  # the first processor's fields
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    cpu = info.get("model name") or platform.processor() or platform.machine()
+    flags = set((info.get("flags") or info.get("Features") or "").split())
+    # the widest vector unit: CPUs sold under one name (AMD EPYC) differ here, and with it
+    # the speed of convolutions and matrix products (about 2x, AVX-512 against AVX2)
+    isa = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("asimd", "NEON")) if flag in flags), None)
     gpu = None
     if torch.cuda.is_available():
         gpu = torch.cuda.get_device_name(0)
     return {
         "cpu": cpu,
+        "cpu_vector_isa": isa,
         "cpu_cores": os.cpu_count(),
         "gpu": gpu,
         "python": platform.python_version(),
@@ -531,7 +536,8 @@ def markdown(results: list[dict]) -> str:
     lines = []
     machine = next((r["machine"] for r in results if "machine" in r), None)
     if machine:
-        lines.append(f"Machine: {machine['cpu']}, {machine['cpu_cores']} cores; GPU: {machine['gpu'] or 'none'}; "
+        isa = f" ({machine['cpu_vector_isa']})" if machine.get("cpu_vector_isa") else ""
+        lines.append(f"Machine: {machine['cpu']}{isa}, {machine['cpu_cores']} cores; GPU: {machine['gpu'] or 'none'}; "
                      f"torch {machine['torch']}, onnxruntime {machine['onnxruntime']}; load average at start {machine.get('load_average_at_start')}")
         lines.append("")
     for r in results:
@@ -562,17 +568,43 @@ def markdown(results: list[dict]) -> str:
         lines.append("")
         for baseline, reason in r.get("baselines_unavailable", {}).items():
             lines.append(f"- no {baseline} baseline: {reason}")
-        algos = {}
-        for key, ss in r["algorithms"].items():
-            for s in ss:
-                algos.setdefault((s["name"], s["algorithm"], s["reason"]), []).append(key.split("@", 1)[1])
-        for (name, algo, reason), where in algos.items():
-            lines.append(f"- `{name}`: {algo} ({', '.join(where)}): {reason}")
+        lines += _algorithm_lines(r["algorithms"])
         for e in r["exports"]:
             if e.get("waves"):
                 lines.append(f"- `{GRAPH_VARIANT}` (T={e['time_steps']}, batch {e['batch']}): {'; '.join(e['waves'])}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _algorithm_lines(algorithms: dict[str, list[dict]]) -> list[str]:
+    """The layers' algorithms and why: one line per choice, naming the variants and layers that made it.
+
+    An approximate mode that keeps a layer exact says so and then repeats the exact
+    variant's reason; its line keeps only its own part.
+    """
+    exact = {(site["name"], key.split("@", 1)[1]): site["reason"] for key, sites in algorithms.items()
+             if key.startswith("psu@") for site in sites}
+    by_choice = {}  # (variant, algorithm, reason) -> {layer: [T=..]}
+    for key, sites in algorithms.items():
+        variant, where = key.split("@", 1)
+        mode = variant.removeprefix("psu-")
+        for site in sites:
+            reason = site["reason"].removeprefix(f"--reset {mode}: ")
+            if variant != "psu":
+                reason = reason.removesuffix(f"; {exact.get((site['name'], where))}")
+            by_choice.setdefault((variant, site["algorithm"], reason), {}).setdefault(site["name"], []).append(where)
+    variants = {}  # (algorithm, reason, layers) -> [variant]
+    for (variant, algorithm, reason), layers in by_choice.items():
+        where = tuple((name, tuple(steps)) for name, steps in layers.items())
+        variants.setdefault((algorithm, reason, where), []).append(variant)
+    lines = []
+    for (algorithm, reason, where), names in variants.items():
+        steps = {s for _, s in where}
+        layers = ", ".join(f"`{name}`" + ("" if len(steps) == 1 else f" ({', '.join(s)})") for name, s in where)
+        if len(steps) == 1:
+            layers += f" ({', '.join(next(iter(steps)))})"
+        lines.append(f"- {', '.join(names)}: {layers}: {algorithm}, {reason}")
+    return lines
 
 
 def _fmt(value, suffix=""):

@@ -37,6 +37,38 @@ def test_reset_mode_variants_are_converted_in_their_mode(smoke):
     assert algorithms["psu-stochastic@T=8"] == {"stochastic_reset"}
 
 
+def test_report_names_each_layers_algorithm_once_per_choice(smoke):
+    """Every variant's choice is in the report, one line per choice, with the T values it covers."""
+    from psu_export.bench import markdown
+
+    lines = [line for line in markdown([smoke]).splitlines() if line.startswith("- ")]
+    assert len(lines) == 3, lines  # exact, psu, stochastic: the same layers at both T
+    exact, psu, stochastic = lines
+    assert exact.startswith("- psu: `lif1`, `lif2` (T=8, T=24): scan, subtract reset")
+    assert psu.startswith("- psu-psu: `lif1`, `lif2` (T=8, T=24): probabilistic_reset, the spikes")
+    assert stochastic.startswith("- psu-stochastic: `lif1`, `lif2` (T=8, T=24): stochastic_reset")
+
+
+def test_a_mode_that_keeps_layers_exact_says_why_once():
+    from psu_export.bench import markdown
+
+    exact = "zero reset makes each step depend on the previous spikes: exact scan"
+    kept = "zero/to-v_reset reset is not linear in the spikes, so it has no probabilistic form; kept exact"
+    algorithms = {f"{variant}@T={t}": [{"name": name, "algorithm": "scan", "reason": reason}
+                                       for name in ("a", "b")]
+                  for t in (16, 64)
+                  for variant, reason in (("psu", exact), ("psu-psu", f"--reset psu: {kept}; {exact}"),
+                                          ("psu-stochastic", f"--reset stochastic: {kept}; {exact}"))}
+    for variant in ("psu", "psu-psu", "psu-stochastic"):
+        del algorithms[f"{variant}@T=64"][1]  # layer b only at T = 16
+    result = {"model": "m", "input_shape": [4], "provider": "cpu", "cells": [], "exports": [], "algorithms": algorithms}
+    lines = [line for line in markdown([result]).splitlines() if line.startswith("- ")]
+    assert lines == [
+        f"- psu: `a` (T=16, T=64), `b` (T=16): scan, {exact}",
+        f"- psu-psu, psu-stochastic: `a` (T=16, T=64), `b` (T=16): scan, {kept}",
+    ]
+
+
 def test_node_count_of_ours_does_not_grow_with_time(smoke):
     ours = {e["time_steps"]: e["nodes"] for e in smoke["exports"] if e["variant"] == "psu"}
     naive = {e["time_steps"]: e["nodes"] for e in smoke["exports"] if e["variant"] == "naive"}
