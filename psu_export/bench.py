@@ -435,16 +435,8 @@ def run_benchmark(
             for batch in batches:
                 x = layout.example(batch, steps, torch.Generator().manual_seed(steps * 1000 + batch))
                 feed = x.numpy()
-                runners, run_eager = {}, None
-                if eager:
-                    xd = x.to(device)
-
-                    def run_eager(xd=xd):
-                        reset_neurons(neurons)
-                        with torch.no_grad():
-                            layout.driver(eager_model)(xd)
-                        if device == "cuda":
-                            torch.cuda.synchronize()
+                runners = {}
+                run_eager = _eager_runner(layout.driver(eager_model), neurons, x.to(device)) if eager else None
                 for name, sess in sessions.items():
                     inp = sess.get_inputs()[0]
                     fixed = inp.shape[layout.batch_axis]
@@ -483,6 +475,22 @@ def run_benchmark(
 
 #: the variant name of the ``convert --cuda-graph`` build (CUDA provider only)
 GRAPH_VARIANT = "psu-cuda-graph"
+
+
+def _eager_runner(driver, neurons, x):
+    """One sequential run of the original in PyTorch (its neurons' state reset first)."""
+    import torch
+
+    from .capture import reset_neurons
+
+    def run():
+        reset_neurons(neurons)
+        with torch.no_grad():
+            driver(x)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+
+    return run
 
 
 def _graph_runner(conversion, work: Path, steps: int, batch: int, feed, exports: list):
