@@ -566,7 +566,7 @@ def markdown(results: list[dict]) -> str:
             row += [_fmt(c["speedup_vs_naive"], "x")] + ([_fmt(c.get("cuda_graph_speedup_vs_naive"), "x")] if graph else [])
             row += [_fmt(c["speedup_vs_eager"], "x"), _fmt(c["psu_over_bound"], "x"), _fmt(c.get("ceiling_vs_naive"), "x"), str(c["runs"])]
             lines.append("| " + " | ".join(row) + " |")
-        lines.append("")
+        lines += [""] + _ceiling_lines(r["cells"])
         lines.append("| variant | T | export s | file kB | nodes |")
         lines.append("|---|---:|---:|---:|---:|")
         for e in r["exports"]:
@@ -582,6 +582,25 @@ def markdown(results: list[dict]) -> str:
                 lines.append(f"- `{GRAPH_VARIANT}` (T={e['time_steps']}, batch {e['batch']}): {'; '.join(e['waves'])}")
         lines.append("")
     return "\n".join(lines)
+
+
+#: a speed-up over the naive export below this is explained when the bound caps it
+LOW_SPEEDUP = 1.5
+
+
+def _ceiling_lines(cells: list[dict]) -> list[str]:
+    """Why a low speed-up is the most an exact export gets: the layers between the neurons set the time.
+
+    Said for cells whose ``ceiling`` (naive / bound) is itself below :data:`LOW_SPEEDUP`.
+    """
+    capped = [c for c in cells if c["speedup_vs_naive"] is not None and c["speedup_vs_naive"] < LOW_SPEEDUP
+              and c.get("ceiling_vs_naive") is not None and c["ceiling_vs_naive"] < LOW_SPEEDUP]
+    if not capped:
+        return []
+    where = ", ".join(f"T={c['time_steps']} batch {c['batch']} ({c['ceiling_vs_naive']:.2f}x)" for c in capped)
+    return [f"The `ceiling` is below {LOW_SPEEDUP}x at {where}: even with neurons that cost nothing, the "
+            "same network with activations in their place (the bound) is only that much faster than the naive "
+            "export, so its convolutions and matrix products, which an exact export must keep, set the time there.", ""]
 
 
 def _algorithm_lines(algorithms: dict[str, list[dict]]) -> list[str]:

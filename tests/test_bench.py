@@ -69,6 +69,22 @@ def test_a_mode_that_keeps_layers_exact_says_why_once():
     ]
 
 
+def test_a_speed_up_capped_by_the_bound_is_explained():
+    """Only cells whose speed-up and ceiling are both below 1.5x get the explanation."""
+    from psu_export.bench import markdown
+
+    def cell(t, speedup, ceiling):
+        return {"time_steps": t, "batch": 1, "times_ms": {"psu": 1.0}, "speedup_vs_naive": speedup, "speedup_vs_eager": None,
+                "psu_over_bound": 1.0, "ceiling_vs_naive": ceiling, "runs": 3}
+
+    result = {"model": "m", "input_shape": [4], "provider": "cpu", "exports": [], "algorithms": {},
+              "cells": [cell(4, 1.06, 1.1), cell(64, 1.3, 1.31), cell(256, 1.4, 2.5), cell(512, 2.0, 1.2)]}
+    (line,) = [line for line in markdown([result]).splitlines() if "`ceiling` is below" in line]
+    assert "T=4 batch 1 (1.10x), T=64 batch 1 (1.31x):" in line and "T=256" not in line and "T=512" not in line
+    result["cells"] = result["cells"][2:]
+    assert "`ceiling` is below" not in markdown([result])
+
+
 def test_node_count_of_ours_does_not_grow_with_time(smoke):
     ours = {e["time_steps"]: e["nodes"] for e in smoke["exports"] if e["variant"] == "psu"}
     naive = {e["time_steps"]: e["nodes"] for e in smoke["exports"] if e["variant"] == "naive"}
