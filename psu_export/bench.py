@@ -512,25 +512,30 @@ def _cached_path(cache_dir, model, weights, input_shape, steps):
     """Where the naive export of (model, weights, shape, T) is cached (None: no cache).
 
     The unrolled export takes minutes at T=256; its export time is measured once and kept
-    beside the file.
+    beside the file.  The key holds what the export depends on: a ``module:factory``
+    model's module source, a model file's size and modification time, the weights' time,
+    the shape, T and the torch version.
     """
     if cache_dir is None:
         return None
     import hashlib
+    import importlib
 
     import torch
 
-    import importlib
-
-    source = None
-    try:
-        source = Path(importlib.import_module(model.split(":")[0]).__file__).read_text()
-    except Exception:
-        pass
+    if Path(model).is_file():
+        stat = Path(model).stat()
+        source, name = [stat.st_size, stat.st_mtime], Path(model).stem
+    else:
+        name = model.rsplit(".", 1)[-1].replace(":", "_")
+        try:
+            source = Path(importlib.import_module(model.split(":")[0]).__file__).read_text()
+        except Exception:  # noqa: BLE001 - not importable here: the model name alone
+            source = None
     key = json.dumps([model, source, weights and Path(weights).stat().st_mtime, list(input_shape), steps, torch.__version__])
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    return Path(cache_dir) / f"naive_{model.rsplit('.', 1)[-1].replace(':', '_')}_T{steps}_{digest}.onnx"
+    return Path(cache_dir) / f"naive_{name}_T{steps}_{digest}.onnx"
 
 
 def _r(value):
@@ -707,7 +712,10 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--quick", is_flag=True, help="Smoke run: T=16, batch 1, few repetitions.")
 @click.option("--no-eager", is_flag=True, help="Skip the PyTorch eager baseline (slow for large T).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Write results.json/.md/.png here.")
-def bench(model, weights, input_shape, time_steps, batches, provider, threads, quick, no_eager, out_dir):
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None,
+              help="Keep the naive exports here and reuse them in later runs (they take minutes at T in the hundreds); "
+                   "keyed on the model's source or file, the weights, the shape, T and the torch version.")
+def bench(model, weights, input_shape, time_steps, batches, provider, threads, quick, no_eager, out_dir, cache_dir):
     """Benchmark MODEL's conversion against PyTorch eager, the naive unrolled ONNX export and the ANN bound.
 
     \b
@@ -720,7 +728,7 @@ def bench(model, weights, input_shape, time_steps, batches, provider, threads, q
         steps, bs = steps[:1] if time_steps != "16,64,256" else (16,), bs[:1]
         kwargs = {"min_runs": 3, "max_runs": 10, "cell_budget_s": 0.5}
     result = run_benchmark(model, _ints(input_shape), weights, steps, bs, provider, threads=threads, eager=not no_eager,
-                           progress=lambda m: click.echo(m, err=True), shared_thread_pool=True, **kwargs)
+                           progress=lambda m: click.echo(m, err=True), shared_thread_pool=True, cache_dir=cache_dir, **kwargs)
     text = markdown([result])
     click.echo(text)
     if out_dir:

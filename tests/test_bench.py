@@ -286,3 +286,36 @@ def test_a_multi_step_model_repeating_its_input_has_a_bound():
     assert "bound" not in result.get("baselines_unavailable", {})
     for cell in result["cells"]:
         assert {"naive", "psu", "bound"} <= set(cell["times_ms"]) and cell["spike_agreement_psu_vs_naive"] == 1.0
+
+
+def test_cli_bench_reuses_a_cached_naive_export(tmp_path, monkeypatch):
+    """``--cache``: the second run reads the naive export the first wrote (export not called again)."""
+    from psu_export import bench
+    from psu_export.cli import cli
+
+    args = ["bench", SMALL, "--input-shape", "64", "--time-steps", "8", "--batch", "1", "--quick", "--no-eager",
+            "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
+    out = CliRunner().invoke(cli, args)
+    assert out.exit_code == 0, out.output
+    (cached,) = (tmp_path / "cache").glob("naive_ref_mlp_make_small_net_T8_*.onnx")
+
+    def no_export(*a, **k):
+        raise AssertionError("the naive export ran again")
+
+    monkeypatch.setattr(bench, "export_naive", no_export)
+    out = CliRunner().invoke(cli, args)
+    assert out.exit_code == 0, out.output
+    (naive,) = [e for e in json.loads((tmp_path / "out" / "bench.json").read_text())[0]["exports"] if e["variant"] == "naive"]
+    assert naive["cached"] is True
+
+
+def test_the_cache_key_follows_a_model_files_contents(tmp_path):
+    from psu_export.bench import _cached_path
+
+    model = tmp_path / "net.pt"
+    model.write_bytes(b"one")
+    first = _cached_path(tmp_path / "cache", str(model), None, (4,), 16)
+    assert first.name.startswith("naive_net_T16_")
+    model.write_bytes(b"two, longer")
+    assert _cached_path(tmp_path / "cache", str(model), None, (4,), 16) != first
+    assert _cached_path(tmp_path / "cache", str(model), None, (4,), 32) != _cached_path(tmp_path / "cache", str(model), None, (4,), 16)
