@@ -23,6 +23,7 @@ from .errors import CaptureError, UsageError, one_line
 from .cuda_graph import STATIC_KEY, WAVES_KEY, static_build
 from .ops import DOMAIN, attach_functions, layer_spike_outputs, translation_table
 from .rewrite import ParallelModel
+from .synaptic import chunk_wide_matmuls
 
 #: the ONNX opset of the standard domain (onnxruntime >= 1.17)
 OPSET = 20
@@ -98,6 +99,8 @@ def export_onnx(model: ParallelModel, example: torch.Tensor, out_path: str | os.
     if static:
         proto = static_build(proto, tuple(example.shape), layer_spike_outputs(proto))
         metadata_props = dict(metadata_props, **{STATIC_KEY: "true", "psu_export.dynamic_time": "false"})
+    else:
+        chunk_wide_matmuls(proto)
     for key, value in metadata_props.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
