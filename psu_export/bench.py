@@ -402,7 +402,7 @@ def run_benchmark(
                 name = "psu" if mode == "exact" else f"psu-{mode}"
                 psu_paths[name] = path
                 exports.append({"variant": name, "time_steps": steps, "export_s": round(seconds, 3), "file_bytes": file_size(path), "nodes": node_count(path)})
-                sites[f"{name}@T={steps}"] = [{"name": s.name, "algorithm": s.algorithm.name, "reason": s.algorithm.reason} for s in conv.sites]
+                sites[f"{name}@T={steps}"] = [site_record(s.name, s.algorithm) for s in conv.sites]
             module, neurons, layout = conv.loaded.module, conv.neurons, conv.layout
             naive_path, cached = _cached_path(cache_dir, model, weights, input_shape, steps), True
             try:
@@ -608,22 +608,25 @@ def _ceiling_lines(cells: list[dict]) -> list[str]:
             "export, so its convolutions and matrix products, which an exact export must keep, set the time there.", ""]
 
 
+def site_record(layer: str, algorithm) -> dict:
+    """A layer's algorithm as the results file keeps it (``mode_reason``: an approximate mode's own part of ``reason``)."""
+    record = {"name": layer, "algorithm": algorithm.name, "reason": algorithm.reason}
+    if algorithm.mode_reason:
+        record["mode_reason"] = algorithm.mode_reason
+    return record
+
+
 def _algorithm_lines(algorithms: dict[str, list[dict]]) -> list[str]:
     """The layers' algorithms and why: one line per choice, naming the variants and layers that made it.
 
-    An approximate mode that keeps a layer exact says so and then repeats the exact
-    variant's reason; its line keeps only its own part.
+    An approximate mode's line gives only its own reason (``mode_reason``): where it keeps a
+    layer exact, the exact variant's line gives the exact reason.
     """
-    exact = {(site["name"], key.split("@", 1)[1]): site["reason"] for key, sites in algorithms.items()
-             if key.startswith("psu@") for site in sites}
     by_choice = {}  # (variant, algorithm, reason) -> {layer: [T=..]}
     for key, sites in algorithms.items():
         variant, where = key.split("@", 1)
-        mode = variant.removeprefix("psu-")
         for site in sites:
-            reason = site["reason"].removeprefix(f"--reset {mode}: ")
-            if variant != "psu":
-                reason = reason.removesuffix(f"; {exact.get((site['name'], where))}")
+            reason = site.get("mode_reason") or site["reason"]
             by_choice.setdefault((variant, site["algorithm"], reason), {}).setdefault(site["name"], []).append(where)
     variants = {}  # (algorithm, reason, layers) -> [variant]
     for (variant, algorithm, reason), layers in by_choice.items():

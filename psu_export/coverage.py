@@ -17,7 +17,6 @@ statically), so the README block is the same everywhere::
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -113,10 +112,8 @@ def _approximate(options: dict) -> tuple[list[str], str, str | None]:
     picked = [choose_algorithm(spec, CLOSED_FORM_MAX_STEPS, mode) for mode in APPROXIMATE_MODES]
     exact_alg = choose_algorithm(spec, CLOSED_FORM_MAX_STEPS)
     if all(a.name == exact_alg.name for a in picked):
-        reason = picked[0].reason.removeprefix(f"--reset {APPROXIMATE_MODES[0]}: ").removesuffix(f"; {exact_alg.reason}")
-        return [], "", reason.removesuffix("; kept exact").removesuffix(" (exact)")
-    notes = "".join(f" ({n})" for n in re.findall(r"\(([^()]*not modelled)\)", picked[0].reason))
-    return [a.name for a in picked], notes, None
+        return [], "", picked[0].mode_reason.removesuffix("; kept exact").removesuffix(" (exact)")
+    return [a.name for a in picked], f" ({picked[0].caveat})" if picked[0].caveat else "", None
 
 
 def approximate_algorithms(options: dict) -> str:

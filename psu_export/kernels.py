@@ -40,8 +40,23 @@ CLOSED_FORM_MAX_STEPS = 64
 
 @dataclass(frozen=True)
 class Algorithm:
+    """A layer's parallel algorithm and why.
+
+    ``reason`` is the whole sentence reports show.  Chosen in an approximate ``--reset``
+    mode, ``mode_reason`` is that mode's own part of it (why the estimate applies, with its
+    ``caveat``, what it does not model, if any; or why the layer is kept exact, in which
+    case ``reason`` goes on with the exact algorithm's reason).
+    """
+
     name: str
     reason: str
+    mode_reason: str = ""
+    caveat: str = ""
+
+
+def _in_mode(name: str, mode: str, why: str, caveat: str = "") -> Algorithm:
+    own = why + (f" ({caveat})" if caveat else "")
+    return Algorithm(name, f"--reset {mode}: {own}", own, caveat)
 
 
 APPROXIMATE_MODES = ("psu", "stochastic")
@@ -54,7 +69,7 @@ def choose_algorithm(spec: NeuronSpec, time_steps: int, mode: str = "exact") -> 
         if approximate.name != "exact":
             return approximate
         exact = choose_algorithm(spec, time_steps)
-        return Algorithm(exact.name, f"{approximate.reason}; {exact.reason}")
+        return Algorithm(exact.name, f"{approximate.reason}; {exact.reason}", approximate.mode_reason)
     if spec.reset != "none":
         return Algorithm("scan", f"{spec.reset} reset makes each step depend on the previous spikes: exact scan")
     if spec.spike_from != "updated":
@@ -72,17 +87,18 @@ def choose_algorithm(spec: NeuronSpec, time_steps: int, mode: str = "exact") -> 
 def _approximate_algorithm(spec: NeuronSpec, mode: str) -> Algorithm:
     """``probabilistic_reset`` / ``stochastic_reset`` where the estimate applies, else ``exact`` and why not."""
     if spec.reset == "none":
-        return Algorithm("exact", f"--reset {mode}: reset-free, nothing to estimate (exact)")
+        return _in_mode("exact", mode, "reset-free, nothing to estimate (exact)")
     if spec.reset == "zero":
-        return Algorithm("exact", f"--reset {mode}: zero/to-v_reset reset is not linear in the spikes, so it has no probabilistic form; kept exact")
+        return _in_mode("exact", mode, "zero/to-v_reset reset is not linear in the spikes, so it has no probabilistic form; kept exact")
     if spec.spike_from != "updated":
-        return Algorithm("exact", f"--reset {mode}: a spike that tests the stored membrane is not mapped to the estimate yet; kept exact")
+        return _in_mode("exact", mode, "a spike that tests the stored membrane is not mapped to the estimate yet; kept exact")
     if getattr(spec, "charge", "leaky") != "leaky" or getattr(spec, "reset_form", "standard") != "standard":
-        return Algorithm("exact", f"--reset {mode}: charge form {getattr(spec, 'charge', 'leaky')!r} / reset form {getattr(spec, 'reset_form', 'standard')!r} is not mapped to the estimate yet; kept exact")
+        return _in_mode("exact", mode, f"charge form {getattr(spec, 'charge', 'leaky')!r} / reset form "
+                        f"{getattr(spec, 'reset_form', 'standard')!r} is not mapped to the estimate yet; kept exact")
     name = "probabilistic_reset" if mode == "psu" else "stochastic_reset"
     what = "sigmoid(a u + b) of the reset-free potential u" if mode == "psu" else "Bernoulli samples of sigmoid(a u + b) (hash RNG)"
-    guard = " (the reset_delay=False double-reset guard is not modelled)" if spec.reset_timing == "same_step_guarded" else ""
-    return Algorithm(name, f"--reset {mode}: the spikes in the subtract-reset term replaced by {what}; no sequential dependency; approximate{guard}")
+    guard = "the reset_delay=False double-reset guard is not modelled" if spec.reset_timing == "same_step_guarded" else ""
+    return _in_mode(name, mode, f"the spikes in the subtract-reset term replaced by {what}; no sequential dependency; approximate", guard)
 
 
 def reset_kernel(spec: NeuronSpec, algorithm: str, seed: int, layer: str):

@@ -50,15 +50,17 @@ def test_report_names_each_layers_algorithm_once_per_choice(smoke):
 
 
 def test_a_mode_that_keeps_layers_exact_says_why_once():
-    from psu_export.bench import markdown
+    """A zero-reset layer: the approximate modes keep it exact and say why, once; the exact reason is on the exact line."""
+    from psu_export.bench import markdown, site_record
+    from psu_export.kernels import choose_algorithm
+    from psu_export.spec import NeuronSpec
 
-    exact = "zero reset makes each step depend on the previous spikes: exact scan"
-    kept = "zero/to-v_reset reset is not linear in the spikes, so it has no probabilistic form; kept exact"
-    algorithms = {f"{variant}@T={t}": [{"name": name, "algorithm": "scan", "reason": reason}
-                                       for name in ("a", "b")]
-                  for t in (16, 64)
-                  for variant, reason in (("psu", exact), ("psu-psu", f"--reset psu: {kept}; {exact}"),
-                                          ("psu-stochastic", f"--reset stochastic: {kept}; {exact}"))}
+    zero = NeuronSpec(decay=0.9, threshold=1.0, reset="zero")
+    exact = choose_algorithm(zero, 16).reason
+    kept = choose_algorithm(zero, 16, "psu").mode_reason
+    assert kept == choose_algorithm(zero, 16, "stochastic").mode_reason and "kept exact" in kept and exact not in kept
+    algorithms = {f"{variant}@T={t}": [site_record(name, choose_algorithm(zero, t, mode)) for name in ("a", "b")]
+                  for t in (16, 64) for variant, mode in (("psu", "exact"), ("psu-psu", "psu"), ("psu-stochastic", "stochastic"))}
     for variant in ("psu", "psu-psu", "psu-stochastic"):
         del algorithms[f"{variant}@T=64"][1]  # layer b only at T = 16
     result = {"model": "m", "input_shape": [4], "provider": "cpu", "cells": [], "exports": [], "algorithms": algorithms}
