@@ -79,8 +79,8 @@ def _bias_add(matmul, consumers, weights, graph_outputs) -> onnx.NodeProto | Non
 
 def _chunked(matmul, bias_add, k: int, n: int, prefix: str) -> list[onnx.NodeProto]:
     """``A`` flattened to rows, an ``If`` on the row count between the chunked and the single
-    product (each with the bias ``Add`` in the operand order of the original), the result
-    reshaped back to ``A``'s leading axes."""
+    product (each followed by the bias, added in the original ``Add``'s operand order), the
+    result reshaped back to ``A``'s leading axes."""
     a, w = matmul.input
     out = (bias_add or matmul).output[0]
     b = OnnxBuilder(prefix)
