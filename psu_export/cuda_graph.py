@@ -6,8 +6,8 @@ own: both spend their time launching, not computing (an H200 at T = 64, batch 1:
 microseconds of work per launch).  onnxruntime's CUDA provider can record a whole run
 as one CUDA graph (provider option ``enable_cuda_graph``) and replay it with one launch,
 but only for a graph without control flow, with static shapes, every node on the GPU,
-no ``Concat`` of more than :data:`CONCAT_MAX_INPUTS` inputs, and inputs and outputs
-bound to fixed device buffers (IOBinding).
+no ``Concat`` of more than :data:`~psu_export.wavefront.CONCAT_MAX_INPUTS` inputs, and
+inputs and outputs bound to fixed device buffers (IOBinding).
 
 :func:`static_build` turns a converted model into such a graph, each neuron computing the
 same operations on the same operands (onnxruntime may still round a synaptic product
@@ -50,10 +50,8 @@ from onnx import helper, numpy_helper
 from .errors import CaptureError, UsageError
 from .ops.linear import without_dead_nodes
 from .ops.registry import walk_nodes
-from .wavefront import pipeline_scan_chains, static_shapes
+from .wavefront import concat_tree, pipeline_scan_chains, static_shapes
 
-#: the CUDA provider's Concat takes at most this many inputs while a CUDA graph is captured
-CONCAT_MAX_INPUTS = 32
 #: ONNX operators with subgraphs: none may remain in a static build
 CONTROL_FLOW = ("Scan", "Loop", "If")
 #: metadata keys of a static build (the last: the wave schedule, one line per chain of layers)
@@ -183,7 +181,7 @@ def unroll_scans(model: onnx.ModelProto) -> onnx.ModelProto:
 
     Only forward scans over axis 0 occur in psu-export's graphs; others are refused.
     Per-step outputs are stacked again by ``Concat`` trees no wider than
-    :data:`CONCAT_MAX_INPUTS`.
+    :data:`~psu_export.wavefront.CONCAT_MAX_INPUTS`.
     """
     model = onnx.shape_inference.infer_shapes(model)
     graph = model.graph
@@ -233,16 +231,6 @@ def unroll_scans(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.node.extend(nodes)
     del graph.value_info[:]
     return model
-
-
-def concat_tree(values: list[str], output: str) -> list[onnx.NodeProto]:
-    """Nodes concatenating ``values`` on axis 0 into ``output``, none wider than the limit."""
-    if len(values) <= CONCAT_MAX_INPUTS:
-        return [helper.make_node("Concat", values, [output], axis=0)]
-    groups = [values[i:i + CONCAT_MAX_INPUTS] for i in range(0, len(values), CONCAT_MAX_INPUTS)]
-    parts = [f"{output}_part{k}" for k in range(len(groups))]
-    nodes = [helper.make_node("Concat", g, [p], axis=0) for g, p in zip(groups, parts)]
-    return nodes + concat_tree(parts, output)
 
 
 def fold_spike_arithmetic(model: onnx.ModelProto, keep: set[str] = frozenset()) -> int:

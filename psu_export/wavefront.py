@@ -51,6 +51,9 @@ from onnx import helper, numpy_helper
 from .errors import CaptureError
 from .ops.linear import node_reads
 
+#: the CUDA provider's Concat takes at most this many inputs while a CUDA graph is captured
+CONCAT_MAX_INPUTS = 32
+
 #: operations that act on each neuron's lane alone (constants broadcast over a sample's neurons)
 ELEMENTWISE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Neg", "Abs", "Sum", "Max", "Min", "Greater", "Less",
                              "GreaterOrEqual", "LessOrEqual", "Equal", "Not", "And", "Or", "Xor", "Where", "Cast",
@@ -491,9 +494,17 @@ def _scan(body: onnx.GraphProto, inputs: list[str], outputs: list[str]) -> onnx.
     return helper.make_node("Scan", inputs, outputs, body=body, num_scan_inputs=1)
 
 
-def _stack(parts: list[str], output: str) -> list[onnx.NodeProto]:
-    from .cuda_graph import concat_tree  # the static build's module, which imports this one
+def concat_tree(values: list[str], output: str) -> list[onnx.NodeProto]:
+    """Nodes concatenating ``values`` on axis 0 into ``output``, none wider than the limit."""
+    if len(values) <= CONCAT_MAX_INPUTS:
+        return [helper.make_node("Concat", values, [output], axis=0)]
+    groups = [values[i:i + CONCAT_MAX_INPUTS] for i in range(0, len(values), CONCAT_MAX_INPUTS)]
+    parts = [f"{output}_part{k}" for k in range(len(groups))]
+    nodes = [helper.make_node("Concat", g, [p], axis=0) for g, p in zip(groups, parts)]
+    return nodes + concat_tree(parts, output)
 
+
+def _stack(parts: list[str], output: str) -> list[onnx.NodeProto]:
     return concat_tree(parts, output) if len(parts) > 1 else [helper.make_node("Identity", parts, [output])]
 
 

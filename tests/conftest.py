@@ -54,7 +54,8 @@ def assert_static_build_matches(path, static_path, x: torch.Tensor, same_floats:
     """
     import onnx
 
-    from psu_export.cuda_graph import CONCAT_MAX_INPUTS, CONTROL_FLOW
+    from psu_export.cuda_graph import CONTROL_FLOW
+    from psu_export.wavefront import CONCAT_MAX_INPUTS
 
     model = onnx.load(str(static_path))
     ops = [n.op_type for n in model.graph.node]
