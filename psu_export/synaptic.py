@@ -13,8 +13,8 @@ CPU product streams all the rows past each block of the weight, from memory once
 longer fit the caches.  On the project's 2-core AVX2 CPU (session 15, interleaved medians)
 eight blocks ran a 784 x 1000 product over 4,096-16,384 rows 1.15-1.17x faster than one
 product, the copies of the split and the concatenation included, a 2048 x 2048 weight
-1.10x over 4,096 rows and no faster over 2,048; products with weights under about 2 MB (128 or 256
-columns, a 1000 x 10 read-out) lost 10-45% to the copies, hence both limits.  The reference
+1.10x over 4,096 rows and no faster over 2,048; products with weights under about 2 MB
+(128 or 256 columns, a 1000 x 10 read-out) lost 10-45% to the copies, hence both limits.  The reference
 MLP at T = 256, batch 32 took 0.88-0.92x its previous time (103.6-105.3 against
 114.9-118.7 ms).  The static CUDA-graph build does not take this pass (its products run on
 the GPU, and it may hold no control flow).
@@ -27,6 +27,7 @@ import onnx
 from onnx import helper
 
 from .ops.builders import OnnxBuilder
+from .ops.linear import node_reads
 
 #: row blocks a chunked product is split into
 CHUNKS = 8
@@ -43,7 +44,7 @@ def chunk_wide_matmuls(model: onnx.ModelProto) -> list[str]:
     weights = {t.name: t for t in graph.initializer}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
-        for name in node.input:
+        for name in node_reads(node):  # also what its subgraphs read from the outer scope
             consumers.setdefault(name, []).append(node)
     graph_outputs = {o.name for o in graph.output}
     nodes, folded_adds, chunked = [], set(), []

@@ -10,7 +10,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import reference_outputs
+from conftest import reference_outputs, run_onnx
 from psu_export import synaptic
 
 FLOAT = TensorProto.FLOAT
@@ -75,6 +75,24 @@ def test_chunked_product_matches_the_single_product_bit_for_bit(monkeypatch, bia
         np.testing.assert_allclose(got, feeds["X"] @ _weight(model) + feeds.get("b", _bias(model)), rtol=1e-5, atol=1e-5)
 
 
+def test_a_product_also_read_inside_a_subgraph_keeps_its_bias_add():
+    """The bias ``Add`` is folded into the blocks only when it is the product's one reader,
+    counting reads from an ``If`` branch (outer scope) too."""
+    model = _product_model(784, 1000)
+    branch = helper.make_graph([helper.make_node("Identity", ["P"], ["P_seen"])], "branch", [],
+                               [helper.make_tensor_value_info("P_seen", FLOAT, None)])
+    model.graph.initializer.append(numpy_helper.from_array(np.array(True), "always"))
+    model.graph.node.append(helper.make_node("If", ["always"], ["P_out"], then_branch=branch, else_branch=branch))
+    model.graph.output.append(helper.make_tensor_value_info("P_out", FLOAT, ["T", "B", 1000]))
+    chunked, names = _chunked(model)
+    assert names == ["product"] and "Add" in [n.op_type for n in onnx.load_from_string(chunked).graph.node]
+    feeds = {"X": np.random.default_rng(2).random((129, 33, 784), dtype=np.float32)}
+    session = ort.InferenceSession(chunked, providers=["CPUExecutionProvider"])
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for got, expected in zip(session.run(None, feeds), want):
+        assert np.array_equal(got, expected)
+
+
 def test_small_weights_and_other_ops_are_left_alone():
     for k, n in [(784, 128), (1000, 10)]:  # under CHUNK_MIN_WEIGHT_BYTES: the copies would cost more than they save
         model = _product_model(k, n)
@@ -88,8 +106,7 @@ def test_converted_mlp_runs_chunked_with_exact_spikes(convert):
     model = onnx.load(str(path))
     assert [n.op_type for n in model.graph.node].count("If") == 1  # fc1 only: fc2's 1000 x 10 weight is small
     x = torch.rand(128, 32, 784, generator=torch.Generator().manual_seed(5))
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    got = run_onnx(path, x)
     ref = reference_outputs(conversion.loaded.module, x, "sequence")
     assert ref[0].sum() > 0 and (ref[0] == 0).any()
     assert np.array_equal(got[0], ref[0].numpy()), f"{int((got[0] != ref[0].numpy()).sum())} spikes differ"
