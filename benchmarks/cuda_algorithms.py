@@ -7,6 +7,8 @@ This experiment times, at a fixed T, on device buffers (IOBinding, TF32 off):
 
 - ``naive``: the unrolled ``torch.onnx.export`` of the original;
 - ``scan``: psu-export's exact file (time-folded layers, one ``Scan`` per neuron layer);
+- ``scan-one-product``: the same file without row blocks (:mod:`psu_export.synaptic`: a
+  wide product over at least 4,096 rows runs as 8 row blocks, which paid on the CPU);
 - ``unrolled``: the same file with every ``Scan`` unrolled over T, as ``convert --cuda-graph``
   builds it (:func:`psu_export.cuda_graph.static_build`: the same operations in the same
   order, the spike arithmetic folded exactly); chained layers run in waves
@@ -20,6 +22,7 @@ This experiment times, at a fixed T, on device buffers (IOBinding, TF32 off):
   the per-node kernel launches; onnxruntime refuses it for graphs with control flow).
 
     python benchmarks/cuda_algorithms.py prepare DIR      # here (CPU): write the ONNX files
+                                                          # (the naive one from the suite's cache if there)
     python benchmarks/cuda_algorithms.py run DIR --out O  # on the CUDA machine
 """
 
@@ -37,17 +40,29 @@ sys.path.insert(0, str(HERE.parent))
 MODELS = {"mlp": ("psu_export.models.ref_mlp:make_net", (784,)), "conv": ("psu_export.models.ref_convnet:make_net", (1, 28, 28))}
 
 
-def prepare(folder: Path, steps: int) -> None:
-    """Export the exact and psu-mode conversions and the naive export of each reference model."""
-    from psu_export import pipeline
-    from psu_export.bench import export_naive
+def prepare(folder: Path, steps: int, models, cache_dir: str | None) -> None:
+    """Export the exact and psu-mode conversions, the exact one without row blocks, and the
+    naive export of each reference model (copied from the suite's cache when it is there)."""
+    import shutil
+    from unittest import mock
+
+    from psu_export import pipeline, synaptic
+    from psu_export.bench import export_naive, naive_cache_path
 
     folder.mkdir(parents=True, exist_ok=True)
-    for key, (factory, shape) in MODELS.items():
+    for key in models:
+        factory, shape = MODELS[key]
         for mode in ("exact", "psu"):
             conv = pipeline.prepare(factory, input_shape=shape, time_steps=steps, mode=mode)
             conv.export(folder / f"{key}_{'scan' if mode == 'exact' else mode}_T{steps}.onnx")
-        export_naive(conv.loaded.module, conv.neurons, conv.layout, steps, folder / f"{key}_naive_T{steps}.onnx")
+            if mode == "exact":
+                with mock.patch.object(synaptic, "CHUNK_MIN_WEIGHT_BYTES", float("inf")):
+                    conv.export(folder / f"{key}_scan-one-product_T{steps}.onnx")
+        cached = naive_cache_path(cache_dir, factory, None, shape, steps)
+        if cached is not None and cached.exists():
+            shutil.copyfile(cached, folder / f"{key}_naive_T{steps}.onnx")
+        else:
+            export_naive(conv.loaded.module, conv.neurons, conv.layout, steps, folder / f"{key}_naive_T{steps}.onnx")
         print("prepared", key, flush=True)
 
 
@@ -62,7 +77,7 @@ def _runner(model, x, provider: str, cuda_graph: bool):
     return GraphRunner(session, x, device=provider), time.perf_counter() - t0
 
 
-def run(folder: Path, steps: int, batches, rounds: int, out: Path, provider: str = "cuda") -> int:
+def run(folder: Path, steps: int, batches, rounds: int, out: Path, provider: str = "cuda", models=tuple(MODELS)) -> int:
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -76,14 +91,15 @@ def run(folder: Path, steps: int, batches, rounds: int, out: Path, provider: str
         print("CUDAExecutionProvider not available: nothing measured")
         return 0
     rows = []
-    for key, (_factory, shape) in MODELS.items():
+    for key in models:
+        shape = MODELS[key][1]
         for batch in batches:
             x = (np.random.default_rng(0).random((steps, batch, *shape)) < 0.3).astype(np.float32)
-            models = {v: onnx.load(folder / f"{key}_{v}_T{steps}.onnx") for v in ("naive", "scan", "psu")}
-            models["unrolled"] = static_build(models["scan"], x.shape, {})
-            models["unrolled-layers"] = static_build(models["scan"], x.shape, {}, waves=False)
+            files = {v: onnx.load(folder / f"{key}_{v}_T{steps}.onnx") for v in ("naive", "scan", "scan-one-product", "psu")}
+            files["unrolled"] = static_build(files["scan"], x.shape, {})
+            files["unrolled-layers"] = static_build(files["scan"], x.shape, {}, waves=False)
             runners, load_s, errors = {}, {}, {}
-            for variant, model in models.items():
+            for variant, model in files.items():
                 for graph in (False, True) if provider == "cuda" else (False,):
                     name = variant + (" + CUDA graph" if graph else "")
                     try:
@@ -106,7 +122,7 @@ def run(folder: Path, steps: int, batches, rounds: int, out: Path, provider: str
             for name, r in runners.items():
                 ms = float(np.median(times[name])) * 1e3
                 same = None
-                if reference is not None and name.split(" ")[0] in ("scan", "unrolled", "unrolled-layers"):
+                if reference is not None and name.split(" ")[0] in ("scan", "scan-one-product", "unrolled", "unrolled-layers"):
                     same = all(np.array_equal(a, b) for a, b in zip(reference, results[name]))
                 rows.append({"model": key, "T": steps, "batch": batch, "variant": name, "ms": round(ms, 4),
                              "speedup_vs_naive": round(naive_ms / ms, 2) if naive_ms else None,
@@ -137,11 +153,17 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=50)
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--provider", choices=["cuda", "cpu"], default="cuda", help="cpu: a dry run of the script (no CUDA graphs)")
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
+    ap.add_argument("--cache", default=str(HERE / "results" / ".cache"), help="prepare: the suite's cache of naive exports ('' disables)")
     args = ap.parse_args(argv)
+    models = args.models.split(",")
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        ap.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
     if args.action == "prepare":
-        prepare(args.folder, args.time_steps)
+        prepare(args.folder, args.time_steps, models, args.cache or None)
         return 0
-    return run(args.folder, args.time_steps, [int(b) for b in args.batch.split(",")], args.rounds, args.out, args.provider)
+    return run(args.folder, args.time_steps, [int(b) for b in args.batch.split(",")], args.rounds, args.out, args.provider, models)
 
 
 if __name__ == "__main__":

@@ -404,7 +404,7 @@ def run_benchmark(
                 exports.append({"variant": name, "time_steps": steps, "export_s": round(seconds, 3), "file_bytes": file_size(path), "nodes": node_count(path)})
                 sites[f"{name}@T={steps}"] = [site_record(s.name, s.algorithm) for s in conv.sites]
             module, neurons, layout = conv.loaded.module, conv.neurons, conv.layout
-            naive_path, cached = _cached_path(cache_dir, model, weights, input_shape, steps), True
+            naive_path, cached = naive_cache_path(cache_dir, model, weights, input_shape, steps), True
             try:
                 if naive_path is None or not naive_path.exists():
                     say(f"T={steps}: naive torch.onnx.export (unrolled: its graph grows with T, so this can take minutes at T in the hundreds)")
@@ -508,7 +508,7 @@ def _graph_runner(conversion, work: Path, steps: int, batch: int, feed, exports:
     return lambda: runner.run(feed)
 
 
-def _cached_path(cache_dir, model, weights, input_shape, steps):
+def naive_cache_path(cache_dir, model, weights, input_shape, steps):
     """Where the naive export of (model, weights, shape, T) is cached (None: no cache).
 
     The unrolled export takes minutes at T=256; its export time is measured once and kept

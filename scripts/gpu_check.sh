@@ -3,7 +3,8 @@
 # timings. Expects in /tmp/parts the onnxruntime-gpu package as an xz tarball split in parts
 # (part*, each carried by one call: docs/ARCHITECTURE.md "GPU checks") and the snntorch
 # wheel. Writes logs and results under $OUT as it goes (a run cut short keeps what it wrote).
-# GPU_ALGOS=1 also runs benchmarks/cuda_algorithms.py on the exports in .gpu_models.
+# GPU_ALGOS=1 also runs benchmarks/cuda_algorithms.py on the exports in .gpu_models (its
+# options in GPU_ALGOS_ARGS, e.g. "--time-steps 256 --models mlp").
 set -uo pipefail
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT" /tmp/site
@@ -19,8 +20,19 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /
 nvlibs=$(python3 -c "import glob, os, site; print(':'.join(sorted({os.path.dirname(p) for s in site.getsitepackages() for p in glob.glob(s + '/nvidia/**/lib*.so*', recursive=True)})))")
 export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1 LD_LIBRARY_PATH="$nvlibs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 python3 -c "import torch, onnxruntime as ort; print('torch', torch.__version__, torch.cuda.get_device_name(0)); print('onnxruntime', ort.__version__, ort.get_available_providers())"
-# 1. the GPU tests (CUDA-graph replay parity) and a static build of the bundled digits model; GPU_TESTS=0 skips them
 PSU="python3 -m psu_export.cli"
+# 1. row blocks (psu_export/synaptic.py: the MLP's 784 x 1000 product over T x B >= 4,096 rows)
+# on the CUDA provider against snnTorch's own run, T = 256, batch 32 (8,192 rows)
+stamp "row blocks: parity on CUDA"
+$PSU convert psu_export.models.ref_mlp:make_net /tmp/mlp_T256.onnx --time-steps 256 --input-shape 784 --no-verify 2>&1 | grep -A1 "^wrote"
+$PSU verify psu_export.models.ref_mlp:make_net /tmp/mlp_T256.onnx --time-steps 256 --input-shape 784 --batch 32 --provider all --report "$OUT/mlp_row_blocks_parity_T256_b32.json" 2>&1 | tail -8
+echo "exit mlp T=256 batch 32 verify: ${PIPESTATUS[0]}"
+# 2. the exact-algorithm experiment on pre-exported files (optional)
+if [ "${GPU_ALGOS:-0}" = 1 ]; then
+  stamp "cuda_algorithms"
+  timeout 150 python3 benchmarks/cuda_algorithms.py run .gpu_models ${GPU_ALGOS_ARGS:-} --out "$OUT" 2>&1 | grep -v -i warning
+fi
+# 3. the GPU tests (CUDA-graph replay parity) and a static build of the bundled digits model; GPU_TESTS=0 skips them
 if [ "${GPU_TESTS:-1}" = 1 ]; then
   stamp "pytest (GPU tests)"
   python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py -k cuda_graph_replay 2>&1 | tail -3
@@ -38,12 +50,7 @@ for spec in "mlp 784" "convnet 1,28,28"; do
     echo "exit $1 --cuda-graph batch $b verify: ${PIPESTATUS[0]}"
   done
 done
-# 2. the benchmark suite with the CUDA provider (includes the --cuda-graph build); GPU_BENCH=0 skips it
+# 4. the benchmark suite with the CUDA provider (includes the --cuda-graph build); GPU_BENCH=0 skips it
 stamp "suite"
 if [ "${GPU_BENCH:-1}" = 1 ]; then PYTHON=python3 OUT="$OUT/bench" bash benchmarks/gpu_check.sh; fi
-# 3. the exact-algorithm experiment on pre-exported files (optional)
-if [ "${GPU_ALGOS:-0}" = 1 ]; then
-  stamp "cuda_algorithms"
-  timeout 150 python3 benchmarks/cuda_algorithms.py run .gpu_models --out "$OUT" 2>&1 | grep -v -i warning
-fi
 stamp "done"

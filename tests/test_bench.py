@@ -317,12 +317,12 @@ def test_cli_bench_reuses_a_cached_naive_export(tmp_path):
 
 
 def test_the_cache_key_follows_a_model_files_contents(tmp_path):
-    from psu_export.bench import _cached_path
+    from psu_export.bench import naive_cache_path
 
     model = tmp_path / "net.pt"
     model.write_bytes(b"one")
-    first = _cached_path(tmp_path / "cache", str(model), None, (4,), 16)
+    first = naive_cache_path(tmp_path / "cache", str(model), None, (4,), 16)
     assert first.name.startswith("naive_net_T16_")
     model.write_bytes(b"two, longer")
-    assert _cached_path(tmp_path / "cache", str(model), None, (4,), 16) != first
-    assert _cached_path(tmp_path / "cache", str(model), None, (4,), 32) != _cached_path(tmp_path / "cache", str(model), None, (4,), 16)
+    assert naive_cache_path(tmp_path / "cache", str(model), None, (4,), 16) != first
+    assert naive_cache_path(tmp_path / "cache", str(model), None, (4,), 32) != naive_cache_path(tmp_path / "cache", str(model), None, (4,), 16)
