@@ -2,7 +2,8 @@
 # GPU checks on a lent CUDA machine (not part of CI): CUDA execution-provider parity and
 # timings. Expects in /tmp/parts the onnxruntime-gpu package as an xz tarball split in parts
 # (part*, each carried by one call: docs/ARCHITECTURE.md "GPU checks") and the snntorch
-# wheel, both made by scripts/gpu_parts.sh. Writes logs and results under $OUT as it goes (a run cut short keeps what it wrote).
+# wheel, both made by scripts/gpu_parts.sh. Writes logs and results under $OUT as it goes
+# (a run cut short keeps what it wrote).
 # GPU_ALGOS=1 also runs benchmarks/cuda_algorithms.py on the exports in .gpu_models (its
 # options in GPU_ALGOS_ARGS, e.g. "--time-steps 256 --models mlp").
 set -uo pipefail
