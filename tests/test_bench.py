@@ -326,3 +326,24 @@ def test_the_cache_key_follows_a_model_files_contents(tmp_path):
     model.write_bytes(b"two, longer")
     assert naive_cache_path(tmp_path / "cache", str(model), None, (4,), 16) != first
     assert naive_cache_path(tmp_path / "cache", str(model), None, (4,), 32) != naive_cache_path(tmp_path / "cache", str(model), None, (4,), 16)
+
+
+def test_the_cuda_algorithms_experiment_dry_runs_on_cpu(tmp_path):
+    """``benchmarks/cuda_algorithms.py`` runs only on lent GPU machines; its CPU dry run keeps
+    it working here: every variant is timed, and the files that must compute the same floats
+    as the ``Scan`` build (without row blocks, unrolled layer by layer) do."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cuda_algorithms.py"
+    common = ["--time-steps", "4", "--models", "mlp"]
+    subprocess.run([sys.executable, script, "prepare", tmp_path / "models", *common, "--cache", ""], check=True, capture_output=True)
+    subprocess.run([sys.executable, script, "run", tmp_path / "models", *common, "--batch", "2", "--rounds", "2", "--provider", "cpu",
+                    "--out", tmp_path / "out"], check=True, capture_output=True)
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "out" / "cpu_algorithms.json").read_text())["rows"]}
+    assert set(rows) == {"naive", "scan", "scan-one-product", "psu", "unrolled", "unrolled-layers"}
+    assert all(r["ms"] > 0 for r in rows.values())
+    assert rows["scan-one-product"]["bit_identical_to_scan"] and rows["unrolled-layers"]["bit_identical_to_scan"]
+    bad = subprocess.run([sys.executable, script, "run", tmp_path / "models", "--models", "mlp,vgg"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown model(s) vgg" in bad.stderr
