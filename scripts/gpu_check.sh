@@ -37,24 +37,25 @@ if [ "${GPU_ALGOS:-0}" = 1 ]; then
   stamp "cuda_algorithms"
   timeout 150 python3 benchmarks/cuda_algorithms.py run .gpu_models ${GPU_ALGOS_ARGS:-} --out "$RES" 2>&1 | grep -v -i warning
 fi
-# 3. the GPU tests (CUDA-graph replay parity) and a static build of the bundled digits model; GPU_TESTS=0 skips them
+# 3. the GPU tests (CUDA-graph replay parity), and `verify` on CUDA of the --cuda-graph builds of the
+# bundled digits model and of the reference models, whose layers run in waves (psu_export/wavefront.py);
+# GPU_TESTS=0 skips them
 if [ "${GPU_TESTS:-1}" = 1 ]; then
   stamp "pytest (GPU tests)"
   python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py -k cuda_graph_replay 2>&1 | tail -3
   $PSU convert psu_export.models.digits:make_net --weights models/digits_snn.pt /tmp/digits_graph.onnx --time-steps 16 --input-shape 64 --cuda-graph --batch 4 --no-verify
   $PSU verify psu_export.models.digits:make_net --weights models/digits_snn.pt /tmp/digits_graph.onnx --time-steps 16 --provider all --report "$RES/digits_cuda_graph_parity.json" | tail -4
   echo "exit digits --cuda-graph verify: ${PIPESTATUS[0]}"
-fi
-# the reference models' static builds run their layers in waves (psu_export/wavefront.py): CUDA parity at T = 64
-stamp "reference models' --cuda-graph builds: parity"
-for spec in "mlp 784" "convnet 1,28,28"; do
-  set -- $spec
-  for b in 1 32; do
-    $PSU convert psu_export.models.ref_$1:make_net /tmp/$1_graph_b$b.onnx --time-steps 64 --input-shape $2 --cuda-graph --batch $b --no-verify 2>&1 | grep -A1 "^wrote"
-    $PSU verify psu_export.models.ref_$1:make_net /tmp/$1_graph_b$b.onnx --time-steps 64 --input-shape $2 --provider all --report "$RES/$1_cuda_graph_parity_b$b.json" 2>&1 | grep "^Parity"
-    echo "exit $1 --cuda-graph batch $b verify: ${PIPESTATUS[0]}"
+  stamp "reference models' --cuda-graph builds: parity at T = 64"
+  for spec in "mlp 784" "convnet 1,28,28"; do
+    set -- $spec
+    for b in 1 32; do
+      $PSU convert psu_export.models.ref_$1:make_net /tmp/$1_graph_b$b.onnx --time-steps 64 --input-shape $2 --cuda-graph --batch $b --no-verify 2>&1 | grep -A1 "^wrote"
+      $PSU verify psu_export.models.ref_$1:make_net /tmp/$1_graph_b$b.onnx --time-steps 64 --input-shape $2 --provider all --report "$RES/$1_cuda_graph_parity_b$b.json" 2>&1 | grep "^Parity"
+      echo "exit $1 --cuda-graph batch $b verify: ${PIPESTATUS[0]}"
+    done
   done
-done
+fi
 # 4. the benchmark suite with the CUDA provider (includes the --cuda-graph build); GPU_BENCH=0 skips it
 stamp "suite"
 if [ "${GPU_BENCH:-1}" = 1 ]; then PYTHON=python3 OUT="$RES/bench" bash benchmarks/gpu_check.sh; fi
