@@ -24,6 +24,9 @@ Factories for ``psu-export`` (random weights, seeded; no download)::
   spikes), one block (a stage) of 48-64 dimensions, for ``3,32,32`` inputs; :func:`make_plif_mnist_net`: the zoo's ``MNISTNet`` from the
   parametric-LIF paper (``ParametricLIFNode``, batch norm, dropout, voting layer), 8
   channels, for ``1,28,28`` inputs, multi-step or driven step by step.
+* :func:`make_lif_fc_mnist`: the network of SpikingJelly's single-layer tutorial
+  (``lif_fc_mnist.py``: ``Flatten``, ``Linear(784, 10)``, ``LIFNode(tau=2)``), single-step as
+  published (driven over time by the converter) or multi-step, for ``1,28,28`` inputs.
 """
 
 from __future__ import annotations
@@ -462,3 +465,24 @@ def make_plif_mnist_net(step_mode: str = "m") -> nn.Module:
 def make_plif_mnist_net_step() -> nn.Module:
     """:func:`make_plif_mnist_net` in single-step mode (``[B, 1, 28, 28]`` a step)."""
     return make_plif_mnist_net("s")
+
+
+def make_lif_fc_mnist(step_mode: str = "s") -> nn.Module:
+    """The single-layer tutorial's network (``examples/lif_fc_mnist.py``): ``Flatten``,
+    ``Linear(784, 10, bias=False)``, ``LIFNode(tau=2.0)`` with its ``ATan`` surrogate;
+    ``step_mode`` ``'s'`` as published (one ``[B, 1, 28, 28]`` step per call), ``'m'`` for
+    ``[T, B, 1, 28, 28]``.  Weights scaled so that the random-init layer fires."""
+    from spikingjelly.activation_based import functional, layer, neuron, surrogate
+
+    with _seeded(11):
+        net = nn.Sequential(layer.Flatten(), layer.Linear(28 * 28, 10, bias=False),
+                            neuron.LIFNode(tau=2.0, surrogate_function=surrogate.ATan()))
+    with torch.no_grad():
+        net[1].weight.mul_(4.0)
+    functional.set_step_mode(net, step_mode)
+    return net
+
+
+def make_lif_fc_mnist_multi_step() -> nn.Module:
+    """:func:`make_lif_fc_mnist` in multi-step mode (``[T, B, 1, 28, 28]``)."""
+    return make_lif_fc_mnist("m")

@@ -130,6 +130,15 @@ def test_single_step_neurons_in_a_forward_loop(tmp_path):
     assert conversion.layout.kind == "sequence"
 
 
+@pytest.mark.parametrize("factory, kind", [("make_lif_fc_mnist", "step"), ("make_lif_fc_mnist_multi_step", "sequence")])
+def test_single_layer_tutorial_network(factory, kind, tmp_path):
+    """The single-layer tutorial's network (docs/PERFORMANCE.md times it), as published
+    (single-step, driven over time) and multi-step."""
+    conversion, _ = _check(factory, (1, 28, 28), 16, tmp_path, other_steps=(5,))
+    assert conversion.layout.kind == kind
+    assert [site.algorithm.name for site in conversion.sites] == ["scan"]
+
+
 @pytest.mark.parametrize("style", ["if_first", "before_loop"])
 def test_running_sum_started_by_assignment_at_step_0(style, tmp_path):
     """lif_fc_mnist's ``out = f_0``, then ``out += f_t``: step 0 has one add fewer than the
