@@ -50,8 +50,8 @@ def _chunked(model: onnx.ModelProto, monkeypatch=None, min_rows=None) -> tuple[b
     return copy.SerializeToString(), names
 
 
-def _run(model: bytes, feeds: dict) -> np.ndarray:
-    return ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+def _run(model: bytes, feeds: dict) -> list[np.ndarray]:
+    return ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
 @pytest.mark.parametrize("bias", ["initializer", "input", "none"])
@@ -67,10 +67,10 @@ def test_chunked_product_matches_the_single_product_bit_for_bit(monkeypatch, bia
         feeds = {"X": (rng.random((steps, batch, 784)) > 0.7).astype(np.float32)}
         if bias == "input":
             feeds["b"] = rng.random(1000, dtype=np.float32)
-        got, want = _run(chunked, feeds), _run(single, feeds)
+        got, want = _run(chunked, feeds)[0], _run(single, feeds)[0]
         assert got.shape == (steps, batch, 1000)
         assert np.array_equal(got, want), f"T={steps} B={batch}: {int((got != want).sum())} elements differ"
-        unchunked = _run(model.SerializeToString(), feeds)  # the file before the pass: the same floats too
+        unchunked = _run(model.SerializeToString(), feeds)[0]  # the file before the pass: the same floats too
         assert np.array_equal(got, unchunked), f"T={steps} B={batch}: {int((got != unchunked).sum())} elements differ"
         np.testing.assert_allclose(got, feeds["X"] @ _weight(model) + feeds.get("b", _bias(model)), rtol=1e-5, atol=1e-5)
 
@@ -87,9 +87,7 @@ def test_a_product_also_read_inside_a_subgraph_keeps_its_bias_add():
     chunked, names = _chunked(model)
     assert names == ["product"] and "Add" in [n.op_type for n in onnx.load_from_string(chunked).graph.node]
     feeds = {"X": np.random.default_rng(2).random((129, 33, 784), dtype=np.float32)}
-    session = ort.InferenceSession(chunked, providers=["CPUExecutionProvider"])
-    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
-    for got, expected in zip(session.run(None, feeds), want):
+    for got, expected in zip(_run(chunked, feeds), _run(model.SerializeToString(), feeds), strict=True):
         assert np.array_equal(got, expected)
 
 
