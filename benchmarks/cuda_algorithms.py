@@ -44,9 +44,8 @@ def prepare(folder: Path, steps: int, models, cache_dir: str | None) -> None:
     """Export the exact and psu-mode conversions, the exact one without row blocks, and the
     naive export of each reference model (copied from the suite's cache when it is there)."""
     import shutil
-    from unittest import mock
 
-    from psu_export import pipeline, synaptic
+    from psu_export import pipeline
     from psu_export.bench import export_naive, naive_cache_path
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -56,8 +55,7 @@ def prepare(folder: Path, steps: int, models, cache_dir: str | None) -> None:
             conv = pipeline.prepare(factory, input_shape=shape, time_steps=steps, mode=mode)
             conv.export(folder / f"{key}_{'scan' if mode == 'exact' else mode}_T{steps}.onnx")
             if mode == "exact":
-                with mock.patch.object(synaptic, "CHUNK_MIN_WEIGHT_BYTES", float("inf")):
-                    conv.export(folder / f"{key}_scan-one-product_T{steps}.onnx")
+                conv.export(folder / f"{key}_scan-one-product_T{steps}.onnx", row_blocks=False)
         cached = naive_cache_path(cache_dir, factory, None, shape, steps)
         if cached is not None and cached.exists():
             shutil.copyfile(cached, folder / f"{key}_naive_T{steps}.onnx")

@@ -57,11 +57,13 @@ def metadata(model: ParallelModel, source: str, mode: str) -> dict[str, str]:
 
 
 def export_onnx(model: ParallelModel, example: torch.Tensor, out_path: str | os.PathLike, metadata_props: dict[str, str], dynamic_batch: bool = True,
-                static: bool = False) -> EmittedModel:
+                static: bool = False, row_blocks: bool = True) -> EmittedModel:
     """Export ``model`` to ``out_path`` (atomically).
 
     ``static``: a build for onnxruntime's CUDA graphs, fixed to ``example``'s shape
-    (:func:`psu_export.cuda_graph.static_build`).
+    (:func:`psu_export.cuda_graph.static_build`).  ``row_blocks``: run tall products with
+    large weights in row blocks (:func:`psu_export.synaptic.chunk_wide_matmuls`, the same
+    floats; a static build never does).
     """
     out_path = Path(out_path)
     if not out_path.parent.exists():
@@ -99,7 +101,7 @@ def export_onnx(model: ParallelModel, example: torch.Tensor, out_path: str | os.
     if static:
         proto = static_build(proto, tuple(example.shape), layer_spike_outputs(proto))
         metadata_props = dict(metadata_props, **{STATIC_KEY: "true", "psu_export.dynamic_time": "false"})
-    else:
+    elif row_blocks:
         chunk_wide_matmuls(proto)
     for key, value in metadata_props.items():
         entry = proto.metadata_props.add()

@@ -56,9 +56,10 @@ class Conversion:
     mode: str = "exact"
     seed: int = 0
 
-    def export(self, out_path, batch: int = 2, extra_metadata: dict[str, str] | None = None, cuda_graph: bool = False) -> EmittedModel:
+    def export(self, out_path, batch: int = 2, extra_metadata: dict[str, str] | None = None, cuda_graph: bool = False,
+               row_blocks: bool = True) -> EmittedModel:
         """Write the ONNX file; ``cuda_graph``: a static build for batch ``batch`` and this T
-        (:mod:`psu_export.cuda_graph`)."""
+        (:mod:`psu_export.cuda_graph`); ``row_blocks``: see :func:`~psu_export.emit.export_onnx`."""
         if cuda_graph and not self.captured.dynamic_batch and batch != 2:
             raise UsageError(f"--batch {batch}: this model was captured with its batch fixed at 2 ({'; '.join(self.captured.notes)}); "
                              "build it with --batch 2.")
@@ -67,7 +68,7 @@ class Conversion:
         if self.mode != "exact":
             meta["psu_export.reset_seed"] = str(self.seed)
             meta["psu_export.reset_estimate"] = json.dumps(self.reset_estimate())
-        return export_onnx(self.parallel, example, out_path, meta, self.captured.dynamic_batch, static=cuda_graph)
+        return export_onnx(self.parallel, example, out_path, meta, self.captured.dynamic_batch, static=cuda_graph, row_blocks=row_blocks)
 
     # -- approximate reset modes ---------------------------------------------------------
     def estimate_sites(self) -> list[int]:

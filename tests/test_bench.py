@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import onnx
 import pytest
 from click.testing import CliRunner
 
@@ -342,6 +343,9 @@ def test_the_cuda_algorithms_experiment_dry_runs_on_cpu(tmp_path):
     subprocess.run([sys.executable, script, "run", tmp_path / "models", *common, "--batch", "2", "--rounds", "2", "--provider", "cpu",
                     "--out", tmp_path / "out"], check=True, capture_output=True)
     rows = {r["variant"]: r for r in json.loads((tmp_path / "out" / "cpu_algorithms.json").read_text())["rows"]}
+    has_blocks = {name: any(n.op_type == "If" for n in onnx.load(tmp_path / "models" / f"mlp_{name}_T4.onnx").graph.node)
+                  for name in ("scan", "scan-one-product")}
+    assert has_blocks == {"scan": True, "scan-one-product": False}  # the 784 x 1000 product's row blocks, and without them
     assert set(rows) == {"naive", "scan", "scan-one-product", "psu", "unrolled", "unrolled-layers"}
     assert all(r["ms"] > 0 for r in rows.values())
     assert rows["scan-one-product"]["bit_identical_to_scan"] and rows["unrolled-layers"]["bit_identical_to_scan"]
