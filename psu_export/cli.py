@@ -220,15 +220,15 @@ def list_converters(markdown):
     from rich.table import Table
 
     from .converters import converters
+    from .coverage import class_names
 
     table = Table(title="Converters")
     for col in ("framework", "supported versions", "installed", "neuron classes", "refused (with reason)"):
         table.add_column(col)
     for conv in converters():
         version = conv.installed_version()
-        classes = ", ".join(c.__name__ for c in conv.neuron_classes()) or "-"
-        refused = ", ".join(c.__name__ for c in conv.unsupported_classes()) or "-"
-        table.add_row(conv.name, conv.version_range, version or "no", classes, refused)
+        classes, refused = class_names(conv)
+        table.add_row(conv.name, conv.version_range, version or "no", ", ".join(classes) or "-", ", ".join(refused) or "-")
     Console().print(table)
 
 

@@ -165,6 +165,15 @@ def groups() -> list[tuple[str, list[CoverageRow], bool]]:
     return out
 
 
+def class_names(conv: FrameworkConverter) -> tuple[list[str], list[str]]:
+    """The neuron classes ``conv`` converts exactly (at least one exact option) and the ones
+    it refuses whatever the options, from its coverage rows: known statically, so the same
+    whether or not the framework is installed or imported."""
+    rows = conv.coverage()
+    ok = list(dict.fromkeys(r.neuron_class for r in rows if r.status == EXACT))
+    return ok, [c for c in dict.fromkeys(r.neuron_class for r in rows) if c not in ok]
+
+
 def _names(where: dict[str, list[str]]) -> str:
     return "; ".join(f"{framework} {', '.join(dict.fromkeys(classes))}" for framework, classes in where.items())
 
@@ -214,9 +223,7 @@ def markdown() -> str:
         "|---|---|---|---|",
     ]
     for conv in converters():
-        rows = conv.coverage()
-        ok = list(dict.fromkeys(r.neuron_class for r in rows if r.status == EXACT))
-        refused = [c for c in dict.fromkeys(r.neuron_class for r in rows) if c not in ok]
+        ok, refused = class_names(conv)
         lines.append("| " + " | ".join(_cell(c) for c in (conv.name, conv.version_range, ", ".join(ok), ", ".join(refused) or "-")) + " |")
     lines.append(f"| {HANDWRITTEN} | torch.export | " + ", ".join(dict.fromkeys(r.neuron_class for r in handwritten_rows() if r.status == EXACT))
                  + " (rules of `psu_export/patterns.py`) | any other recurrence |")

@@ -86,3 +86,21 @@ def test_unsupported_classes_come_from_the_static_rows(conv):
     refused = {r.neuron_class: r.reason for r in conv.coverage() if r.status == UNSUPPORTED and r.option == "any"}
     for cls, why in conv.unsupported_classes().items():
         assert refused.get(cls.__name__) == why
+
+
+def test_summary_table_names_classes_of_frameworks_not_imported(monkeypatch):
+    """``list-converters`` takes its class columns from the static coverage rows: BrainCog,
+    never imported by its converter, still lists its neurons (it showed '-' before)."""
+    from psu_export.cli import cli
+
+    for name in FRAMEWORK_MODULES:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.delitem(sys.modules, "braincog.base.node.node", raising=False)
+    braincog = next(c for c in converters() if c.name == "braincog")
+    ok, refused = coverage.class_names(braincog)
+    assert ok == ["IFNode", "LIFNode", "PLIFNode"] and {"BaseNode", "BurstLIFNode"} <= set(refused)
+    result = CliRunner().invoke(cli, ["list-converters"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if "braincog" in line)
+    assert "IFNode, LIFNode, PLIFNode" in row and "BurstLIFNode" in row
+    assert "LIFCell" in next(line for line in result.output.splitlines() if "norse" in line)
