@@ -33,8 +33,11 @@ static; docs/ARCHITECTURE.md):
    two fewer a step.
 
 A probabilistic reset (``--reset psu|stochastic``, the PSU modules) writes its first
-doubling levels as plain nodes and loops over further levels only past T = 256: its
-idle ``Loop`` is dropped (:func:`_drop_idle_loops`); a longer T is refused.
+doubling levels as plain nodes and loops over further levels only past T = 256 (past
+T = :data:`~psu_export.ops.builders.LOOP_FREE_STEPS`, 2,048, where its recurrences run in
+chunks, on layers of :data:`~psu_export.ops.builders.CHUNKED_SCAN_MIN_ELEMENTS` elements or
+more a run; the ``If`` between the two folds with the shapes): its idle ``Loop`` is dropped
+(:func:`_drop_idle_loops`); a longer T is refused.
 :class:`psu_export.runtime.GraphRunner` runs a static build under a CUDA graph.
 """
 
@@ -48,6 +51,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import CaptureError, UsageError
+from .ops.builders import CHUNKED_SCAN_MIN_ELEMENTS, LOOP_FREE_STEPS
 from .ops.linear import without_dead_nodes
 from .ops.registry import walk_nodes
 from .wavefront import concat_tree, pipeline_scan_chains, static_shapes
@@ -85,10 +89,11 @@ def static_build(model: onnx.ModelProto, input_shape: tuple[int, ...], layer_out
     fold_spike_arithmetic(model, keep=set(layer_outputs.values()))
     model = with_static_output_shapes(model)
     left = sorted({n.op_type for n in walk_nodes(model.graph) if n.op_type in CONTROL_FLOW})
-    if left == ["Loop"]:
+    if "Loop" in left and set(left) <= {"If", "Loop"}:  # an If holding the Loop may stay unfolded with it
         raise UsageError("--cuda-graph needs a graph without control flow, but a Loop remained: a probabilistic reset "
-                         "(--reset psu/stochastic, PSU modules) runs its doubling levels past 256 steps in a Loop; "
-                         "build for T <= 256 or convert with --reset exact.")
+                         "(--reset psu/stochastic, PSU modules) runs its doubling levels past 256 steps in a Loop (past "
+                         f"{LOOP_FREE_STEPS} on layers of {CHUNKED_SCAN_MIN_ELEMENTS:,} elements or more a run); "
+                         "build for a shorter T, a larger batch, or convert with --reset exact.")
     if left:
         raise CaptureError(f"--cuda-graph: {', '.join(left)} remained in the static build; this is a psu-export limitation, please report it.")
     for key, value in ((LAYER_OUTPUTS_KEY, layer_outputs), (WAVES_KEY, schedule)):
@@ -144,9 +149,11 @@ def _drop_idle_loops(graph: onnx.GraphProto) -> int:
     """Replace each ``Loop`` that runs no iteration (no trip count, a constant false
     condition, no per-iteration outputs) by copies of its initial loop-carried values.
 
-    The doubling scan of the probabilistic reset writes its first levels as plain nodes
-    and loops over the rest only while ``2^level < T`` (:data:`psu_export.ops.builders.UNROLLED_LEVELS`):
-    with a static T <= 256 that condition folds to false.  Returns how many were dropped.
+    The doubling scan of the probabilistic reset (over the steps, or over the chunk ends of
+    its chunked form) writes its first levels as plain nodes and loops over the rest only
+    while ``2^level`` is below the steps or chunks it scans
+    (:data:`psu_export.ops.builders.UNROLLED_LEVELS`): with few enough of them, static, that
+    condition folds to false.  Returns how many were dropped.
     """
     constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     for n in graph.node:

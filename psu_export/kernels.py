@@ -11,8 +11,8 @@ algorithm               when
                         it still run once over all steps
 ``probabilistic_reset`` ``--reset psu``, leaky subtract-reset layers: the paper's reset
                         estimate replaces the spikes in the reset term
-                        (:mod:`psu_export.ops.reset`); two log-depth scans, no step
-                        depends on the previous one; approximate
+                        (:mod:`psu_export.ops.reset`); two linear recurrences, no
+                        step waits for earlier spikes; approximate
 ``stochastic_reset``    ``--reset stochastic``: Bernoulli samples of that estimate from the
                         hash RNG keyed by (seed, layer, element); approximate, reproducible
 ``psu_module``          the project's own PSU / IPSU / RPSU modules (any mode): their own

@@ -32,8 +32,9 @@ NEURON_SEMANTICS.md section 2.2) instead of the paper:
 
 Implementation notes (both settings):
 
-* ``A X`` and ``B Z`` are first-order linear recurrences, computed by a log-depth doubling
-  scan (no T x T kernel buffer, no ``lambda^-T`` rescaling, so no overflow): ``PSU`` and
+* ``A X`` and ``B Z`` are first-order linear recurrences, computed by the chunked /
+  log-depth doubling scan of :func:`~psu_export.ops.builders.chunked_linear_scan` (no
+  T x T kernel buffer, no ``lambda^-T`` rescaling, so no overflow): ``PSU`` and
   ``RPSU``'s integration work for any T.  ``IPSU`` / ``RPSU`` learn ``max_steps x max_steps``
   matrices: a sequence of ``T <= max_steps`` steps uses their leading ``T x T`` block (the
   matrices are causal, so this equals the first T steps of a ``max_steps`` run); longer

@@ -18,6 +18,7 @@ pytest.importorskip("snntorch")
 
 from psu_export.cuda_graph import fold_spike_arithmetic, unroll_scans  # noqa: E402
 from psu_export.errors import UsageError  # noqa: E402
+from psu_export.ops.builders import CHUNKED_SCAN_MIN_ELEMENTS, LOOP_FREE_STEPS  # noqa: E402
 from psu_export.runtime import GraphRunner, make_session, provider_available  # noqa: E402
 from test_cli_errors import run  # noqa: E402
 
@@ -199,17 +200,23 @@ def test_spike_arithmetic_folds_with_the_same_bits(reset, threshold):
     assert want[0].sum() > 0 and (bool((want[1] == 0).any()) or bool((threshold < 0).any()))
 
 
-def test_probabilistic_reset_builds_up_to_256_steps(convert, tmp_path):
-    """--reset psu: the doubling levels past 256 steps are a Loop, idle at T <= 256 (dropped),
-    refused beyond, without leaving a file."""
-    conversion, path = convert(SMALL, (64,), 16, mode="psu")
-    static = tmp_path / "static.onnx"
-    conversion.export(static, batch=2, cuda_graph=True)
-    assert_static_build_matches(path, static, _x(16, 2))
-    long_run, _ = convert(SMALL, (64,), 300, mode="psu")
-    with pytest.raises(UsageError, match="T <= 256"):
-        long_run.export(tmp_path / "long.onnx", batch=1, cuda_graph=True)
-    assert not (tmp_path / "long.onnx").exists()
+def test_probabilistic_reset_builds_without_loops(convert, tmp_path):
+    """--reset psu: the doubling levels past 256 steps (past 2,048 where a layer's run has
+    CHUNKED_SCAN_MIN_ELEMENTS elements, so its recurrences run in chunks) are a Loop, idle
+    below (dropped), refused beyond, without leaving a file."""
+    assert LOOP_FREE_STEPS == 2048 and CHUNKED_SCAN_MIN_ELEMENTS == 16_384
+    # 16 x 2 x 128 and x 10 elements: both layers scan by doubling; 300 x 64 x 10 and more:
+    # in chunks (38 chunk ends)
+    for steps, batch in ((16, 2), (300, 64)):
+        conversion, path = convert(SMALL, (64,), steps, mode="psu")
+        static = tmp_path / f"static{steps}.onnx"
+        conversion.export(static, batch=batch, cuda_graph=True)
+        assert_static_build_matches(path, static, _x(steps, batch))
+    for steps, batch in ((300, 1), (LOOP_FREE_STEPS + 1, 64)):  # the read-out's 300 x 10 elements: doubling
+        long_run, _ = convert(SMALL, (64,), steps, mode="psu")
+        with pytest.raises(UsageError, match="past 256 steps in a Loop"):
+            long_run.export(tmp_path / "long.onnx", batch=batch, cuda_graph=True)
+        assert not (tmp_path / "long.onnx").exists()
 
 
 def test_a_model_captured_at_a_fixed_batch_builds_at_that_batch_only(convert, tmp_path):

@@ -63,6 +63,23 @@ def test_exact_sigmoid_is_close_and_bit_identical():
     np.testing.assert_array_equal(got, ours.numpy())
 
 
+@pytest.mark.parametrize("decay", [torch.tensor(0.9), torch.tensor([0.5, 0.99, 0.999, 1.0, 0.0])], ids=["scalar", "per-neuron"])
+def test_chunked_linear_scan_solves_the_recurrence(decay):
+    """``v_t = d v_{t-1} + y_t`` in chunks of SCAN_CHUNK steps: within float rounding of the
+    recursion in float64, at T below, at and across chunk boundaries."""
+    from psu_export.ops.builders import SCAN_CHUNK, TorchBuilder
+
+    torch.manual_seed(1)
+    for steps in (1, SCAN_CHUNK - 1, SCAN_CHUNK, SCAN_CHUNK + 1, 300):
+        y = torch.randn(steps, 5)
+        v, want = torch.zeros(5, dtype=torch.float64), []
+        for t in range(steps):
+            v = decay.double() * v + y[t].double()
+            want.append(v)
+        got = TorchBuilder().linear_scan(y, decay)
+        np.testing.assert_allclose(got.double(), torch.stack(want), rtol=1e-5, atol=1e-5)
+
+
 OPTIONS = [
     ResetOptions(),
     ResetOptions(kind="StochasticReset", reset_timing="previous_step", membrane="pre", key_mul=12345, key_add=678),
@@ -79,7 +96,8 @@ def test_reset_op_function_matches_torch(options):
     torch.manual_seed(0)
     max_steps = 40
     values = {
-        # slow decays: at T = 600, step t - 256 still changes the sum (the Loop's first level)
+        # slow decays: at T = 2,100, step t - 2,048 still changes the sum (the Loop's first level
+        # over chunk ends, builders.LOOP_FREE_STEPS)
         "decay": torch.tensor([0.999, 0.99, 0.9995, 0.995]).reshape(4, 1), "threshold": torch.tensor(1.0), "reset_scale": torch.tensor(1.0),
         "spike_scale": torch.tensor(1.0), "input_scale": torch.tensor(1.0), "v_init": torch.tensor(0.1), "syn_decay": torch.tensor(0.7),
         "i_init": torch.tensor(0.0), "prob_scale": torch.tensor(1.5), "prob_offset": torch.tensor(-1.0),
@@ -97,7 +115,7 @@ def test_reset_op_function_matches_torch(options):
         [onnx.numpy_helper.from_array(p.numpy(), n) for n, p in zip(options.param_names, params)],
     )
     session = _session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("psu", 1)], functions=[function]))
-    long = () if "learned" in (options.integration, options.estimate) else (256, 257, 600)  # past the unrolled levels
+    long = () if "learned" in (options.integration, options.estimate) else (256, 257, 600, 2049, 2100)  # past the unrolled levels
     for steps in (1, 2, 5, 33, *long):
         x = torch.rand(steps, 3, 4, 5) * 0.8
         expected = reset_neuron(x, params, options.key(), "L")

@@ -118,6 +118,42 @@ def doubling_level(b, v, pw, shift):
     return b.add_shifted(v, pw, shift), b.mul(pw, pw)
 
 
+#: steps a chunk of :func:`chunked_linear_scan` runs one after the other
+SCAN_CHUNK = 8
+#: ``linear_scan`` runs :func:`chunked_linear_scan` on ``[T, N]`` of at least this many
+#: elements and the plain doubling scan on smaller ones, whose cost is its nodes' count
+#: rather than their passes over memory (onnxruntime, 2-core AVX2 CPU, session 17: the
+#: chunked scan took 1.46x the doubling scan's time on 384 elements, 1.05x on 12,288,
+#: 0.89x on 16,384, 0.47x on 256,000 and 0.22x on 8,192,000)
+CHUNKED_SCAN_MIN_ELEMENTS = 16_384
+
+
+def chunked_linear_scan(b, y, decay):
+    """``v_t = decay * v_{t-1} + y_t`` (``v_{-1} = 0``) over ``y[T, N]`` in chunks of
+    ``L = SCAN_CHUNK`` steps, written once for both interpreters.
+
+    ``y`` is zero-padded to ``C = ceil(T / L)`` whole chunks, ``[C, L, N]``.  Inside every
+    chunk at once, the recurrence from zero: ``z_0 = y_0``, ``z_j = decay * z_{j-1} + y_j``
+    (``L - 1`` steps over ``[C, N]``).  Across chunks, the value at each chunk's end,
+    ``c_k = decay^L * c_{k-1} + z_{k, L-1}``, by the doubling scan over the ``C`` chunk ends
+    (:func:`doubling_level`, ``1 / L`` of the data).  Then ``v_{k, j} = z_{k, j} + decay^(j+1)
+    * c_{k-1}`` (``c_{-1} = 0``), the powers by repeated multiplication.  About five passes
+    over the run instead of the doubling scan's four per level (``log2 T`` levels), whose
+    memory traffic made ``--reset psu`` slower than the exact ``Scan`` on a CPU
+    (docs/ARCHITECTURE.md, "The reset ops' ONNX body").
+    """
+    steps = b.steps_of(y)
+    chunks = b.chunk_steps(y, SCAN_CHUNK)  # L values [C, 1, N]
+    local, powers = [chunks[0]], [decay]
+    for j in range(1, SCAN_CHUNK):
+        local.append(b.add(b.mul(decay, local[-1]), chunks[j]))
+        powers.append(b.mul(powers[-1], decay))
+    ends = b.doubling_scan(b.drop_chunk_step_axis(local[-1]), powers[-1])  # [C, N]
+    carried = b.add_chunk_step_axis(b.shift_time(ends, 1))  # [C, 1, N]: c_{k-1}, 0 for the first chunk
+    v = b.add(b.concat_chunk_steps(local), b.mul(b.stack_chunk_powers(powers), carried))
+    return b.unchunk_steps(v, steps)
+
+
 def _torch_sequence_ops(cls):
     def flatten_time(self, x):
         return x.reshape(x.shape[0], -1)
@@ -141,13 +177,44 @@ def _torch_sequence_ops(cls):
         steps = v.shape[0]
         return torch.cat([v[:shift], v[shift:] + pw * v[: max(steps - shift, 0)]])
 
-    def linear_scan(self, y, decay):
+    def doubling_scan(self, y, decay):
         """``v_t = decay * v_{t-1} + y_t`` (``v_{-1} = 0``) by :func:`doubling_level`."""
         v, pw, shift = y, decay, 1
         while shift < y.shape[0]:
             v, pw = doubling_level(self, v, pw, shift)
             shift *= 2
         return v
+
+    def linear_scan(self, y, decay):
+        """``v_t = decay * v_{t-1} + y_t`` (``v_{-1} = 0``) over ``y[T, N]``: chunked from
+        :data:`CHUNKED_SCAN_MIN_ELEMENTS` elements, else by doubling (the ONNX body chooses alike)."""
+        if y.numel() >= CHUNKED_SCAN_MIN_ELEMENTS:
+            return chunked_linear_scan(self, y, decay)
+        return self.doubling_scan(y, decay)
+
+    def steps_of(self, y):
+        return y.shape[0]
+
+    def chunk_steps(self, y, length: int):
+        """``y[T, N]`` zero-padded to whole chunks, as ``length`` values ``[C, 1, N]`` (step j of every chunk)."""
+        padded = torch.nn.functional.pad(y, (0, 0, 0, -y.shape[0] % length))
+        return list(padded.reshape(-1, length, y.shape[1]).split(1, dim=1))
+
+    def drop_chunk_step_axis(self, a):
+        return a.squeeze(1)
+
+    def add_chunk_step_axis(self, a):
+        return a.unsqueeze(1)
+
+    def concat_chunk_steps(self, parts):
+        return torch.cat(parts, dim=1)
+
+    def stack_chunk_powers(self, powers):
+        """``[L, N]`` (or ``[L, 1]`` for a scalar decay) from L per-neuron values."""
+        return torch.stack(powers).reshape(len(powers), -1)
+
+    def unchunk_steps(self, v, steps):
+        return v.reshape(-1, v.shape[2])[:steps]
 
     def learned_product(self, weight, bias, flat):
         """``(W[:T, :T] @ X) + b[:T]`` for a causal ``W`` of a fixed maximum T."""
@@ -182,10 +249,13 @@ def _i64(values) -> np.ndarray:
     return np.array(values, dtype=np.int64)
 
 
-#: doubling levels written out as nodes before the ONNX ``Loop`` takes over: T <= 256 runs
-#: no ``Loop`` iteration (measured: a PSU net at T = 256, 0.26 ms with the ``Loop`` for
-#: every level, 0.20 ms unrolled); a shorter T passes the extra levels as no-ops
+#: doubling levels written out as nodes before the ONNX ``Loop`` takes over: up to 256
+#: chunk ends run no ``Loop`` iteration (measured when the doubling ran over every step: a
+#: PSU net at T = 256, 0.26 ms with the ``Loop`` for every level, 0.20 ms unrolled); fewer
+#: pass the extra levels as no-ops
 UNROLLED_LEVELS = 8
+#: the longest T whose :func:`chunked_linear_scan` runs no ``Loop`` iteration
+LOOP_FREE_STEPS = SCAN_CHUNK * 2**UNROLLED_LEVELS
 
 
 def _onnx_sequence_ops(cls):
@@ -238,6 +308,46 @@ def _onnx_sequence_ops(cls):
         return self.node("Concat", [head, self.add(tail, self.mul(pw, earlier))], axis=0)
 
     def linear_scan(self, y, decay):
+        """An ``If`` on ``y``'s element count between :func:`chunked_linear_scan` and
+        :meth:`doubling_scan`, as the torch builder chooses."""
+        large = self.node("GreaterOrEqual", [self.node("Size", [y]), self.const_int(CHUNKED_SCAN_MIN_ELEMENTS)])
+        branches = {}
+        for key, program in (("then_branch", chunked_linear_scan), ("else_branch", lambda b, *a: b.doubling_scan(*a))):
+            branch = OnnxBuilder(self.fresh() + "_")
+            result = program(branch, y, decay)
+            branches[key] = helper.make_graph(branch.nodes, key, [], [helper.make_tensor_value_info(result, TensorProto.FLOAT, None)])
+        return self.node("If", [large], **branches)
+
+    def steps_of(self, y):
+        return self._steps(y)
+
+    def chunk_steps(self, y, length: int):
+        steps = self._steps(y)
+        size = self.const_array(_i64([length]))
+        pad = self.node("Mod", [self.node("Sub", [size, self.node("Mod", [steps, size])]), size])
+        pads = self.node("Concat", [self.const_array(_i64([0, 0])), pad, self.const_array(_i64([0]))], axis=0)
+        padded = self.node("Pad", [y, pads, self.const(0.0)], mode="constant")
+        chunked = self.node("Reshape", [padded, self.node("Concat", [self.const_array(_i64([-1, length])), self._shape(y, 1)], axis=0)])
+        return self.node("Split", [chunked], n_out=length, axis=1, num_outputs=length)
+
+    def drop_chunk_step_axis(self, a):
+        return self.node("Squeeze", [a, self.const_array(_i64([1]))])
+
+    def add_chunk_step_axis(self, a):
+        return self.node("Unsqueeze", [a, self.const_array(_i64([1]))])
+
+    def concat_chunk_steps(self, parts):
+        return self.node("Concat", parts, axis=1)
+
+    def stack_chunk_powers(self, powers):
+        rows = [self.node("Unsqueeze", [p, self.const_array(_i64([0]))]) for p in powers]
+        return self.node("Reshape", [self.node("Concat", rows, axis=0), self.const_array(_i64([len(powers), -1]))])
+
+    def unchunk_steps(self, v, steps):
+        flat = self.node("Reshape", [v, self.node("Concat", [self.const_array(_i64([-1])), self._shape(v, 2)], axis=0)])
+        return self.node("Slice", [flat, self.const_array(_i64([0])), steps, self.const_array(_i64([0]))])
+
+    def doubling_scan(self, y, decay):
         """The levels ``s < 2^UNROLLED_LEVELS`` of :func:`doubling_level` as plain nodes (a level
         with ``s >= T`` is a no-op), then one ONNX ``Loop`` over any further levels ``s < T``."""
         v, pw = y, decay

@@ -14,8 +14,10 @@ estimate ``Z`` that does not depend on ``U``, so every step is computed at once:
     r_t = sum_{j<t} d^(t-j)   Z_j            (reset_timing "same_step")
     U = u - c r;   spikes = g H(U - theta);   membrane = U ("pre") or U - theta H ("post")
 
-Both sums are first-order linear recurrences, solved by the log-depth doubling scan of
-:mod:`~psu_export.ops.builders` (no ``d^-T`` rescaling, so no overflow for long T); the
+Both sums are first-order linear recurrences, solved by ``linear_scan`` of
+:mod:`~psu_export.ops.builders` (in chunks of a few sequential steps joined by a log-depth
+doubling scan over the chunk ends, or, on small layers, by the doubling scan alone; no
+``d^-T`` rescaling, so no overflow for long T); the
 whole layer is written once, :func:`reset_layer`, against the builder interface, so the
 torch op, the trainable modules of :mod:`psu_export.psu` and the ONNX function body do the
 same float operations in the same order: torch and onnxruntime agree bit for bit.
