@@ -312,7 +312,7 @@ def _onnx_sequence_ops(cls):
         :meth:`doubling_scan`, as the torch builder chooses."""
         large = self.node("GreaterOrEqual", [self.node("Size", [y]), self.const_int(CHUNKED_SCAN_MIN_ELEMENTS)])
         branches = {}
-        for key, program in (("then_branch", chunked_linear_scan), ("else_branch", lambda b, *a: b.doubling_scan(*a))):
+        for key, program in (("then_branch", chunked_linear_scan), ("else_branch", type(self).doubling_scan)):
             branch = OnnxBuilder(self.fresh() + "_")
             result = program(branch, y, decay)
             branches[key] = helper.make_graph(branch.nodes, key, [], [helper.make_tensor_value_info(result, TensorProto.FLOAT, None)])
