@@ -65,10 +65,12 @@ def test_exact_sigmoid_is_close_and_bit_identical():
 
 @pytest.mark.parametrize("decay", [torch.tensor(0.9), torch.tensor([0.5, 0.99, 0.999, 1.0, 0.0])], ids=["scalar", "per-neuron"])
 def test_chunked_linear_scan_solves_the_recurrence(decay):
-    """``v_t = d v_{t-1} + y_t`` in chunks of SCAN_CHUNK steps: within float rounding of the
-    recursion in float64, at T below, at and across chunk boundaries."""
-    from psu_export.ops.builders import SCAN_CHUNK, TorchBuilder
+    """``v_t = d v_{t-1} + y_t`` in chunks of SCAN_CHUNK steps (and by doubling): within float
+    rounding of the recursion in float64, at T below, at and across chunk boundaries; and
+    ``linear_scan`` takes the chunked form from CHUNKED_SCAN_MIN_ELEMENTS elements."""
+    from psu_export.ops.builders import CHUNKED_SCAN_MIN_ELEMENTS, SCAN_CHUNK, TorchBuilder, chunked_linear_scan
 
+    b = TorchBuilder()
     torch.manual_seed(1)
     for steps in (1, SCAN_CHUNK - 1, SCAN_CHUNK, SCAN_CHUNK + 1, 300):
         y = torch.randn(steps, 5)
@@ -76,8 +78,11 @@ def test_chunked_linear_scan_solves_the_recurrence(decay):
         for t in range(steps):
             v = decay.double() * v + y[t].double()
             want.append(v)
-        got = TorchBuilder().linear_scan(y, decay)
-        np.testing.assert_allclose(got.double(), torch.stack(want), rtol=1e-5, atol=1e-5)
+        for got in (chunked_linear_scan(b, y, decay), b.doubling_scan(y, decay)):
+            np.testing.assert_allclose(got.double(), torch.stack(want), rtol=1e-5, atol=1e-5)
+    large = torch.randn(CHUNKED_SCAN_MIN_ELEMENTS // 5 + 1, 5)
+    assert torch.equal(b.linear_scan(large, decay), chunked_linear_scan(b, large, decay))
+    assert not torch.equal(chunked_linear_scan(b, large, decay), b.doubling_scan(large, decay))  # a different summation order
 
 
 OPTIONS = [
