@@ -289,7 +289,7 @@ def probe_input_kind(model: torch.nn.Module, neurons: list[NeuronModule], sample
         except Exception as exc:  # the model did not accept a single-step input
             errors.append(f"as [B, {', '.join(map(str, sample_shape))}]: {type(exc).__name__}: {exc}")
     if kind in ("auto", "sequence"):
-        layout = probe_sequence(calls, sample_shape, time_steps, batch_first, errors, lambda n1, n2: (n1, n2) == (time_steps, time_steps + 1))
+        layout = probe_sequence(calls, sample_shape, time_steps, batch_first, errors, lambda n1, n2, steps: (n1, n2) == (steps, steps + 1))
         if layout is not None:
             return layout
     raise UsageError(
@@ -299,20 +299,34 @@ def probe_input_kind(model: torch.nn.Module, neurons: list[NeuronModule], sample
     )
 
 
+#: a long sequence is probed at this many steps (and one more) first, then confirmed by one
+#: run at its own T, rather than run twice at full length (:func:`probe_sequence`)
+SHORT_PROBE_STEPS = 8
+
+
 def probe_sequence(count, sample_shape: tuple[int, ...], time_steps: int, batch_first: bool, errors: list[str], follows_time) -> InputLayout | None:
     """The sequence layout that ``count`` (per forward on an input) shows, or None (``errors`` say why).
 
-    Runs the model on ``[T, B, ...]`` and ``[T+1, B, ...]`` and, unless ``follows_time(n1, n2)``,
-    on a second batch size: a count that follows T is a loop over the input's time, one that
-    follows neither a loop of fixed length, and one that follows the batch size a loop over
-    the wrong axis (the input is then tried batch-first, ``[B, T, ...]``).
+    Runs the model on ``[T, B, ...]`` and ``[T+1, B, ...]`` and, unless ``follows_time(n1, n2,
+    T)``, on a second batch size: a count that follows T is a loop over the input's time, one
+    that follows neither a loop of fixed length, and one that follows the batch size a loop
+    over the wrong axis (the input is then tried batch-first, ``[B, T, ...]``).
+
+    Past ``2 * SHORT_PROBE_STEPS`` steps, a count that follows time at ``S`` and ``S + 1``
+    short steps (``n(S)``, ``n(S+1)``) and that one run at T confirms (``n(T) = n(S) + (T - S)
+    (n(S+1) - n(S))``, a loop over all of the input's steps) settles it: one eager run at full
+    length instead of two (100,000 steps of a Python loop take minutes).  Anything else,
+    an error at the short length included (a loop of fixed length indexing past it), falls
+    back to the runs at T.
     """
     batches = [b for b in (3, 5, 7) if b not in (time_steps, time_steps + 1)][:2]
     for batch_first_try in ((True,) if batch_first else (False, True)):
         trial = InputLayout("sequence", time_steps, True, sample_shape, batch_first_try)
+        if time_steps > 2 * SHORT_PROBE_STEPS and _follows_every_step(count, trial, batches[0], follows_time):
+            return trial
         try:
             n1, n2 = count(trial.example(batches[0])), count(trial.example(batches[0], time_steps + 1))
-            if follows_time(n1, n2):
+            if follows_time(n1, n2, time_steps):
                 return trial
             n3 = count(trial.example(batches[1]))
         except NotConvertibleError:
@@ -327,6 +341,17 @@ def probe_sequence(count, sample_shape: tuple[int, ...], time_steps: int, batch_
         else:
             errors.append(f"as {trial.describe()}: {n1} and {n2} neuron steps for T={time_steps} and T={time_steps + 1}")
     return None
+
+
+def _follows_every_step(count, trial: InputLayout, batch: int, follows_time) -> bool:
+    """Whether the count follows time at :data:`SHORT_PROBE_STEPS` (and one more) steps and
+    extrapolates to the count of one run at ``trial``'s own T (see :func:`probe_sequence`)."""
+    short = SHORT_PROBE_STEPS
+    try:
+        n1, n2 = count(trial.example(batch, short)), count(trial.example(batch, short + 1))
+        return follows_time(n1, n2, short) and count(trial.example(batch)) == n1 + (trial.time_steps - short) * (n2 - n1)
+    except Exception:  # noqa: BLE001 - the runs at full length decide, and say why
+        return False
 
 
 def _probe_multi_step(model, neurons, whole, sample_shape, time_steps, kind) -> InputLayout:

@@ -1320,7 +1320,7 @@ def _probe(model, sample_shape, time_steps, kind, batch_first=False) -> InputLay
             ran, any_spike_test = True, any_spike_test or n > 0
             return n
 
-        layout = probe_sequence(count, sample_shape, time_steps, batch_first, errors, lambda n1, n2: n2 > n1)
+        layout = probe_sequence(count, sample_shape, time_steps, batch_first, errors, lambda n1, n2, steps: n2 > n1)
         if layout is not None:
             if not layout.dynamic_time:  # the count is of spike tests; the steps are read from the capture
                 layout.time_steps = time_steps

@@ -65,6 +65,25 @@ class HeldStateLoopNet(LoopNet):
         return torch.stack(spikes, dim=0), torch.stack(mems, dim=0)
 
 
+class FixedLengthLoopNet(LoopNet):
+    """Reads ``x[t]`` for a fixed 30 steps, whatever the input's length (a shorter one fails)."""
+
+    steps = 30
+
+    def forward(self, x):
+        s1, s2 = self.lif1.init_leaky(), self.lif2.init_leaky()
+        spikes = []
+        for step in range(self.steps):
+            spk1, s1 = self.lif1(self.fc1(x[step]), s1)
+            spk2, s2 = self.lif2(self.fc2(spk1), s2)
+            spikes.append(spk2)
+        return torch.stack(spikes)
+
+
+def fixed_length_loop() -> nn.Module:
+    return _scaled(FixedLengthLoopNet(snn.Leaky(beta=0.8), snn.Leaky(beta=0.7)))
+
+
 def held_state_loop() -> nn.Module:
     return _scaled(HeldStateLoopNet(snn.Synaptic(alpha=0.6, beta=0.8), snn.Leaky(beta=0.7)))
 

@@ -138,6 +138,29 @@ def test_batch_first_loop_is_found_and_keeps_its_layout(tmp_path):
     assert conversion.verify(path, providers=("cpu",)).passed
 
 
+@pytest.mark.parametrize("make, batch_first", [(M.leaky_loop, False), (M.batch_first_loop, True)], ids=["time_first", "batch_first"])
+def test_a_long_sequence_runs_once_at_full_length_while_probing(make, batch_first, tmp_path):
+    """Probing a loop over 300 steps runs it at 8 and 9 steps, then once at 300 to confirm
+    that it loops over every step (not twice at 300 and 301: minutes at T = 100,000)."""
+    model = make()
+    axis = 1 if batch_first else 0
+    lengths = []
+    hook = model.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[axis]))
+    conversion = prepare(model, input_shape=(M.IN,), time_steps=300)
+    hook.remove()
+    assert conversion.layout.dynamic_time and conversion.layout.batch_first is batch_first
+    assert lengths.count(300) == 1 and 301 not in lengths, lengths
+    conversion.export(tmp_path / "m.onnx")
+    assert conversion.verify(tmp_path / "m.onnx", providers=("cpu",)).passed
+
+
+def test_a_loop_of_fixed_length_over_a_sequence_keeps_its_length(tmp_path):
+    """A loop over a fixed 30 of the input's steps fails on the short probe and is found by
+    the runs at full length: a sequence of fixed T."""
+    conversion, _ = _check(M.fixed_length_loop(), (M.IN,), 30, tmp_path)
+    assert (conversion.layout.kind, conversion.layout.dynamic_time, conversion.layout.time_steps) == ("sequence", False, 30)
+
+
 def test_step_module_driven_batch_first(tmp_path):
     """--batch-first on a single-step module: psu-export's own time loop runs over dim 1."""
     conversion, path = _check(M.synaptic_sequential(), (M.IN,), 8, tmp_path, batch_first=True)
