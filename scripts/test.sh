@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Set everything up, then run the test suite (pass pytest options through, e.g. -k snntorch).
+# Set everything up, then run the test suite (pass pytest options through, e.g. -k snntorch;
+# -n 0 runs it in one process, for -s or --pdb).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# one pytest-xdist worker per core, each test file on one worker (module fixtures run once)
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -n auto --dist loadfile "$@"
