@@ -152,7 +152,7 @@ def convert(model, out, weights, time_steps, input_shape, input_kind, trust_mode
 @click.argument("onnx_file", type=click.Path(dir_okay=False))
 @model_options
 @click.option("--data", type=click.Path(dir_okay=False), help="FILE.npz with array 'input' (and optional 'target').")
-@click.option("--batch", type=int, default=None, help="Batch size of the synthetic inputs  [default: 4; a --cuda-graph build's own].")
+@click.option("--batch", type=int, default=None, help="Batch size of the synthetic inputs  [default: 4, fewer past 25,000 steps (at most 100,000 sample-steps); a --cuda-graph build's own].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic inputs.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "all"]), default="all", show_default=True,
               help="onnxruntime provider(s); 'all' runs CUDA when available and lists it as unavailable otherwise.")

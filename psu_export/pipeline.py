@@ -108,14 +108,15 @@ class Conversion:
     def verify(self, onnx_path, data=None, batch: int | None = None, providers=("cpu", "cuda"), required_providers=(), seed: int = 0, extra_time_steps=True, progress=None, raster=None) -> ParityReport:
         """Compare original, rewrite and ONNX; ``required_providers`` fail when unavailable.
 
-        ``batch``: of the synthetic inputs (default 4; a ``--cuda-graph`` build's own batch).
+        ``batch``: of the synthetic inputs (default :func:`synthetic_batch`; a ``--cuda-graph``
+        build's own batch).
 
         ``raster``: also write a PNG spike raster of the original vs onnxruntime (CPU).
         """
         static = static_input_shape(check_onnx_matches(onnx_path, self))
         if static is not None:  # a --cuda-graph build runs at its own batch and T only
             batch, extra_time_steps = self._static_batch(static, onnx_path, batch), False
-        batch = batch or 4
+        batch = batch or synthetic_batch(self.layout.time_steps)
         x, target, described = self.inputs(data, batch, seed=seed)
         if static is not None and tuple(x.shape) != static:
             raise UsageError(f"{onnx_path} is a --cuda-graph build for inputs of shape {list(static)}; the --data input is {list(x.shape)}.")
@@ -229,9 +230,21 @@ class Conversion:
         return gaps
 
 
+#: verify's synthetic inputs hold 4 samples, fewer past 25,000 steps: at most this many
+#: sample-steps, since the original, the rewrite and onnxruntime each keep every layer's
+#: spikes over all of them (T = 100,000 at batch 4 took 3-4 GB on a 64-128-10 MLP)
+SYNTHETIC_SAMPLE_STEPS = 100_000
+
+
+def synthetic_batch(steps: int) -> int:
+    """The batch of verify's synthetic inputs at ``steps`` steps: 4, down to 1 at 100,000."""
+    return max(1, min(4, SYNTHETIC_SAMPLE_STEPS // steps))
+
+
 def other_time_steps(steps: int) -> list[int]:
-    """Sequence lengths besides the conversion T that verify also checks (shorter and longer)."""
-    return sorted({max(1, steps // 2), min(2 * steps + 1, steps + 64)} - {steps})
+    """Sequence lengths besides the conversion T that verify also checks: a shorter one
+    (T / 2, at most 1,000 steps: each check runs the original's loop again) and a longer one."""
+    return sorted({max(1, min(steps // 2, 1000)), min(2 * steps + 1, steps + 64)} - {steps})
 
 
 def _excuse_propagated_ties(result: ProviderResult) -> None:

@@ -1,8 +1,10 @@
 """Long sequences: an exported MLP runs 10,000 (default) and 100,000 (slow) steps in O(T)
-memory (no T x T matrix; peak RSS of the onnxruntime process < 2 GB) with exact spikes."""
+memory (no T x T matrix; peak RSS of the onnxruntime process < 2 GB) with exact spikes, and
+``psu-export convert`` at T = 100,000 (slow) stays under 2 GB, its parity check included."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -25,35 +27,47 @@ np.savez(opath, *out)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # kB on Linux
 """
 
+#: runs a command and prints the peak RSS of its process tree's largest process (kB)
+PEAK_RSS = r"""
+import resource, subprocess, sys
+code = subprocess.run(sys.argv[1:]).returncode
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+sys.exit(code)
+"""
+
 MODELS = {
     "subtract-reset": ("psu_export.models.ref_mlp:make_small_net", "scan"),
     "reset-free": ("psu_export.models.ref_mlp:make_small_reset_free_net", "closed_form"),
 }
 
 
-def _run_long(convert, tmp_path, model_key: str, steps: int, conversion_steps: int = 16):
-    """Convert, then run ``steps`` steps in an onnxruntime process of their own: peak RSS
-    under 2 GB, and the output layer fires sometimes.  Returns (conversion, path, x, outputs)."""
-    spec, algorithm = MODELS[model_key]
-    conversion, path = convert(spec, (64,), conversion_steps)
-    assert [s.algorithm.name for s in conversion.sites] == [algorithm if conversion_steps <= 64 else "scan"] * 2
-    x = torch.rand(steps, 1, 64, generator=torch.Generator().manual_seed(steps)) * 1.5
+def _run_onnx(path, x: torch.Tensor, tmp_path):
+    """``x`` through the file in an onnxruntime process of its own: its outputs, after
+    checking its peak RSS (< 2 GB) and that the output layer fires sometimes."""
     np.save(tmp_path / "x.npy", x.numpy())
     proc = subprocess.run([sys.executable, "-c", RUNNER, str(path), str(tmp_path / "x.npy"), str(tmp_path / "out.npz")],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     peak_mb = int(proc.stdout.strip().splitlines()[-1]) / 1024
-    print(f"{model_key} T={steps}: onnxruntime peak RSS {peak_mb:.0f} MB")
+    print(f"{path.name} T={x.shape[0]}: onnxruntime peak RSS {peak_mb:.0f} MB")
     assert peak_mb < 2048, f"peak RSS {peak_mb:.0f} MB"
     got = np.load(tmp_path / "out.npz")
-    assert got["arr_0"].shape == (steps, 1, 10)
+    assert got["arr_0"].shape == (x.shape[0], 1, 10)
     assert got["arr_0"].sum() > 0 and (got["arr_0"] == 0).any(), "test input should make the output layer fire sometimes"
-    return conversion, path, x, got
+    return got
+
+
+def _long_input(steps: int) -> torch.Tensor:
+    return torch.rand(steps, 1, 64, generator=torch.Generator().manual_seed(steps)) * 1.5
 
 
 @pytest.mark.parametrize("model_key", list(MODELS))
 def test_10k_steps_exact_and_linear_memory(convert, tmp_path, model_key):
-    conversion, _, x, got = _run_long(convert, tmp_path, model_key, 10_000)
+    spec, algorithm = MODELS[model_key]
+    conversion, path = convert(spec, (64,), 16)
+    assert [s.algorithm.name for s in conversion.sites] == [algorithm] * 2
+    x = _long_input(10_000)
+    got = _run_onnx(path, x, tmp_path)
     ref = reference_outputs(conversion.loaded.module, x, "sequence")
     assert np.array_equal(got["arr_0"], ref[0].numpy()), f"{int((got['arr_0'] != ref[0].numpy()).sum())} spikes differ"
     # the synaptic layers run batched over time (different GEMM blocking): membranes agree to float rounding
@@ -62,19 +76,31 @@ def test_10k_steps_exact_and_linear_memory(convert, tmp_path, model_key):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model_key", list(MODELS))
-def test_100k_steps_convert_and_verify(convert, tmp_path, model_key):
-    """Converted at T = 100,000 and verified there (verify runs the original, snnTorch's own
-    loop, itself).  Over 100k steps the batched Linear's rounding puts a few membranes within
-    float rounding of the threshold (measured: 5 ties in 1M neuron-steps, 44 later
-    differences in the same neurons, 183 downstream): verify must attribute every
-    difference to such a tie, and onnxruntime must match the rewrite exactly."""
-    conversion, path, x, _ = _run_long(convert, tmp_path, model_key, 100_000, conversion_steps=100_000)
+def test_100k_steps_convert_and_verify(tmp_path, model_key):
+    """``psu-export convert`` at T = 100,000, verifying on a 100,000-step input, in under 2
+    GB (the original's loop, the rewrite and onnxruntime each keep every layer's spikes).
+    Over 100k steps the batched Linear's rounding puts a few membranes within float rounding
+    of the threshold (measured: 5 ties in 1M neuron-steps, 44 later differences in the same
+    neurons, 183 downstream): verify must attribute every difference to such a tie, and
+    onnxruntime must match the rewrite exactly."""
+    spec, _ = MODELS[model_key]
+    x = _long_input(100_000)
     np.savez(tmp_path / "data.npz", input=x.numpy())
-    report = conversion.verify(path, data=tmp_path / "data.npz", providers=("cpu",)).to_json()
+    out, report_path = tmp_path / "model.onnx", tmp_path / "parity.json"
+    command = [sys.executable, "-m", "psu_export.cli", "convert", spec, str(out), "--input-shape", "64", "--time-steps", "100000",
+               "--data", str(tmp_path / "data.npz"), "--report", str(report_path)]
+    proc = subprocess.run([sys.executable, "-c", PEAK_RSS, *command], capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    peak_mb = int(proc.stdout.strip().splitlines()[-1]) / 1024
+    print(f"{model_key}: psu-export convert at T=100000 peak RSS {peak_mb:.0f} MB")
+    assert peak_mb < 2048, f"psu-export convert peak RSS {peak_mb:.0f} MB"
+    report = json.loads(report_path.read_text())
+    assert [s["algorithm"] for s in report["neuron_sites"]] == ["scan"] * 2  # past the closed form's 64 steps
     assert report["passed"], report
     assert report["export_spike_agreement"] == 1.0
     cpu = report["providers"]["cpu"]
     assert all(c["mismatches"] == c["float_ties"] + c["after_tie"] for c in cpu["layers"])
+    _run_onnx(out, x, tmp_path)
 
 
 def test_torch_closed_form_switches_to_scan_for_long_sequences():
