@@ -116,3 +116,12 @@ def test_torch_closed_form_switches_to_scan_for_long_sequences():
     got = closed_form_neuron(x, params, o.key(), "l")
     want = exact_neuron(x, params, o.key(), "l")
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_verify_bounds_its_synthetic_inputs_at_long_sequences():
+    """verify's synthetic inputs keep at most 100,000 sample-steps (batch 4 down to 1), and its
+    shorter extra check at most 1,000 steps: every check runs the original's loop again."""
+    from psu_export.pipeline import other_time_steps, synthetic_batch
+
+    assert [synthetic_batch(t) for t in (16, 25_000, 25_001, 50_000, 100_000, 300_000)] == [4, 4, 3, 2, 1, 1]
+    assert other_time_steps(16) == [8, 33] and other_time_steps(100_000) == [1_000, 100_064]
