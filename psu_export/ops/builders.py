@@ -143,7 +143,7 @@ def chunked_linear_scan(b, y, decay):
     (docs/ARCHITECTURE.md, "The reset ops' ONNX body").
     """
     steps = b.steps_of(y)
-    chunks = b.chunk_steps(y, SCAN_CHUNK)  # L values [C, 1, N]
+    chunks = b.chunk_steps(y, steps, SCAN_CHUNK)  # L values [C, 1, N]
     local, powers = [chunks[0]], [decay]
     for j in range(1, SCAN_CHUNK):
         local.append(b.add(b.mul(decay, local[-1]), chunks[j]))
@@ -195,9 +195,10 @@ def _torch_sequence_ops(cls):
     def steps_of(self, y):
         return y.shape[0]
 
-    def chunk_steps(self, y, length: int):
-        """``y[T, N]`` zero-padded to whole chunks, as ``length`` values ``[C, 1, N]`` (step j of every chunk)."""
-        padded = torch.nn.functional.pad(y, (0, 0, 0, -y.shape[0] % length))
+    def chunk_steps(self, y, steps, length: int):
+        """``y[T, N]`` (``steps``: its T) zero-padded to whole chunks, as ``length`` values
+        ``[C, 1, N]`` (step j of every chunk)."""
+        padded = torch.nn.functional.pad(y, (0, 0, 0, -steps % length))
         return list(padded.reshape(-1, length, y.shape[1]).split(1, dim=1))
 
     def drop_chunk_step_axis(self, a):
@@ -321,8 +322,7 @@ def _onnx_sequence_ops(cls):
     def steps_of(self, y):
         return self._steps(y)
 
-    def chunk_steps(self, y, length: int):
-        steps = self._steps(y)
+    def chunk_steps(self, y, steps, length: int):
         size = self.const_array(_i64([length]))
         pad = self.node("Mod", [self.node("Sub", [size, self.node("Mod", [steps, size])]), size])
         pads = self.node("Concat", [self.const_array(_i64([0, 0])), pad, self.const_array(_i64([0]))], axis=0)
