@@ -331,16 +331,17 @@ def exact_neuron(x: torch.Tensor, params: list[torch.Tensor], options: str, laye
     p = _param_dict(o, params)
     v, i = _initial_state(p, x.shape[1:])
     b = TorchBuilder()
-    spikes, membranes, currents = [], [], []
+    if x.shape[0] == 0:
+        return [torch.empty_like(x) for _ in range(o.n_outputs)]
+    out = []  # filled step by step (a list of steps stacked at the end would take twice the memory)
     for t in range(x.shape[0]):
         v, i, s = exact_step(b, o, p, v, i, x[t])
-        spikes.append(s)
-        membranes.append(v)
-        currents.append(i)
-    if not spikes:
-        return [torch.empty_like(x) for _ in range(o.n_outputs)]
-    out = [torch.stack(spikes), torch.stack(membranes)]
-    return out + [torch.stack(currents)] if o.two_state else out
+        values = (s, v, i)[:o.n_outputs]
+        if not out:
+            out = [value.new_empty((x.shape[0], *value.shape)) for value in values]
+        for sequence, value in zip(out, values):
+            sequence[t] = value
+    return out
 
 
 @exact_neuron.register_fake
