@@ -25,6 +25,7 @@ from .find import NeuronSite, TimeLoop, find_sites, mark_time_length_args
 from .loading import LoadedModel, load_model
 from .rewrite import ParallelModel, rewrite
 from .verify import (
+    TIE_RTOL,
     ParityReport,
     ProviderResult,
     ProviderUnavailable,
@@ -40,6 +41,18 @@ from .verify import (
 #: ``--reset`` modes (DESIGN.md section 3): exact; psu = the paper's probabilistic reset;
 #: stochastic = Bernoulli samples of it from the seeded hash RNG
 MODES = ("exact", "psu", "stochastic")
+
+
+@dataclass
+class VerifyInputs:
+    """The inputs of one parity check: ``--data`` (with its targets) or synthetic, and the
+    original's :func:`~psu_export.verify.run_original` on them (synthetic inputs come with
+    it, being chosen by running it; verify runs it on ``--data``)."""
+
+    x: torch.Tensor
+    target: torch.Tensor | None
+    described: str
+    reference: tuple | None = None
 
 
 @dataclass
@@ -94,16 +107,16 @@ class Conversion:
             for key in ("prob_scale", "prob_offset"):
                 getattr(self.parallel, f"site{by_name[name]}_{key}").fill_(float(values[key]))
 
-    def inputs(self, data=None, batch: int = 4, time_steps: int | None = None, seed: int = 0):
-        """(input, target, description): ``--data`` or seeded synthetic inputs that make neurons fire."""
+    def inputs(self, data=None, batch: int = 4, time_steps: int | None = None, seed: int = 0) -> VerifyInputs:
+        """``--data`` or seeded synthetic inputs that make neurons fire (with the original's run on them)."""
         if data is not None:
             x, target = load_data(data, self.layout)
-            return x, target, f"data:{Path(data).name}"
+            return VerifyInputs(x, target, f"data:{Path(data).name}")
         if not self.captured.dynamic_batch:
             batch = 2
         steps = time_steps or self.layout.time_steps
-        x = synthetic_inputs(self.loaded.module, self.neurons, self.layout, batch, steps, seed)
-        return x, None, f"synthetic(seed={seed}, batch={batch}, T={steps})"
+        x, reference = synthetic_inputs(self.loaded.module, self.neurons, self.layout, batch, steps, seed)
+        return VerifyInputs(x, None, f"synthetic(seed={seed}, batch={batch}, T={steps})", reference)
 
     def verify(self, onnx_path, data=None, batch: int | None = None, providers=("cpu", "cuda"), required_providers=(), seed: int = 0, extra_time_steps=True, progress=None, raster=None) -> ParityReport:
         """Compare original, rewrite and ONNX; ``required_providers`` fail when unavailable.
@@ -117,49 +130,53 @@ class Conversion:
         if static is not None:  # a --cuda-graph build runs at its own batch and T only
             batch, extra_time_steps = self._static_batch(static, onnx_path, batch), False
         batch = batch or synthetic_batch(self.layout.time_steps)
-        x, target, described = self.inputs(data, batch, seed=seed)
+        inputs = self.inputs(data, batch, seed=seed)
+        x = inputs.x
         if static is not None and tuple(x.shape) != static:
             raise UsageError(f"{onnx_path} is a --cuda-graph build for inputs of shape {list(static)}; the --data input is {list(x.shape)}.")
+        if inputs.reference is None:  # --data: the original has not run on them yet
+            inputs.reference = run_original(self.loaded.module, self.neurons, self.layout, x)
         if raster:
-            self.write_raster(onnx_path, x, raster)
-        rewrite_result, provider_results = self._compare(onnx_path, x, providers, required_providers, cuda_graph=static is not None)
+            self.write_raster(onnx_path, inputs, raster)
+        rewrite_result, provider_results = self._compare(onnx_path, inputs, providers, required_providers, cuda_graph=static is not None)
         report = ParityReport(
             mode=self.mode,
             time_steps=self.layout.time_steps if self.layout.time_axis is None else int(x.shape[self.layout.time_axis]),
             batch=int(x.shape[self.layout.batch_axis]),
-            inputs=described,
+            inputs=inputs.described,
             rewrite=rewrite_result,
             providers=provider_results,
             neuron_sites=[site.to_json() for site in self.sites],
             notes=list(self.captured.notes) + (["static --cuda-graph build: the CUDA run is replayed as a CUDA graph"] if static else []),
         )
-        if extra_time_steps and self.layout.dynamic_time and data is None:
-            for steps in other_time_steps(self.layout.time_steps):
-                if progress:
-                    progress(f"checking T={steps}")
-                x2, _, _ = self.inputs(None, batch, time_steps=steps, seed=seed + steps)
-                rw, prov = self._compare(onnx_path, x2, ("cpu",))
-                report.extra_checks.append({
-                    "time_steps": steps,
-                    "passed": rw.passed and all(p.passed for p in prov),
-                    "spike_agreement": prov[0].summary()["spike_agreement"] if prov else None,
-                    "max_abs_error": prov[0].summary()["max_abs_error"] if prov else None,
-                })
-        if target is not None:
-            report.accuracy = accuracies(self, x, target)
+        if inputs.target is not None:
+            report.accuracy = accuracies(self, inputs)
             if "original" in report.accuracy:
                 report.notes.append(f"original model accuracy on --data targets: {report.accuracy['original']:.4f}")
             else:
                 report.notes.append("target given, but the first output has no per-sample classes")
             if self.mode != "exact" and "converted" in report.accuracy:
                 report.notes.append(f"converted model accuracy (--reset {self.mode}, informative): {report.accuracy['converted']:.4f}")
+        del inputs, x  # the records of this check go before the next ones
+        if extra_time_steps and self.layout.dynamic_time and data is None:
+            for steps in other_time_steps(self.layout.time_steps):
+                if progress:
+                    progress(f"checking T={steps}")
+                rw, prov = self._compare(onnx_path, self.inputs(None, batch, time_steps=steps, seed=seed + steps), ("cpu",))
+                report.extra_checks.append({
+                    "time_steps": steps,
+                    "passed": rw.passed and all(p.passed for p in prov),
+                    "spike_agreement": prov[0].summary()["spike_agreement"] if prov else None,
+                    "max_abs_error": prov[0].summary()["max_abs_error"] if prov else None,
+                })
         return report
 
-    def write_raster(self, onnx_path, x, path) -> None:
+    def write_raster(self, onnx_path, inputs: VerifyInputs, path) -> None:
+        """A PNG spike raster of the original's run in ``inputs`` against onnxruntime's (cpu)."""
         from .raster import write_raster
 
-        _, reference = run_original(self.loaded.module, self.neurons, self.layout, x)
-        _, converted = run_onnx(*onnx_with_layer_outputs(onnx_path), x.numpy(), "cpu")
+        _, reference = inputs.reference
+        _, converted = run_onnx(*onnx_with_layer_outputs(onnx_path), inputs.x.numpy(), "cpu")
         write_raster(path, reference, converted, f"original vs onnxruntime ({Path(onnx_path).name}, {self.mode} mode)")
 
     def _static_batch(self, static: tuple[int, ...], onnx_path, batch) -> int:
@@ -171,18 +188,25 @@ class Conversion:
             raise UsageError(f"{onnx_path} is a --cuda-graph build for batch {static[self.layout.batch_axis]}; leave out --batch or give that.")
         return static[self.layout.batch_axis]
 
-    def _compare(self, onnx_path, x, providers, required=(), cuda_graph: bool = False):
-        """Original vs rewrite vs onnxruntime on ``x``; ``cuda_graph``: the CUDA run replays a CUDA graph."""
+    def _compare(self, onnx_path, inputs: VerifyInputs, providers, required=(), cuda_graph: bool = False):
+        """Original vs rewrite vs onnxruntime on ``inputs``; ``cuda_graph``: the CUDA run replays a CUDA graph."""
         time_first = self.layout.batch_axis == 1  # the outputs' layout; layer spikes are always [T, B, ...]
-        ref_out, ref_layers = run_original(self.loaded.module, self.neurons, self.layout, x)
-        par_out, par_layers = run_parallel(self.parallel, x)
+        x = inputs.x
+        ref_out, ref_layers = inputs.reference
         # ties are excused against onnxruntime too: its GEMM / conv / MatMul may round in the
         # last bit differently from torch's (library-specific summation order)
-        gaps = self._threshold_gaps()
+        near: dict[str, torch.Tensor] = {}
+
+        def tie_candidates(index, cur, params, outputs):
+            gap = self._threshold_gap(index, cur, params, outputs)
+            if gap is not None:
+                near[self.parallel.sites[index].name] = gap <= TIE_RTOL
+
+        par_out, par_layers = run_parallel(self.parallel, x, observe=tie_candidates)
         approximate = self.mode != "exact"
         rewrite_result = ProviderResult("torch-parallel", approximate=approximate)
         rewrite_result.outputs = [compare_tensors(f"output{i}", r, p, time_first) for i, (r, p) in enumerate(zip(ref_out, par_out))]
-        rewrite_result.layers = [compare_tensors(name, ref_layers[name], par_layers[name], True, gaps.get(name)) for name in par_layers if name in ref_layers]
+        rewrite_result.layers = [compare_tensors(name, ref_layers[name], par_layers[name], True, near.get(name)) for name in par_layers if name in ref_layers]
         _excuse_propagated_ties(rewrite_result)
         model_bytes, layer_outputs, n_outputs = onnx_with_layer_outputs(onnx_path)
         results = []
@@ -204,30 +228,29 @@ class Conversion:
             if len(onnx_out) != len(ref_out):
                 result.error = f"the ONNX model has {len(onnx_out)} outputs, the original {len(ref_out)}"
             result.outputs = [compare_tensors(f"output{i}", r, o, time_first) for i, (r, o) in enumerate(zip(ref_out, onnx_out))]
-            result.layers = [compare_tensors(name, ref_layers[name], onnx_layers[name], True, gaps.get(name)) for name in onnx_layers if name in ref_layers]
-            result.export_layers = [compare_tensors(name, par_layers[name], onnx_layers[name], True, gaps.get(name)) for name in onnx_layers if name in par_layers]
+            result.layers = [compare_tensors(name, ref_layers[name], onnx_layers[name], True, near.get(name)) for name in onnx_layers if name in ref_layers]
+            result.export_layers = [compare_tensors(name, par_layers[name], onnx_layers[name], True, near.get(name)) for name in onnx_layers if name in par_layers]
             if approximate:
                 result.export_outputs = [compare_tensors(f"output{i}", p, o, time_first) for i, (p, o) in enumerate(zip(par_out, onnx_out))]
             _excuse_propagated_ties(result)
             results.append(result)
         return rewrite_result, results
 
-    def _threshold_gaps(self) -> dict[str, torch.Tensor]:
-        """Per layer, |v - threshold| (relative) where v is the value the spike was decided on."""
-        gaps = {}
-        for site, options in zip(self.parallel.sites, self.parallel.site_options):
-            spec = site.spec
-            if spec.reset_timing == "previous_step" or spec.reset == "none" or site.algorithm.name == "psu_module":
-                membrane = self.parallel.site_outputs[site.name][1]  # the value the spike was decided on
-                theta = spec.threshold
-                gaps[site.name] = (membrane - theta).abs() / torch.clamp(theta.abs(), min=1.0)
-            elif spec.reset_timing == "same_step" and site.algorithm.name == "scan" and site.name in getattr(self.parallel, "site_inputs", {}):
-                from .ops.neuron import charged_values
+    def _threshold_gap(self, index: int, cur: torch.Tensor, params: list[torch.Tensor], outputs: list[torch.Tensor]) -> torch.Tensor | None:
+        """|v - threshold| (relative) of site ``index``'s kernel call, where v is the value each
+        spike was decided on; None where it cannot be told (approximate reset modes)."""
+        site, options = self.parallel.sites[index], self.parallel.site_options[index]
+        spec = site.spec
+        if spec.reset_timing == "previous_step" or spec.reset == "none" or site.algorithm.name == "psu_module":
+            decided_on = outputs[1]  # the membrane
+        elif spec.reset_timing == "same_step" and site.algorithm.name == "scan":
+            from .ops.neuron import charged_values
 
-                x, params = self.parallel.site_inputs[site.name]  # the kernel's parameters, for its options
-                charged = charged_values(options, params, x, self.parallel.site_outputs[site.name])
-                gaps[site.name] = (charged - spec.threshold).abs() / torch.clamp(spec.threshold.abs(), min=1.0)
-        return gaps
+            decided_on = charged_values(options, params, cur, outputs)  # with the kernel's own options
+        else:
+            return None
+        theta = spec.threshold
+        return torch.sub(decided_on, theta).abs_().div_(torch.clamp(theta.abs(), min=1.0))
 
 
 #: verify's synthetic inputs hold 4 samples, fewer past 25,000 steps: at most this many
@@ -264,19 +287,20 @@ def _excuse_propagated_ties(result: ProviderResult) -> None:
             tie_upstream = tie_upstream or c.float_ties > 0
 
 
-def accuracies(conversion: Conversion, x, target) -> dict[str, float]:
-    """Accuracy of the original and (approximate modes) of the rewritten model on ``target``."""
+def accuracies(conversion: Conversion, inputs: VerifyInputs) -> dict[str, float]:
+    """Accuracy of the original (its run in ``inputs``) and, in approximate modes, of the
+    rewritten model on ``inputs.target``."""
     from .verify import _argmax_classes
 
     time_first = conversion.layout.batch_axis == 1
-    out = {}
-    runs = [("original", lambda: run_original(conversion.loaded.module, conversion.neurons, conversion.layout, x)[0])]
+    outputs = {"original": inputs.reference[0][0]}
     if conversion.mode != "exact":
-        runs.append(("converted", lambda: run_parallel(conversion.parallel, x)[0]))
-    for name, run in runs:
-        classes = _argmax_classes(run()[0], time_first)
-        if classes is not None and classes.shape[0] == target.shape[0]:
-            out[name] = float((classes == target.long()).float().mean())
+        outputs["converted"] = run_parallel(conversion.parallel, inputs.x)[0][0]
+    out = {}
+    for name, output in outputs.items():
+        classes = _argmax_classes(output, time_first)
+        if classes is not None and classes.shape[0] == inputs.target.shape[0]:
+            out[name] = float((classes == inputs.target.long()).float().mean())
     return out
 
 

@@ -16,6 +16,7 @@ modules), and exports to ONNX with one ``psu`` node per neuron layer.
 from __future__ import annotations
 
 import operator
+from typing import Callable
 
 import torch
 from torch import fx
@@ -111,10 +112,10 @@ class ParallelModel(torch.nn.Module):
         self._suffix_refs = {node: self._plan_suffix_args(node) for node in loop.suffix if node.op != "output"}
         self._input = next(n for n in captured.graph_module.graph.nodes if n.op == "placeholder")
         self._check_output_reads()
-        #: per site, the kernel outputs of the last eager call (for per-layer parity)
-        self.site_outputs: dict[str, list[torch.Tensor]] = {}
-        #: per site, the kernel input and parameters of the last eager call (for telling float ties)
-        self.site_inputs: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        #: called after each site's kernel as ``site_observer(index, input, parameters,
+        #: outputs)`` (per-layer parity: :func:`~psu_export.verify.run_parallel`); it keeps
+        #: what it needs, the rest of a layer's values over all steps is freed as usual
+        self.site_observer: Callable[[int, torch.Tensor, list[torch.Tensor], list[torch.Tensor]], None] | None = None
 
     def _site_kernel(self, site: NeuronSite):
         """The options and parameters of the op that computes ``site``."""
@@ -310,8 +311,8 @@ class ParallelModel(torch.nn.Module):
                 params["v_init" if role == "membrane" else "i_init"] = value
         op = {"closed_form": closed_form_neuron, "scan": exact_neuron}.get(site.algorithm.name, reset_neuron)
         outputs = op(cur, [params[n] for n in options.param_names], options.key(), site.name)
-        self.site_outputs[site.name] = outputs
-        self.site_inputs[site.name] = (cur, [params[n] for n in options.param_names])
+        if self.site_observer is not None:
+            self.site_observer(index, cur, [params[n] for n in options.param_names], outputs)
         by_role = {"spikes": outputs[0], "membrane": outputs[1]}
         if options.two_state:
             by_role["current"] = outputs[2]

@@ -49,8 +49,13 @@ def use_shared_thread_pool(threads: int = 0) -> bool:
     return _SHARED_POOL["on"]
 
 
-def make_session(model, provider: str = "cpu", threads: int = 0, fallback_to_cpu: bool = False, cuda_graph: bool = False):
+def make_session(model, provider: str = "cpu", threads: int = 0, fallback_to_cpu: bool = False, cuda_graph: bool = False,
+                 memory_arena: bool = True):
     """A session on ``provider`` (``model``: path or serialized bytes), all graph optimisations.
+
+    ``memory_arena=False``: host memory without onnxruntime's arena, for a single run of a
+    long sequence (the arena keeps every intermediate's block while any output lives:
+    1.38 GB against 0.80 GB for a 784-1000-10 MLP at 100,000 sample-steps).
 
     ``fallback_to_cpu`` lets onnxruntime place nodes the provider lacks on the CPU; parity
     checks leave it off so a provider is never silently replaced.  ``cuda_graph``: record
@@ -62,6 +67,7 @@ def make_session(model, provider: str = "cpu", threads: int = 0, fallback_to_cpu
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    options.enable_cpu_mem_arena = memory_arena
     if _SHARED_POOL.get("on"):
         options.use_per_session_threads = False  # the process-wide pool (its size set once)
     elif threads:

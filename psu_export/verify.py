@@ -48,13 +48,24 @@ def _as_tuple(out) -> tuple[torch.Tensor, ...]:
     return tuple(t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
 
 
+def spike_record(t: torch.Tensor) -> torch.Tensor:
+    """A copy of a layer's output kept for comparison: bool where every value is 0 or 1 (a
+    quarter of float32's memory; at T = 100,000 a 1,000-neuron layer's record is 100 MB
+    instead of 400), else the values themselves.  Records of steps stack to float where
+    any step is not 0 / 1 (``torch.stack`` promotes)."""
+    if t.dtype != torch.bool and bool(torch.all((t == 0) | (t == 1))):
+        return t.to(torch.bool)
+    return t.clone()
+
+
 def run_original(model: torch.nn.Module, neurons: list[NeuronModule], layout: InputLayout, x: torch.Tensor):
-    """The framework's own sequential run; returns (outputs, {layer: spikes [T, B, ...]}) (spiking layers)."""
+    """The framework's own sequential run; returns (outputs, {layer: spikes [T, B, ...]}) (spiking
+    layers, as :func:`spike_record`)."""
     spikes: dict[str, list[torch.Tensor]] = {n.name: [] for n in neurons}
     handles = []
     for n in (n for n in neurons if n.converter.call_convention(n.module).returns_spikes):
         def hook(module, args, out, _name=n.name):
-            spikes[_name].append((out[0] if isinstance(out, (tuple, list)) else out).detach().clone())
+            spikes[_name].append(spike_record((out[0] if isinstance(out, (tuple, list)) else out).detach()))
         handles.append(n.module.register_forward_hook(hook))
     reset_neurons(neurons)
     try:
@@ -67,10 +78,25 @@ def run_original(model: torch.nn.Module, neurons: list[NeuronModule], layout: In
     return _as_tuple(out), {n.name: n.over_time(spikes[n.name]) for n in neurons if spikes[n.name]}
 
 
-def run_parallel(parallel, x: torch.Tensor):
-    with torch.no_grad():
-        out = parallel(x)
-    return _as_tuple(out), {name: outs[0] for name, outs in parallel.site_outputs.items()}
+def run_parallel(parallel, x: torch.Tensor, observe=None):
+    """The rewritten model's run; returns (outputs, {layer: spikes}) (as :func:`spike_record`).
+
+    ``observe(index, input, parameters, outputs)`` also sees each site's kernel call (a
+    layer's values over all steps: keep only what is needed, at long T they are large)."""
+    spikes = {}
+
+    def record(index, cur, params, outputs):
+        spikes[parallel.sites[index].name] = spike_record(outputs[0])
+        if observe is not None:
+            observe(index, cur, params, outputs)
+
+    parallel.site_observer = record
+    try:
+        with torch.no_grad():
+            out = parallel(x)
+    finally:
+        parallel.site_observer = None
+    return _as_tuple(out), spikes
 
 
 def onnx_with_layer_outputs(path) -> tuple[bytes, dict[str, str], int]:
@@ -103,7 +129,8 @@ def run_onnx(model_bytes: bytes, layer_outputs: dict[str, str], n_outputs: int, 
     if not provider_available(provider):
         available = ", ".join(ort.get_available_providers())
         raise ProviderUnavailable(f"{PROVIDERS[provider]} is not available in this onnxruntime (available: {available})")
-    session = make_session(model_bytes, provider, cuda_graph=cuda_graph)
+    # one run: no host memory arena (the cuda provider's sessions stay as they were checked on a GPU)
+    session = make_session(model_bytes, provider, cuda_graph=cuda_graph, memory_arena=provider != "cpu")
     if PROVIDERS[provider] not in session.get_providers():
         raise ProviderUnavailable(f"onnxruntime could not start {PROVIDERS[provider]}")
     names = [o.name for o in session.get_outputs()]
@@ -115,7 +142,7 @@ def run_onnx(model_bytes: bytes, layer_outputs: dict[str, str], n_outputs: int, 
         values = session.run(None, {session.get_inputs()[0].name: x})
     by_name = dict(zip(names, values))
     outputs = tuple(torch.from_numpy(np.asarray(v)) for v in values[:n_outputs])
-    layers = {layer: torch.from_numpy(np.asarray(by_name[out])) for layer, out in layer_outputs.items()}
+    layers = {layer: spike_record(torch.from_numpy(np.asarray(by_name[out]))) for layer, out in layer_outputs.items()}
     return outputs, layers
 
 
@@ -127,6 +154,8 @@ class ProviderUnavailable(Exception):
 
 
 def _is_binary(t: torch.Tensor) -> bool:
+    if t.dtype == torch.bool:
+        return t.numel() > 0
     return t.numel() > 0 and bool(torch.all((t == 0) | (t == t.abs().max())))
 
 
@@ -134,7 +163,10 @@ def _argmax_classes(t: torch.Tensor, time_first: bool) -> torch.Tensor | None:
     if t.dim() < 2:
         return None
     if t.dim() >= 3 and time_first:
-        t = t.sum(0)
+        # a bool sum first copies all of it to int64 (800 MB for a 100 MB record): in chunks
+        t = sum(steps.sum(0, dtype=torch.int32) for steps in t.split(1024)) if t.dtype == torch.bool else t.sum(0)
+    if t.dtype == torch.bool:
+        t = t.float()
     return t.reshape(t.shape[0], -1).argmax(-1) if t.dim() > 2 else t.argmax(-1)
 
 
@@ -153,36 +185,40 @@ class Comparison:
     passed: bool = True
 
 
-def compare_tensors(name: str, ref: torch.Tensor, got: torch.Tensor, time_first: bool, threshold_gap: torch.Tensor | None = None) -> Comparison:
-    """``ref`` against ``got``; a binary ``ref`` is compared as spikes, differences at a
-    ``threshold_gap`` within :data:`TIE_RTOL` counted as float ties (and, time-first, the same
-    neuron's later differences as following from them).  Temporaries stay at a few bytes an
-    element: at T = 100,000 a layer's record is hundreds of MB."""
-    ref, got = ref.float(), got.float()
+def compare_tensors(name: str, ref: torch.Tensor, got: torch.Tensor, time_first: bool, near_threshold: torch.Tensor | None = None) -> Comparison:
+    """``ref`` against ``got``; a binary ``ref`` is compared as spikes, differences where
+    ``near_threshold`` (bool: the membrane within :data:`TIE_RTOL` of the threshold) counted
+    as float ties (and, time-first, the same neuron's later differences as following from
+    them).  Temporaries stay at a few bytes an element: at T = 100,000 a layer's record is
+    hundreds of MB."""
+    if ref.dtype != got.dtype:  # a record of spikes against one of other values
+        ref, got = ref.float(), got.float()
     if ref.shape != got.shape:
         return Comparison(name, spike_agreement=0.0, max_abs_error=float("inf"), argmax_agreement=0.0, mismatches=ref.numel(), passed=False)
-    err = float(torch.sub(ref, got).abs_().max()) if ref.numel() else 0.0
-    c = Comparison(name, max_abs_error=err)
+    c = Comparison(name)
     ref_classes, got_classes = _argmax_classes(ref, time_first), _argmax_classes(got, time_first)
     if ref_classes is not None:
         c.argmax_agreement = float((ref_classes == got_classes).float().mean())
     if _is_binary(ref):
         differ = ref != got
-        c.mismatches = int(differ.sum())
+        c.mismatches = int(torch.count_nonzero(differ))
         c.spike_agreement = 1.0 - c.mismatches / ref.numel()
-        if threshold_gap is not None and threshold_gap.shape == ref.shape and c.mismatches:
-            ties = differ & (threshold_gap <= TIE_RTOL)
-            c.float_ties = int(ties.sum())
+        c.max_abs_error = float(c.mismatches > 0) if ref.dtype == torch.bool else float(torch.sub(ref, got).abs_().max())
+        if near_threshold is not None and near_threshold.shape == ref.shape and c.mismatches:
+            ties = differ & near_threshold
+            c.float_ties = int(torch.count_nonzero(ties))
             if time_first and ref.dim() >= 2 and c.float_ties:
                 # a flipped spike changes that neuron's own later membrane (a reset more or
                 # less): its later differences follow from the tie (argmax: the first one)
                 first_tie = torch.where(ties.any(0), ties.to(torch.uint8).argmax(0), ref.shape[0])
                 steps = torch.arange(ref.shape[0]).view(-1, *[1] * (ref.dim() - 1))
-                c.after_tie = int((differ & ~ties & (steps > first_tie)).sum())
+                later = steps > first_tie
+                c.after_tie = int(torch.count_nonzero(later.logical_and_(differ.logical_xor_(ties))))  # differ ^ ties: not ties
         c.passed = c.mismatches == c.float_ties + c.after_tie
     else:
+        c.max_abs_error = float(torch.sub(ref, got).abs_().max()) if ref.numel() else 0.0
         scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
-        c.passed = err <= OUTPUT_RTOL * scale
+        c.passed = c.max_abs_error <= OUTPUT_RTOL * scale
     return c
 
 
@@ -329,16 +365,18 @@ def load_data(path, layout: InputLayout) -> tuple[torch.Tensor, torch.Tensor | N
     return torch.from_numpy(x), (torch.from_numpy(target) if target is not None else None)
 
 
-def synthetic_inputs(model, neurons, layout: InputLayout, batch: int, time_steps: int, seed: int = 0) -> torch.Tensor:
-    """Seeded uniform inputs, scaled up until every neuron layer fires (or the largest scale)."""
-    gen = torch.Generator().manual_seed(seed)
-    base = layout.example(batch, time_steps, generator=gen)
-    chosen = base
-    for scale in (1.0, 2.0, 4.0, 8.0, 16.0):
-        x = base * scale
-        _, spikes = run_original(model, neurons, layout, x)
-        rates = [float((s != 0).float().mean()) for s in spikes.values()]
-        chosen = x
+def synthetic_inputs(model, neurons, layout: InputLayout, batch: int, time_steps: int, seed: int = 0):
+    """Seeded uniform inputs, scaled up until every neuron layer fires (or the largest scale).
+
+    Returns (inputs, the original's :func:`run_original` on them): verify compares against
+    that run rather than running the original's loop again."""
+    x = layout.example(batch, time_steps, generator=torch.Generator().manual_seed(seed))
+    for scale in (1, 2, 4, 8, 16):
+        if scale > 1:
+            reference = None  # the last run's records go before the next run keeps its own
+            x.mul_(2.0)  # in place (exact): one copy of a long input
+        reference = run_original(model, neurons, layout, x)
+        rates = [int(torch.count_nonzero(s)) / max(1, s.numel()) for s in reference[1].values()]
         if rates and min(rates) > 0.01:
             break
-    return chosen
+    return x, reference

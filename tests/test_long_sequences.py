@@ -125,3 +125,52 @@ def test_verify_bounds_its_synthetic_inputs_at_long_sequences():
 
     assert [synthetic_batch(t) for t in (16, 25_000, 25_001, 50_000, 100_000, 300_000)] == [4, 4, 3, 2, 1, 1]
     assert other_time_steps(16) == [8, 33] and other_time_steps(100_000) == [1_000, 100_064]
+
+
+def test_verify_keeps_spike_records_as_bools(tmp_path):
+    """verify holds every layer's output over all steps for the original, the rewrite and
+    onnxruntime: 0 / 1 spikes are kept as bools (a quarter of float32: 100 MB, not 400, for a
+    1,000-neuron layer at 100,000 steps), other values as they are, also where only some
+    steps are 0 / 1 (a record's steps stack to float)."""
+    from psu_export.pipeline import prepare
+    from psu_export.verify import onnx_with_layer_outputs, run_onnx, run_parallel, spike_record
+
+    spikes = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
+    assert spike_record(spikes).dtype == torch.bool and torch.equal(spike_record(spikes).float(), spikes)
+    graded = torch.tensor([[0.0, 2.5]])
+    assert torch.equal(spike_record(graded), graded) and spike_record(graded) is not graded  # a copy
+    steps = torch.stack([spike_record(torch.zeros(1, 2)), spike_record(graded)])  # a quiet step, then a graded one
+    assert steps.dtype == torch.float32 and torch.equal(steps, torch.stack([torch.zeros(1, 2), graded]))
+
+    conversion = prepare("psu_export.models.ref_mlp:make_small_net", input_shape=(64,), time_steps=12)
+    inputs = conversion.inputs(batch=2)
+    path = conversion.export(tmp_path / "m.onnx").path
+    records = {
+        "original": inputs.reference[1],
+        "rewrite": run_parallel(conversion.parallel, inputs.x)[1],
+        "onnxruntime": run_onnx(*onnx_with_layer_outputs(path), inputs.x.numpy(), "cpu")[1],
+    }
+    for run, layers in records.items():
+        assert len(layers) == 2 and all(r.dtype == torch.bool and r.shape[:2] == (12, 2) for r in layers.values()), (run, layers)
+        assert all(r.any() for r in layers.values()), f"{run}: the inputs should make every layer fire"
+    assert all(torch.equal(records["original"][name], records[run][name]) for run in records for name in records["original"])
+
+
+def test_spike_comparisons_count_the_same_on_bool_and_float_records():
+    """compare_tensors on bool records (spike_record) reports what it reports on the same spikes
+    as floats: mismatches, float ties, differences after a tie, agreement, error, pass."""
+    from psu_export.verify import compare_tensors
+
+    gen = torch.Generator().manual_seed(0)
+    seen = []
+    for case in range(20):
+        ref = (torch.rand(50, 3, 7, generator=gen) < 0.3).float()
+        flips = torch.rand(ref.shape, generator=gen) < 0.02 * (case % 4)
+        got = torch.where(flips, 1 - ref, ref)
+        near = torch.rand(ref.shape, generator=gen) < (0.5 if case % 2 else 0.0)
+        as_floats = compare_tensors("layer", ref, got, True, near)
+        as_bools = compare_tensors("layer", ref.bool(), got.bool(), True, near)
+        assert as_floats == as_bools, case
+        seen.append(as_bools)
+    # the cases reach every count and both verdicts
+    assert {c.passed for c in seen} == {True, False} and any(c.float_ties and c.after_tie for c in seen)

@@ -131,7 +131,7 @@ def test_reference_model_converts_with_parity(framework, module, factory, classe
                 assert options_of(n.spec) in claimed[cls], f"{framework}.{cls} {n.name}: spec {options_of(n.spec)} is in no coverage row of the class"
 
     # the network fires (otherwise parity says little)
-    x, _, _ = conversion.inputs(batch=4)
+    x = conversion.inputs(batch=4).x
     _, layers = run_original(conversion.loaded.module, conversion.neurons, conversion.layout, x)
     spiking = {n.name for n in conversion.neurons if n.spec is not None and n.spec.reset != "none"}
     rates = {name: float(s.float().mean()) for name, s in layers.items() if name in spiking}

@@ -189,7 +189,7 @@ def test_model_zoo(factory, shape, tmp_path):
     assert report.passed, summary
     assert summary["spike_agreement"] == 1.0
     assert len(conversion.sites) == len(conversion.neurons) >= 4
-    x, _, _ = conversion.inputs(batch=2)  # the inputs verify checked: most layers spiked, none always
+    x = conversion.inputs(batch=2).x  # the inputs verify checked: most layers spiked, none always
     rates = [float(s.float().mean()) for s in run_original(conversion.loaded.module, conversion.neurons, conversion.layout, x)[1].values()]
     assert sum(0.0 < r < 1.0 for r in rates) >= 0.75 * len(rates), rates
     x = torch.rand(4, 1, *shape) * 2  # another T and batch
@@ -255,19 +255,23 @@ def test_a_v_rest_and_v_reset_of_plus_zero_simplify_the_step(v_reset, skipped):
 
 def test_the_tie_analysis_recomputes_the_charge_the_kernel_ran():
     """verify tells float ties from real mismatches by recomputing the membrane each spike was
-    decided on (``Conversion._threshold_gaps``).  It must use the options and parameters the
+    decided on (``Conversion._threshold_gap``).  It must use the options and parameters the
     kernel ran with: a LIF whose ``/ tau`` runs as ``* inv_tau`` (``step_spec``), recomputed
     with the spec's division options, divided by ``inv_tau`` and so found no real ties (the
     zoo's Spikformer then failed verify at T = 128).  Where a neuron did not spike, the
     membrane it was decided on is the stored one."""
     conversion = prepare(f"{MODELS}:make_mlp_lif_tau2_hard", input_shape=(R.SAMPLE,), time_steps=8)
     assert {o.charge for o in conversion.parallel.site_options} == {"sj_decay_input_mul"}
-    run_parallel(conversion.parallel, conversion.layout.example(3, 8, generator=torch.Generator().manual_seed(0)) * 3)
-    gaps = conversion._threshold_gaps()
+    seen = {}
+
+    def observe(index, cur, params, outputs):
+        seen[conversion.parallel.sites[index].name] = (conversion._threshold_gap(index, cur, params, outputs), outputs[0], outputs[1])
+
+    run_parallel(conversion.parallel, conversion.layout.example(3, 8, generator=torch.Generator().manual_seed(0)) * 3, observe)
     for site in conversion.parallel.sites:
-        spikes, membrane = conversion.parallel.site_outputs[site.name][:2]
+        gap, spikes, membrane = seen[site.name]
         quiet = spikes == 0
         assert quiet.any() and not quiet.all()
         theta = site.spec.threshold
         expected = (membrane - theta).abs() / torch.clamp(theta.abs(), min=1.0)
-        assert torch.equal(gaps[site.name][quiet], expected[quiet])
+        assert torch.equal(gap[quiet], expected[quiet])
