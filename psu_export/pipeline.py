@@ -25,12 +25,12 @@ from .find import NeuronSite, TimeLoop, find_sites, mark_time_length_args
 from .loading import LoadedModel, load_model
 from .rewrite import ParallelModel, rewrite
 from .verify import (
-    TIE_RTOL,
     ParityReport,
     ProviderResult,
     ProviderUnavailable,
     compare_tensors,
     load_data,
+    near_threshold,
     onnx_with_layer_outputs,
     run_onnx,
     run_original,
@@ -198,9 +198,9 @@ class Conversion:
         near: dict[str, torch.Tensor] = {}
 
         def tie_candidates(index, cur, params, outputs):
-            gap = self._threshold_gap(index, cur, params, outputs)
-            if gap is not None:
-                near[self.parallel.sites[index].name] = gap <= TIE_RTOL
+            decided_on = self._decided_on(index, cur, params, outputs)
+            if decided_on is not None:
+                near[self.parallel.sites[index].name] = near_threshold(decided_on, self.parallel.sites[index].spec.threshold)
 
         par_out, par_layers = run_parallel(self.parallel, x, observe=tie_candidates)
         approximate = self.mode != "exact"
@@ -236,21 +236,19 @@ class Conversion:
             results.append(result)
         return rewrite_result, results
 
-    def _threshold_gap(self, index: int, cur: torch.Tensor, params: list[torch.Tensor], outputs: list[torch.Tensor]) -> torch.Tensor | None:
-        """|v - threshold| (relative) of site ``index``'s kernel call, where v is the value each
-        spike was decided on; None where it cannot be told (approximate reset modes)."""
+    def _decided_on(self, index: int, cur: torch.Tensor, params: list[torch.Tensor], outputs: list[torch.Tensor]) -> torch.Tensor | None:
+        """The value each spike of site ``index``'s kernel call was decided on (its membrane, or
+        for a same-step reset the charged membrane, recomputed with the kernel's own options);
+        None where it cannot be told (approximate reset modes)."""
         site, options = self.parallel.sites[index], self.parallel.site_options[index]
         spec = site.spec
         if spec.reset_timing == "previous_step" or spec.reset == "none" or site.algorithm.name == "psu_module":
-            decided_on = outputs[1]  # the membrane
-        elif spec.reset_timing == "same_step" and site.algorithm.name == "scan":
+            return outputs[1]
+        if spec.reset_timing == "same_step" and site.algorithm.name == "scan":
             from .ops.neuron import charged_values
 
-            decided_on = charged_values(options, params, cur, outputs)  # with the kernel's own options
-        else:
-            return None
-        theta = spec.threshold
-        return torch.sub(decided_on, theta).abs_().div_(torch.clamp(theta.abs(), min=1.0))
+            return charged_values(options, params, cur, outputs)
+        return None
 
 
 #: verify's synthetic inputs hold 4 samples, fewer past 25,000 steps: at most this many

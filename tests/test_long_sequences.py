@@ -127,13 +127,17 @@ def test_verify_bounds_its_synthetic_inputs_at_long_sequences():
     assert other_time_steps(16) == [8, 33] and other_time_steps(100_000) == [1_000, 100_064]
 
 
-def test_verify_keeps_spike_records_as_bools(tmp_path):
+def test_verify_keeps_spike_records_as_bools(tmp_path, monkeypatch):
     """verify holds every layer's output over all steps for the original, the rewrite and
     onnxruntime: 0 / 1 spikes are kept as bools (a quarter of float32: 100 MB, not 400, for a
     1,000-neuron layer at 100,000 steps), other values as they are, also where only some
-    steps are 0 / 1 (a record's steps stack to float)."""
+    steps are 0 / 1 (a record's steps stack to float).  The original's steps are stacked in
+    chunks (here of 5 steps over 12: two chunks and a rest)."""
+    from psu_export import verify
     from psu_export.pipeline import prepare
     from psu_export.verify import onnx_with_layer_outputs, run_onnx, run_parallel, spike_record
+
+    monkeypatch.setattr(verify, "CHUNK_STEPS", 5)
 
     spikes = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
     assert spike_record(spikes).dtype == torch.bool and torch.equal(spike_record(spikes).float(), spikes)
@@ -174,3 +178,17 @@ def test_spike_comparisons_count_the_same_on_bool_and_float_records():
         seen.append(as_bools)
     # the cases reach every count and both verdicts
     assert {c.passed for c in seen} == {True, False} and any(c.float_ties and c.after_tie for c in seen)
+
+
+def test_the_near_threshold_mask_is_the_same_in_chunks(monkeypatch):
+    """verify's near-threshold mask, computed a chunk of steps at a time, equals the formula on
+    the whole sequence (chunks of 3 steps over 10: a short last chunk); per-neuron thresholds."""
+    from psu_export import verify
+
+    gen = torch.Generator().manual_seed(1)
+    threshold = torch.tensor([0.5, 1.0, 2.0])
+    v = threshold + (torch.rand(10, 4, 3, generator=gen) - 0.5) * 4e-4
+    whole = (v - threshold).abs() <= verify.TIE_RTOL * torch.clamp(threshold.abs(), min=1.0)
+    monkeypatch.setattr(verify, "CHUNK_STEPS", 3)
+    assert whole.any() and not whole.all()
+    assert torch.equal(verify.near_threshold(v, threshold), whole)
