@@ -103,7 +103,6 @@ def test_registered_classes_are_in_the_coverage(conv):
 def test_reference_model_converts_with_parity(framework, module, factory, classes, tmp_path):
     pytest.importorskip(IMPORTS.get(framework, framework))
     from psu_export.pipeline import prepare
-    from psu_export.verify import run_original
 
     model = getattr(module, factory)()
     shape = getattr(module, "SAMPLE_SHAPES", {}).get(factory, (module.SAMPLE,))
@@ -131,8 +130,8 @@ def test_reference_model_converts_with_parity(framework, module, factory, classe
                 assert options_of(n.spec) in claimed[cls], f"{framework}.{cls} {n.name}: spec {options_of(n.spec)} is in no coverage row of the class"
 
     # the network fires (otherwise parity says little)
-    x = conversion.inputs(batch=4).x
-    _, layers = run_original(conversion.loaded.module, conversion.neurons, conversion.layout, x)
+    inputs = conversion.inputs(batch=4)
+    x, (_, layers) = inputs.x, inputs.reference  # verify's inputs and the original's run on them
     spiking = {n.name for n in conversion.neurons if n.spec is not None and n.spec.reset != "none"}
     rates = {name: float(s.float().mean()) for name, s in layers.items() if name in spiking}
     assert rates and all(r > 0 for r in rates.values()) and any(r < 1 for r in rates.values()), f"firing rates {rates}"

@@ -48,7 +48,7 @@ def _check(factory: str, time_steps, tmp_path, input_kind="auto", other_steps=(3
     if not rates:  # the outputs are voltages only (an LI readout): its input layers must fire
         from psu_export.verify import run_original
 
-        rates = [float(s.mean()) for s in run_original(model, conversion.neurons, conversion.layout, x)[1].values()]
+        rates = [float(s.float().mean()) for s in run_original(model, conversion.neurons, conversion.layout, x)[1].values()]
     assert any(0.0 < f < 1.0 for f in rates), rates
     report = conversion.verify(path, providers=("cpu",), extra_time_steps=False)
     assert report.passed, report.to_json()
