@@ -223,9 +223,9 @@ class Comparison:
     passed: bool = True
 
 
-def compare_tensors(name: str, ref: torch.Tensor, got: torch.Tensor, time_first: bool, near_threshold: torch.Tensor | None = None) -> Comparison:
+def compare_tensors(name: str, ref: torch.Tensor, got: torch.Tensor, time_first: bool, near: torch.Tensor | None = None) -> Comparison:
     """``ref`` against ``got``; a binary ``ref`` is compared as spikes, differences where
-    ``near_threshold`` (bool: the membrane within :data:`TIE_RTOL` of the threshold) counted
+    ``near`` (bool, :func:`near_threshold`: the membrane within :data:`TIE_RTOL` of the threshold) counted
     as float ties (and, time-first, the same neuron's later differences as following from
     them).  Temporaries stay at a few bytes an element: at T = 100,000 a layer's record is
     hundreds of MB."""
@@ -242,8 +242,8 @@ def compare_tensors(name: str, ref: torch.Tensor, got: torch.Tensor, time_first:
         c.mismatches = int(torch.count_nonzero(differ))
         c.spike_agreement = 1.0 - c.mismatches / ref.numel()
         c.max_abs_error = float(c.mismatches > 0) if ref.dtype == torch.bool else float(torch.sub(ref, got).abs_().max())
-        if near_threshold is not None and near_threshold.shape == ref.shape and c.mismatches:
-            ties = differ & near_threshold
+        if near is not None and near.shape == ref.shape and c.mismatches:
+            ties = differ & near
             c.float_ties = int(torch.count_nonzero(ties))
             if time_first and ref.dim() >= 2 and c.float_ties:
                 # a flipped spike changes that neuron's own later membrane (a reset more or
