@@ -25,6 +25,7 @@ from .find import NeuronSite, TimeLoop, find_sites, mark_time_length_args
 from .loading import LoadedModel, load_model
 from .rewrite import ParallelModel, rewrite
 from .verify import (
+    NearThreshold,
     ParityReport,
     ProviderResult,
     ProviderUnavailable,
@@ -195,14 +196,16 @@ class Conversion:
         ref_out, ref_layers = inputs.reference
         # ties are excused against onnxruntime too: its GEMM / conv / MatMul may round in the
         # last bit differently from torch's (library-specific summation order)
-        near: dict[str, torch.Tensor] = {}
+        near_chunks: dict[str, list[NearThreshold]] = {}
 
         def tie_candidates(index, cur, params, outputs):
             decided_on = self._decided_on(index, cur, params, outputs)
             if decided_on is not None:
-                near[self.parallel.sites[index].name] = near_threshold(decided_on, self.parallel.sites[index].spec.threshold)
+                near_chunks.setdefault(self.parallel.sites[index].name, []).append(
+                    near_threshold(decided_on, self.parallel.sites[index].spec.threshold))
 
         par_out, par_layers = run_parallel(self.parallel, x, observe=tie_candidates)
+        near = {name: NearThreshold.joined(chunks) for name, chunks in near_chunks.items()}
         approximate = self.mode != "exact"
         rewrite_result = ProviderResult("torch-parallel", approximate=approximate)
         rewrite_result.outputs = [compare_tensors(f"output{i}", r, p, time_first) for i, (r, p) in enumerate(zip(ref_out, par_out))]

@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from .capture import METADATA_ASSERTS, OPAQUE_NEURON, CapturedGraph
 from .errors import NotConvertibleError
 from .find import NeuronSite, TimeLoop
+from .kernels import CLOSED_FORM_MAX_STEPS, reset_kernel
 from .ops.neuron import StepOptions, closed_form_neuron, exact_neuron, never_minus_zero, plus_zero, step_spec
 from .ops.reset import reset_neuron
 
@@ -116,11 +117,12 @@ class ParallelModel(torch.nn.Module):
         #: outputs)`` (per-layer parity: :func:`~psu_export.verify.run_parallel`); it keeps
         #: what it needs, the rest of a layer's values over all steps is freed as usual
         self.site_observer: Callable[[int, torch.Tensor, list[torch.Tensor], list[torch.Tensor]], None] | None = None
+        #: during :meth:`run_in_chunks`, each site's states at the end of the chunk before
+        #: (``v_init`` / ``i_init`` of its kernel), by site index
+        self._carried_states: dict[int, dict[str, torch.Tensor]] | None = None
 
     def _site_kernel(self, site: NeuronSite):
         """The options and parameters of the op that computes ``site``."""
-        from .kernels import reset_kernel
-
         own = site.neuron.converter.site_kernel(site.neuron.module)
         if own is not None:  # the PSU family: its own dynamics (psu_module)
             return own[1], own[2]
@@ -170,6 +172,60 @@ class ParallelModel(torch.nn.Module):
 
     # -- execution --------------------------------------------------------------------
     def forward(self, x):
+        return self._run_after_loop(self._run_loop(x), x)
+
+    def run_in_chunks(self, x, steps: int):
+        """``forward(x)`` ``steps`` time steps at a time, where :attr:`chunkable`: each neuron
+        layer starts a chunk from the state (membrane, synaptic current) its kernel ended the
+        previous chunk in, as the whole run carries it from step to step, so the values are
+        the same bit for bit; the suffix then runs once on the concatenated values it reads.
+        A layer's values over all steps (its input current, spikes and membranes, hundreds
+        of MB each at T = 100,000) exist a chunk at a time; :attr:`site_observer` is called
+        once per site and chunk, in time order."""
+        axis = self.layout.time_axis
+        if not self.chunkable or x.shape[axis] <= max(steps, CLOSED_FORM_MAX_STEPS):
+            return self(x)  # (up to CLOSED_FORM_MAX_STEPS steps a closed-form site's whole run is not the scan)
+        read = self._loop_values_read_after
+        chunks: dict[fx.Node, list] = {node: [] for node in read}
+        self._carried_states = {}
+        try:
+            for start in range(0, x.shape[axis], steps):
+                env = self._run_loop(x.narrow(axis, start, min(steps, x.shape[axis] - start)))
+                for node in read:
+                    chunks[node].append(env[node])
+        finally:
+            self._carried_states = None
+        for node, values in chunks.items():
+            env[node] = Timed(torch.cat([v.value for v in values])) if isinstance(values[0], Timed) else values[0]
+        return self._run_after_loop(env, x)
+
+    @property
+    def chunkable(self) -> bool:
+        """Whether :meth:`run_in_chunks` may split time: a re-rolled loop whose steps see
+        nothing of other steps but each neuron's state (no running sums, no T inside the
+        body, nothing computed from the whole input before the loop), with the exact
+        kernels, which carry no other state."""
+        loop = self.loop
+        if loop.sequence or not self.layout.dynamic_time or loop.accumulators:
+            return False
+        if any(node in loop.time_length_args for node in loop.body):
+            return False
+        sources = {source for source, _ in loop.time_selects.values()}
+        before_loop = [node for node in loop.static if self._input in node.all_input_nodes and node.target != "_guards_fn"]
+        if sources != {self._input} or before_loop:
+            return False
+        return all(site.algorithm.name in ("scan", "closed_form") for site in self.sites)
+
+    @property
+    def _loop_values_read_after(self) -> set[fx.Node]:
+        """The loop's nodes (iteration 0) whose values the suffix and the output read."""
+        read = {plan[1] for plans in self._suffix_refs.values() for plan in plans if plan is not None}
+        output = next(n for n in self.graph_module.graph.nodes if n.op == "output")
+        read.update(self.loop.copy_of[n][0] for n in tree_flatten(output.args[0])[0] if isinstance(n, fx.Node) and n in self.loop.copy_of)
+        return read
+
+    def _run_loop(self, x) -> dict[fx.Node, object]:
+        """Every node but the suffix: the static ones, and the body once for all steps of ``x``."""
         env: dict[fx.Node, object] = {}
         loop = self.loop
         for node in self.graph_module.graph.nodes:
@@ -179,8 +235,6 @@ class ParallelModel(torch.nn.Module):
                 env[node] = _fetch_attr(self.graph_module, node.target)
             elif node.op == "call_module" and node.target == "_guards_fn":
                 continue  # torch.export's shape guards pin the capture's T; the rewrite takes any T
-            elif node.op == "output":
-                return tree_map(lambda a: self._read_after_loop(a, env) if isinstance(a, fx.Node) else a, node.args[0])
             elif loop.sequence and node in self._site_of:
                 env[node] = self._run_sequence_site(node, env)
             elif node in loop.static:
@@ -189,7 +243,15 @@ class ParallelModel(torch.nn.Module):
             elif node in loop.copy_of:
                 if loop.copy_of[node][1] == 0:
                     env[node] = self._run_body_node(node, env)
-            else:
+        return env
+
+    def _run_after_loop(self, env: dict[fx.Node, object], x):
+        """The suffix and the output, from the loop's values in ``env`` (the input: all of ``x``)."""
+        env[self._input] = x
+        for node in self.graph_module.graph.nodes:
+            if node.op == "output":
+                return tree_map(lambda a: self._read_after_loop(a, env) if isinstance(a, fx.Node) else a, node.args[0])
+            if node in self._suffix_refs and node.op == "call_function":
                 env[node] = self._run_suffix_node(node, env)
         raise RuntimeError("captured graph has no output")
 
@@ -301,16 +363,22 @@ class ParallelModel(torch.nn.Module):
             cur = cur.unsqueeze(0).expand(self.loop.steps, *cur.shape)
         params = {name: getattr(self, f"site{index}_{name}") for name in options.param_names}
         roles = site.neuron.convention.state_roles
+        carried = None if self._carried_states is None else self._carried_states.get(index)
         for role, init in zip(roles, site.init_states):
-            if init is None:
+            if init is None or carried is not None:
                 continue
             value = site.neuron.converter.initial_state(site.neuron.module, role, env[init], cur[0])
             if value is not None and role == "membrane" and never_minus_zero(site.spec):
                 value = plus_zero(value)  # the step relies on a start without -0
             if value is not None:
                 params["v_init" if role == "membrane" else "i_init"] = value
+        params.update(carried or {})
         op = {"closed_form": closed_form_neuron, "scan": exact_neuron}.get(site.algorithm.name, reset_neuron)
+        if self._carried_states is not None:
+            op = exact_neuron  # (a whole run past CLOSED_FORM_MAX_STEPS steps is the exact scan too)
         outputs = op(cur, [params[n] for n in options.param_names], options.key(), site.name)
+        if self._carried_states is not None:
+            self._carried_states[index] = {"v_init": outputs[1][-1].clone(), **({"i_init": outputs[2][-1].clone()} if options.two_state else {})}
         if self.site_observer is not None:
             self.site_observer(index, cur, [params[n] for n in options.param_names], outputs)
         by_role = {"spikes": outputs[0], "membrane": outputs[1]}

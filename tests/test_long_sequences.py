@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from torch.utils._pytree import tree_leaves
+
 from conftest import reference_outputs
 
 RUNNER = r"""
@@ -162,8 +164,10 @@ def test_verify_keeps_spike_records_as_bools(tmp_path, monkeypatch):
 
 def test_spike_comparisons_count_the_same_on_bool_and_float_records():
     """compare_tensors on bool records (spike_record) reports what it reports on the same spikes
-    as floats: mismatches, float ties, differences after a tie, agreement, error, pass."""
-    from psu_export.verify import compare_tensors
+    as floats: mismatches, float ties, differences after a tie, agreement, error, pass; the
+    ties and later differences it counts from near-threshold positions are the ones of the
+    dense masks."""
+    from psu_export.verify import NearThreshold, compare_tensors
 
     gen = torch.Generator().manual_seed(0)
     seen = []
@@ -171,17 +175,23 @@ def test_spike_comparisons_count_the_same_on_bool_and_float_records():
         ref = (torch.rand(50, 3, 7, generator=gen) < 0.3).float()
         flips = torch.rand(ref.shape, generator=gen) < 0.02 * (case % 4)
         got = torch.where(flips, 1 - ref, ref)
-        near = torch.rand(ref.shape, generator=gen) < (0.5 if case % 2 else 0.0)
-        as_floats = compare_tensors("layer", ref, got, True, near)
-        as_bools = compare_tensors("layer", ref.bool(), got.bool(), True, near)
+        mask = torch.rand(ref.shape, generator=gen) < (0.5 if case % 2 else 0.0)
+        as_floats = compare_tensors("layer", ref, got, True, NearThreshold.of_mask(mask))
+        as_bools = compare_tensors("layer", ref.bool(), got.bool(), True, NearThreshold.of_mask(mask))
         assert as_floats == as_bools, case
+        # the counts on dense masks: ties, and each neuron's differences after its first tie
+        differ = ref != got
+        ties = differ & mask
+        first_tie = torch.where(ties.any(0), ties.to(torch.uint8).argmax(0), ref.shape[0])
+        after = (torch.arange(ref.shape[0]).view(-1, 1, 1) > first_tie) & differ & ~ties
+        assert (as_bools.float_ties, as_bools.after_tie) == (int(ties.sum()), int(after.sum())), case
         seen.append(as_bools)
     # the cases reach every count and both verdicts
     assert {c.passed for c in seen} == {True, False} and any(c.float_ties and c.after_tie for c in seen)
 
 
-def test_the_near_threshold_mask_is_the_same_in_chunks(monkeypatch):
-    """verify's near-threshold mask, computed a chunk of steps at a time, equals the formula on
+def test_the_near_threshold_positions_are_the_same_in_chunks(monkeypatch):
+    """verify's near-threshold positions, computed a chunk of steps at a time, are the formula's on
     the whole sequence (chunks of 3 steps over 10: a short last chunk); per-neuron thresholds."""
     from psu_export import verify
 
@@ -191,4 +201,90 @@ def test_the_near_threshold_mask_is_the_same_in_chunks(monkeypatch):
     whole = (v - threshold).abs() <= verify.TIE_RTOL * torch.clamp(threshold.abs(), min=1.0)
     monkeypatch.setattr(verify, "CHUNK_STEPS", 3)
     assert whole.any() and not whole.all()
-    assert torch.equal(verify.near_threshold(v, threshold), whole)
+    near = verify.near_threshold(v, threshold)
+    assert near.shape == (10, 4, 3) and torch.equal(near.positions, whole.flatten().nonzero().squeeze(1))
+
+
+#: (model, input shape, batch-first, whether the rewrite can run it in chunks of steps)
+CHUNK_CASES = {
+    "snntorch-leaky": ("snn_models:leaky_loop", (12,), False, True),
+    "snntorch-synaptic": ("snn_models:synaptic_loop", (12,), False, True),  # two states carried
+    "snntorch-per-channel": ("snn_models:per_channel_beta", (12,), False, True),
+    "snntorch-batch-first": ("snn_models:batch_first_loop", (12,), True, True),
+    "reset-free-closed-form": ("psu_export.models.ref_mlp:make_small_reset_free_net", (64,), False, True),
+    "norse-cells": ("psu_export.models.ref_norse:make_cell_loop", (16,), False, True),
+    "spikingjelly-single-step": ("psu_export.models.ref_spikingjelly:make_single_step_loop", (16,), False, True),
+    "running-sum": ("snn_models:counting", (12,), False, False),  # ``count = count + spk``: an accumulator
+    "reshaped-before-loop": ("snn_models:reshaped_input", (3, 4), False, False),
+    "firing-rate-over-T": ("snn_models:iterated_loop", (12,), False, False),  # count / x.shape[0] after the loop
+}
+
+
+@pytest.mark.parametrize("case", list(CHUNK_CASES))
+def test_the_rewrite_run_in_chunks_of_steps_is_the_whole_run(case):
+    """ParallelModel.run_in_chunks carries each layer's state from chunk to chunk: the outputs
+    are the whole run's bit for bit, at chunk sizes that do and do not divide T (and the whole
+    run where the model is not chunkable); the site observer sees every chunk in order."""
+    from psu_export.pipeline import prepare
+
+    spec, shape, batch_first, chunkable = CHUNK_CASES[case]
+    module, _, factory = spec.partition(":")
+    if module.startswith("psu_export.models.ref_norse"):
+        pytest.importorskip("norse.torch")
+    if module.startswith("psu_export.models.ref_spikingjelly"):
+        pytest.importorskip("spikingjelly")
+    if module == "snn_models":
+        import snn_models
+
+        model = getattr(snn_models, factory)(*(["zeros"] if factory == "counting" else []))
+        conversion = prepare(model, input_shape=shape, time_steps=12, batch_first=batch_first)
+    else:
+        conversion = prepare(spec, input_shape=shape, time_steps=12)
+    parallel = conversion.parallel
+    assert parallel.chunkable == chunkable
+    steps = 150
+    x = conversion.inputs(batch=2, time_steps=steps).x
+    calls = []
+    parallel.site_observer = lambda index, cur, params, outputs: calls.append((index, cur.shape[0]))
+    with torch.no_grad():
+        whole = parallel(x)
+        for chunk in (7, 64, 149):
+            calls.clear()
+            got = parallel.run_in_chunks(x, chunk)
+            assert all(torch.equal(a, b) for a, b in zip(tree_leaves(whole), tree_leaves(got))), (case, chunk)
+            per_site = [[n for i, n in calls if i == site] for site in range(len(parallel.sites))]
+            expected = [chunk] * (steps // chunk) + ([steps % chunk] if steps % chunk else []) if chunkable else [steps]
+            assert per_site == [expected] * len(parallel.sites), (case, chunk, per_site)
+    parallel.site_observer = None
+
+
+def test_verify_counts_the_same_in_chunks_of_steps(monkeypatch, tmp_path):
+    """verify runs the rewrite in chunks of CHUNK_STEPS: its report and the near-threshold
+    positions its comparisons get (joined from the chunks') are the whole run's.  A wide tie
+    tolerance here makes those positions many."""
+    from psu_export import pipeline, verify
+
+    conversion = pipeline.prepare("psu_export.models.ref_mlp:make_small_net", input_shape=(64,), time_steps=12)
+    path = conversion.export(tmp_path / "m.onnx").path
+    inputs = conversion.inputs(batch=3, time_steps=400)
+    monkeypatch.setattr(verify, "TIE_RTOL", 0.05)
+    compared = pipeline.compare_tensors
+    runs = []
+
+    def recording(name, ref, got, time_first, near=None):
+        runs[-1]["near"].append(None if near is None else (name, near.shape, near.positions))
+        return compared(name, ref, got, time_first, near)
+
+    monkeypatch.setattr(pipeline, "compare_tensors", recording)
+    for chunk in (10_000, 33):
+        monkeypatch.setattr(verify, "CHUNK_STEPS", chunk)
+        runs.append({"near": []})
+        runs[-1]["rewrite"], (runs[-1]["onnxruntime"],) = conversion._compare(path, inputs, ("cpu",))
+    whole, chunked = runs
+    assert chunked["rewrite"].layers == whole["rewrite"].layers and chunked["rewrite"].outputs == whole["rewrite"].outputs
+    assert chunked["onnxruntime"].layers == whole["onnxruntime"].layers
+    assert chunked["onnxruntime"].export_layers == whole["onnxruntime"].export_layers
+    assert whole["rewrite"].passed and whole["onnxruntime"].passed
+    near = [n for n in whole["near"] if n is not None]
+    assert len(near) == 6 and all(n[1][0] == 400 and n[2].numel() > 100 for n in near)  # two layers, three comparisons each
+    assert all(a is b is None or (a[:2] == b[:2] and torch.equal(a[2], b[2])) for a, b in zip(whole["near"], chunked["near"], strict=True))
