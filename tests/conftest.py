@@ -2,9 +2,35 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
+
+
+#: runs a command and prints the peak RSS of its process tree's largest process (kB)
+PEAK_RSS = r"""
+import resource, subprocess, sys
+code = subprocess.run(sys.argv[1:]).returncode
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+sys.exit(code)
+"""
+
+
+def convert_within_2gb(tmp_path, spec: str, out, *options: str) -> dict:
+    """``psu-export convert spec out --time-steps 100000 *options``, its parity check included:
+    the parity report, after checking that it succeeded with a peak RSS under 2 GB."""
+    report_path = tmp_path / "parity.json"
+    command = [sys.executable, "-m", "psu_export.cli", "convert", spec, str(out), "--time-steps", "100000", *options, "--report", str(report_path)]
+    proc = subprocess.run([sys.executable, "-c", PEAK_RSS, *command], capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    peak_mb = int(proc.stdout.strip().splitlines()[-1]) / 1024
+    print(f"{spec}: psu-export convert at T=100000 peak RSS {peak_mb:.0f} MB")
+    assert peak_mb < 2048, f"psu-export convert peak RSS {peak_mb:.0f} MB"
+    return json.loads(report_path.read_text())
 
 
 def run_onnx(path, x: torch.Tensor, provider: str = "CPUExecutionProvider", disabled_optimizers=None) -> list[np.ndarray]:

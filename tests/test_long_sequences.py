@@ -1,12 +1,12 @@
 """Long sequences: an exported MLP runs 10,000 (default) and 100,000 (slow) steps in O(T)
 memory (no T x T matrix; peak RSS of the onnxruntime process < 2 GB) with exact spikes, and
 ``psu-export convert`` at T = 100,000 (slow) stays under 2 GB, its parity check included,
-for the 64-128-10 MLP and the suite's 784-1000-10 one; verify's memory at long T (bool
-records, the rewrite run in chunks of steps, near-threshold positions)."""
+for the 64-128-10 MLP (the suite's 784-1000-10 one: ``test_wide_mlp_100k.py``); verify's
+memory at long T (bool records, the rewrite run in chunks of steps, near-threshold
+positions)."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -16,7 +16,7 @@ import torch
 
 from torch.utils._pytree import tree_leaves
 
-from conftest import reference_outputs
+from conftest import convert_within_2gb, reference_outputs
 
 RUNNER = r"""
 import resource, sys
@@ -29,14 +29,6 @@ s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 out = s.run(None, {s.get_inputs()[0].name: x})
 np.savez(opath, *out)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # kB on Linux
-"""
-
-#: runs a command and prints the peak RSS of its process tree's largest process (kB)
-PEAK_RSS = r"""
-import resource, subprocess, sys
-code = subprocess.run(sys.argv[1:]).returncode
-print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-sys.exit(code)
 """
 
 MODELS = {
@@ -90,41 +82,14 @@ def test_100k_steps_convert_and_verify(tmp_path, model_key):
     spec, _ = MODELS[model_key]
     x = _long_input(100_000)
     np.savez(tmp_path / "data.npz", input=x.numpy())
-    out, report_path = tmp_path / "model.onnx", tmp_path / "parity.json"
-    command = [sys.executable, "-m", "psu_export.cli", "convert", spec, str(out), "--input-shape", "64", "--time-steps", "100000",
-               "--data", str(tmp_path / "data.npz"), "--report", str(report_path)]
-    proc = subprocess.run([sys.executable, "-c", PEAK_RSS, *command], capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    peak_mb = int(proc.stdout.strip().splitlines()[-1]) / 1024
-    print(f"{model_key}: psu-export convert at T=100000 peak RSS {peak_mb:.0f} MB")
-    assert peak_mb < 2048, f"psu-export convert peak RSS {peak_mb:.0f} MB"
-    report = json.loads(report_path.read_text())
+    out = tmp_path / "model.onnx"
+    report = convert_within_2gb(tmp_path, spec, out, "--input-shape", "64", "--data", str(tmp_path / "data.npz"))
     assert [s["algorithm"] for s in report["neuron_sites"]] == ["scan"] * 2  # past the closed form's 64 steps
     assert report["passed"], report
     assert report["export_spike_agreement"] == 1.0
     cpu = report["providers"]["cpu"]
     assert all(c["mismatches"] == c["float_ties"] + c["after_tie"] for c in cpu["layers"])
     _run_onnx(out, x, tmp_path)
-
-
-@pytest.mark.slow
-def test_100k_steps_convert_the_wide_reference_mlp(tmp_path):
-    """The suite's 784-1000-10 MLP at T = 100,000: ``psu-export convert`` with verify's
-    synthetic checks (T, 1,000 and 100,064 steps) stays under 2 GB, the rewrite run in chunks
-    of steps (1.84 GB measured; 2.47 GB when it ran whole), and every difference is a float
-    tie or follows one."""
-    out, report_path = tmp_path / "wide.onnx", tmp_path / "parity.json"
-    command = [sys.executable, "-m", "psu_export.cli", "convert", "psu_export.models.ref_mlp:make_net", str(out),
-               "--input-shape", "784", "--time-steps", "100000", "--report", str(report_path)]
-    proc = subprocess.run([sys.executable, "-c", PEAK_RSS, *command], capture_output=True, text=True, timeout=1500)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    peak_mb = int(proc.stdout.strip().splitlines()[-1]) / 1024
-    print(f"784-1000-10 MLP: psu-export convert at T=100000 peak RSS {peak_mb:.0f} MB")
-    assert peak_mb < 2048, f"psu-export convert peak RSS {peak_mb:.0f} MB"
-    report = json.loads(report_path.read_text())
-    assert report["passed"] and all(check["passed"] for check in report["extra_time_steps"]), report
-    for run in (report["rewrite"], report["providers"]["cpu"]):
-        assert all(c["mismatches"] == c["float_ties"] + c["after_tie"] for c in run["layers"]), run
 
 
 def test_torch_closed_form_switches_to_scan_for_long_sequences():

@@ -20,7 +20,7 @@ from psu_export.errors import NotConvertibleError  # noqa: E402
 from psu_export.ops.registry import STATIC_DRIVE  # noqa: E402
 from psu_export.models import ref_spikingjelly as R  # noqa: E402
 from psu_export.pipeline import prepare  # noqa: E402
-from psu_export.verify import run_original, run_parallel  # noqa: E402
+from psu_export.verify import run_parallel  # noqa: E402
 
 MODELS = "psu_export.models.ref_spikingjelly"
 
