@@ -114,8 +114,9 @@ class ParallelModel(torch.nn.Module):
         self._input = next(n for n in captured.graph_module.graph.nodes if n.op == "placeholder")
         self._check_output_reads()
         #: called after each site's kernel as ``site_observer(index, input, parameters,
-        #: outputs)`` (per-layer parity: :func:`~psu_export.verify.run_parallel`); it keeps
-        #: what it needs, the rest of a layer's values over all steps is freed as usual
+        #: outputs)`` (per-layer parity: :func:`~psu_export.verify.run_parallel`), once per
+        #: chunk of steps in :meth:`run_in_chunks`; it keeps what it needs, the rest of a
+        #: layer's values is freed as usual
         self.site_observer: Callable[[int, torch.Tensor, list[torch.Tensor], list[torch.Tensor]], None] | None = None
         #: during :meth:`run_in_chunks`, each site's states at the end of the chunk before
         #: (``v_init`` / ``i_init`` of its kernel), by site index

@@ -70,8 +70,8 @@ def return_freed_memory() -> None:
 @functools.cache
 def _libc():
     try:
-        return ctypes.CDLL(None)
-    except OSError:
+        return ctypes.CDLL(None)  # the C library this process runs with
+    except (OSError, TypeError):  # (Windows takes no None)
         return None
 
 
