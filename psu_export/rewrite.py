@@ -364,7 +364,8 @@ class ParallelModel(torch.nn.Module):
             cur = cur.unsqueeze(0).expand(self.loop.steps, *cur.shape)
         params = {name: getattr(self, f"site{index}_{name}") for name in options.param_names}
         roles = site.neuron.convention.state_roles
-        carried = None if self._carried_states is None else self._carried_states.get(index)
+        chunked = self._carried_states is not None
+        carried = self._carried_states.get(index) if chunked else None
         for role, init in zip(roles, site.init_states):
             if init is None or carried is not None:
                 continue
@@ -375,10 +376,10 @@ class ParallelModel(torch.nn.Module):
                 params["v_init" if role == "membrane" else "i_init"] = value
         params.update(carried or {})
         op = {"closed_form": closed_form_neuron, "scan": exact_neuron}.get(site.algorithm.name, reset_neuron)
-        if self._carried_states is not None:
+        if chunked:
             op = exact_neuron  # (a whole run past CLOSED_FORM_MAX_STEPS steps is the exact scan too)
         outputs = op(cur, [params[n] for n in options.param_names], options.key(), site.name)
-        if self._carried_states is not None:
+        if chunked:
             self._carried_states[index] = {"v_init": outputs[1][-1].clone(), **({"i_init": outputs[2][-1].clone()} if options.two_state else {})}
         if self.site_observer is not None:
             self.site_observer(index, cur, [params[n] for n in options.param_names], outputs)

@@ -142,7 +142,7 @@ class _LayerRecord:
     def over_time(self) -> torch.Tensor | None:
         if not self.chunks:
             return self.neuron.over_time(self.calls) if self.calls else None
-        return torch.cat(self.chunks + ([torch.stack(self.calls)] if self.calls else []))
+        return joined(self.chunks + ([torch.stack(self.calls)] if self.calls else []))
 
 
 def run_original(model: torch.nn.Module, neurons: list[NeuronModule], layout: InputLayout, x: torch.Tensor):
