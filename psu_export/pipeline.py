@@ -43,17 +43,24 @@ from .verify import (
 #: stochastic = Bernoulli samples of it from the seeded hash RNG
 MODES = ("exact", "psu", "stochastic")
 
+#: the length of the example a dynamic-T export traces: T is a symbol in the trace, so any
+#: length but 0 and 1 (which torch.export specialises) gives the same graph, and the user's T
+#: (627 MB of example for a 784-input MLP at T = 100,000, batch 2) would only cost memory
+EXPORT_EXAMPLE_STEPS = 16
+
 
 @dataclass
 class VerifyInputs:
     """The inputs of one parity check: ``--data`` (with its targets) or synthetic, and the
     original's :func:`~psu_export.verify.run_original` on them (synthetic inputs come with
-    it, being chosen by running it; verify runs it on ``--data``)."""
+    it, being chosen by running it; verify runs it on ``--data``), then the rewrite's outputs
+    on them (``Conversion._compare`` sets them)."""
 
     x: torch.Tensor
     target: torch.Tensor | None
     described: str
     reference: tuple | None = None
+    rewritten: tuple | None = None
 
 
 @dataclass
@@ -77,7 +84,8 @@ class Conversion:
         if cuda_graph and not self.captured.dynamic_batch and batch != 2:
             raise UsageError(f"--batch {batch}: this model was captured with its batch fixed at 2 ({'; '.join(self.captured.notes)}); "
                              "build it with --batch 2.")
-        example = self.layout.example(batch)
+        steps = self.layout.time_steps if cuda_graph or not self.layout.dynamic_time else min(self.layout.time_steps, EXPORT_EXAMPLE_STEPS)
+        example = self.layout.example(batch, steps)
         meta = dict(metadata(self.parallel, self.loaded.source, self.mode), **(extra_metadata or {}))
         if self.mode != "exact":
             meta["psu_export.reset_seed"] = str(self.seed)
@@ -205,6 +213,7 @@ class Conversion:
                     near_threshold(decided_on, self.parallel.sites[index].spec.threshold))
 
         par_out, par_layers = run_parallel(self.parallel, x, observe=tie_candidates)
+        inputs.rewritten = par_out
         near = {name: NearThreshold.joined(chunks) for name, chunks in near_chunks.items()}
         approximate = self.mode != "exact"
         rewrite_result = ProviderResult("torch-parallel", approximate=approximate)
@@ -289,14 +298,14 @@ def _excuse_propagated_ties(result: ProviderResult) -> None:
 
 
 def accuracies(conversion: Conversion, inputs: VerifyInputs) -> dict[str, float]:
-    """Accuracy of the original (its run in ``inputs``) and, in approximate modes, of the
-    rewritten model on ``inputs.target``."""
+    """Accuracy on ``inputs.target`` of the original and, in approximate modes, of the rewritten
+    model (their runs in ``inputs``)."""
     from .verify import _argmax_classes
 
     time_first = conversion.layout.batch_axis == 1
     outputs = {"original": inputs.reference[0][0]}
     if conversion.mode != "exact":
-        outputs["converted"] = run_parallel(conversion.parallel, inputs.x)[0][0]
+        outputs["converted"] = inputs.rewritten[0]
     out = {}
     for name, output in outputs.items():
         classes = _argmax_classes(output, time_first)

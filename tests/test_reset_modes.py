@@ -189,6 +189,10 @@ def test_report_export_parity_exact_and_original_informative(converted):
     assert report["passed"] and report["original_agreement_informative"]
     assert 0.5 < report["spike_agreement"] < 1.0  # approximate, and reported
     assert set(report["accuracy"]) == {"original", "converted"}
+    data = np.load(MODELS / "digits_test.npz")  # the converted accuracy is the rewrite's run on the data
+    with torch.no_grad():
+        counts = conversion.parallel(torch.from_numpy(data["input"]))[0].sum(0)
+    assert report["accuracy"]["converted"] == pytest.approx(float((counts.argmax(-1) == torch.from_numpy(data["target"]).long()).float().mean()))
     assert report["providers"]["cpu"]["original_agreement"].startswith("informative")
 
 
