@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -275,3 +276,30 @@ def test_verify_counts_the_same_in_chunks_of_steps(monkeypatch, tmp_path):
     near = [n for n in whole["near"] if n is not None]
     assert len(near) == 6 and all(n[1][0] == 400 and n[2].numel() > 100 for n in near)  # two layers, three comparisons each
     assert all(a is b is None or (a[:2] == b[:2] and torch.equal(a[2], b[2])) for a, b in zip(whole["near"], chunked["near"], strict=True))
+
+
+def test_a_long_sequence_runs_once_on_one_sample_and_exports_from_a_short_example(monkeypatch, tmp_path):
+    """Past 16 steps ``prepare`` runs the model at full length once, on one sample (the
+    probe's confirming run, whose input set ``convert --no-verify``'s peak memory: 1.39 GB at
+    batch 3 for the suite's MLP at T = 100,000, 0.73 GB at batch 1), and the export traces
+    a 16-step example; the file is the one a full-length example gives."""
+    from psu_export import capture, pipeline
+    from psu_export.emit import export_onnx
+
+    shapes = []
+    example = capture.InputLayout.example
+
+    def recorded(self, batch, time_steps=None, generator=None):
+        x = example(self, batch, time_steps, generator)
+        shapes.append(tuple(x.shape))
+        return x
+
+    monkeypatch.setattr(capture.InputLayout, "example", recorded)
+    conversion = pipeline.prepare("psu_export.models.ref_mlp:make_small_net", input_shape=(64,), time_steps=200)
+    assert [s for s in shapes if s[0] >= 200] == [(200, 1, 64)], shapes
+    conversion.export(tmp_path / "short.onnx")
+    assert shapes[-1] == (pipeline.EXPORT_EXAMPLE_STEPS, 2, 64)
+    export_onnx(conversion.parallel, torch.rand(200, 2, 64), tmp_path / "full.onnx", {}, conversion.captured.dynamic_batch)
+    short, full = (onnx.load(str(tmp_path / name)) for name in ("short.onnx", "full.onnx"))
+    assert short.graph.SerializeToString() == full.graph.SerializeToString()
+    assert [f.SerializeToString() for f in short.functions] == [f.SerializeToString() for f in full.functions]
