@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 import subprocess
 import sys
 
@@ -102,9 +103,13 @@ def assert_static_build_matches(path, static_path, x: torch.Tensor, same_floats:
 
 
 def pytest_collection_modifyitems(config, items):
-    """The files with slow tests first, each file's tests together and in order: pytest-xdist
-    (``--dist loadfile``) hands out whole files in this order, and a long file handed out
-    last runs alone at the end (collected last, ``test_wide_mlp_100k.py`` took a clean-clone
-    CI run to 25.7 minutes; 19.7 with this order)."""
+    """The order in which pytest-xdist hands out whole files (``scripts/test.sh``: ``--dist
+    loadfile --no-loadscope-reorder``; by default it orders them by their number of tests,
+    which put ``test_wide_mlp_100k.py``, one test of 4-7 minutes, among the last): the files
+    with slow tests first, then the others, each group by its number of tests, largest
+    first; each file's tests together and in order.  A worker takes its next file when
+    fewer than three of its tests are left, so the one-test slow file goes second: first,
+    it would draw ``test_long_sequences.py`` onto the same worker behind it."""
+    counts = Counter(item.path for item in items)
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)
+    items.sort(key=lambda item: (item.path not in slow_files, -counts[item.path]))
