@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -108,8 +108,9 @@ def pytest_collection_modifyitems(config, items):
     which put ``test_wide_mlp_100k.py``, one test of 4-7 minutes, among the last): the files
     with slow tests first, then the others, each group by its number of tests, largest
     first; each file's tests together and in order.  A worker takes its next file when
-    fewer than three of its tests are left, so the one-test slow file goes second: first,
-    it would draw ``test_long_sequences.py`` onto the same worker behind it."""
+    fewer than three of its tests are left, so a one-test file draws the next one onto its
+    worker at once: the one-test slow file goes after the slow files with many tests,
+    rather than first with ``test_long_sequences.py`` queued behind it."""
     counts = Counter(item.path for item in items)
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: (item.path not in slow_files, -counts[item.path]))
