@@ -198,7 +198,8 @@ class Conversion:
         return static[self.layout.batch_axis]
 
     def _compare(self, onnx_path, inputs: VerifyInputs, providers, required=(), cuda_graph: bool = False):
-        """Original vs rewrite vs onnxruntime on ``inputs``; ``cuda_graph``: the CUDA run replays a CUDA graph."""
+        """Original vs rewrite vs onnxruntime on ``inputs`` (keeping the rewrite's outputs in
+        ``inputs.rewritten``, for :func:`accuracies`); ``cuda_graph``: the CUDA run replays a CUDA graph."""
         time_first = self.layout.batch_axis == 1  # the outputs' layout; layer spikes are always [T, B, ...]
         x = inputs.x
         ref_out, ref_layers = inputs.reference
