@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
@@ -255,11 +255,15 @@ def _run_counting(model, neurons, x) -> dict[int, int]:
     return dict(counts)
 
 
-def probe_input_kind(model: torch.nn.Module, neurons: list[NeuronModule], sample_shape: tuple[int, ...], time_steps: int, kind: str = "auto", batch_first: bool = False) -> InputLayout:
+def probe_input_kind(model: torch.nn.Module, neurons: list[NeuronModule], sample_shape: tuple[int, ...], time_steps: int, kind: str = "auto", batch_first: bool = False,
+                     full_length_run: Callable[[InputLayout], dict[int, int] | None] | None = None) -> InputLayout:
     """Find how the model consumes time by running it eagerly and counting neuron calls.
 
     ``batch_first``: the sequence is ``[B, T, ...]`` (without it, time-first is tried first,
     then batch-first); for a single-step module the exported model then takes ``[B, T, ...]``.
+    ``full_length_run(layout)``: the one run at full length that confirms a long sequence's
+    loop (:func:`probe_sequence`), returning the calls per neuron (as :func:`counting_calls`),
+    or None to leave it to the default: the model run on one sample.
     """
     if not neurons:
         raise NotConvertibleError({"model": "no neuron module of a supported framework was found (see `psu-export list-converters`)"})
@@ -272,10 +276,7 @@ def probe_input_kind(model: torch.nn.Module, neurons: list[NeuronModule], sample
         return _probe_multi_step(model, neurons, whole, sample_shape, time_steps, kind)
 
     def calls(x):
-        counts = set(_run_counting(model, neurons, x).values())
-        if len(counts) != 1:
-            raise NotConvertibleError({"model": f"neuron layers are called different numbers of times per forward ({sorted(counts)})"})
-        return counts.pop()
+        return _calls_per_forward(_run_counting(model, neurons, x))
 
     if kind in ("auto", "static", "step"):
         try:
@@ -289,7 +290,11 @@ def probe_input_kind(model: torch.nn.Module, neurons: list[NeuronModule], sample
         except Exception as exc:  # the model did not accept a single-step input
             errors.append(f"as [B, {', '.join(map(str, sample_shape))}]: {type(exc).__name__}: {exc}")
     if kind in ("auto", "sequence"):
-        layout = probe_sequence(calls, sample_shape, time_steps, batch_first, errors, lambda n1, n2, steps: (n1, n2) == (steps, steps + 1))
+        def confirm(trial: InputLayout) -> int | None:
+            counts = full_length_run(trial) if full_length_run else None
+            return None if counts is None else _calls_per_forward(counts)
+
+        layout = probe_sequence(calls, sample_shape, time_steps, batch_first, errors, lambda n1, n2, steps: (n1, n2) == (steps, steps + 1), confirm)
         if layout is not None:
             return layout
     raise UsageError(
@@ -299,12 +304,20 @@ def probe_input_kind(model: torch.nn.Module, neurons: list[NeuronModule], sample
     )
 
 
+def _calls_per_forward(counts: dict[int, int]) -> int:
+    """The one number of calls every neuron layer made in a forward (refusing layers that differ)."""
+    distinct = set(counts.values())
+    if len(distinct) != 1:
+        raise NotConvertibleError({"model": f"neuron layers are called different numbers of times per forward ({sorted(distinct)})"})
+    return distinct.pop()
+
+
 #: a long sequence is probed at this many steps (and one more) first, then confirmed by one
 #: run at its own T, rather than run twice at full length (:func:`probe_sequence`)
 SHORT_PROBE_STEPS = 8
 
 
-def probe_sequence(count, sample_shape: tuple[int, ...], time_steps: int, batch_first: bool, errors: list[str], follows_time) -> InputLayout | None:
+def probe_sequence(count, sample_shape: tuple[int, ...], time_steps: int, batch_first: bool, errors: list[str], follows_time, confirm=None) -> InputLayout | None:
     """The sequence layout that ``count`` (per forward on an input) shows, or None (``errors`` say why).
 
     Runs the model on ``[T, B, ...]`` and ``[T+1, B, ...]`` and, unless ``follows_time(n1, n2,
@@ -317,12 +330,13 @@ def probe_sequence(count, sample_shape: tuple[int, ...], time_steps: int, batch_
     (n(S+1) - n(S))``, a loop over all of the input's steps) settles it: one eager run at full
     length instead of two (100,000 steps of a Python loop take minutes).  Anything else,
     an error at the short length included (a loop of fixed length indexing past it), falls
-    back to the runs at T.
+    back to the runs at T.  ``confirm(layout)`` makes that run and returns its count, or None
+    to leave it to ``count`` on one sample.
     """
     batches = [b for b in (3, 5, 7) if b not in (time_steps, time_steps + 1)][:2]
     for batch_first_try in ((True,) if batch_first else (False, True)):
         trial = InputLayout("sequence", time_steps, True, sample_shape, batch_first_try)
-        if time_steps > 2 * SHORT_PROBE_STEPS and _follows_every_step(count, trial, batches[0], follows_time):
+        if time_steps > 2 * SHORT_PROBE_STEPS and _follows_every_step(count, trial, batches[0], follows_time, confirm):
             return trial
         try:
             n1, n2 = count(trial.example(batches[0])), count(trial.example(batches[0], time_steps + 1))
@@ -343,16 +357,23 @@ def probe_sequence(count, sample_shape: tuple[int, ...], time_steps: int, batch_
     return None
 
 
-def _follows_every_step(count, trial: InputLayout, batch: int, follows_time) -> bool:
+def _follows_every_step(count, trial: InputLayout, batch: int, follows_time, confirm=None) -> bool:
     """Whether the count follows time at :data:`SHORT_PROBE_STEPS` (and one more) steps and
     extrapolates to the count of one run at ``trial``'s own T (see :func:`probe_sequence`).
-    The run at T takes one sample: the count of steps does not depend on the batch, and its
-    input is the probe's peak memory (a third of batch 3's 940 MB for 784 inputs at T =
-    100,000); a count that does, or a model that fails at batch 1, falls back to the runs at T."""
+    By default the run at T takes one sample: the count of steps does not depend on the batch,
+    and its input is the probe's peak memory (a third of batch 3's 940 MB for 784 inputs at T
+    = 100,000); a count that does, or a model that fails at batch 1, falls back to the runs at
+    T.  ``confirm(trial)``, when given, makes the run at T instead (``pipeline.prepare``: on
+    the inputs of the parity check that follows, which then reuses it)."""
     short = SHORT_PROBE_STEPS
     try:
         n1, n2 = count(trial.example(batch, short)), count(trial.example(batch, short + 1))
-        return follows_time(n1, n2, short) and count(trial.example(1)) == n1 + (trial.time_steps - short) * (n2 - n1)
+        if not follows_time(n1, n2, short):
+            return False
+        full = confirm(trial) if confirm else None
+        if full is None:
+            full = count(trial.example(1))
+        return full == n1 + (trial.time_steps - short) * (n2 - n1)
     except Exception:  # noqa: BLE001 - the runs at full length decide, and say why
         return False
 

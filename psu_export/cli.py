@@ -69,7 +69,7 @@ def cli():
     """
 
 
-def _prepare(model, weights, time_steps, input_shape, input_kind, trust_model, data=None, onnx_path=None, mode="exact", seed=0):
+def _prepare(model, weights, time_steps, input_shape, input_kind, trust_model, data=None, onnx_path=None, mode="exact", seed=0, check=None):
     from .pipeline import prepare, sample_shape_from
 
     if not input_shape and not data and model.endswith(".nir"):
@@ -81,7 +81,7 @@ def _prepare(model, weights, time_steps, input_shape, input_kind, trust_model, d
     meta = click.get_current_context().meta
     return prepare(model, weights, shape, time_steps, trust_model, input_kind, progress=_progress, mode=mode, seed=seed,
                    nir_dt=meta.get("psu_export.dt"), nir_reset=meta.get("psu_export.nir_reset") or "zero",
-                   batch_first=bool(meta.get("psu_export.batch_first")))
+                   batch_first=bool(meta.get("psu_export.batch_first")), check=check)
 
 
 def _finish_report(report, report_path) -> int:
@@ -130,7 +130,10 @@ def convert(model, out, weights, time_steps, input_shape, input_kind, trust_mode
         raise UsageError(f"The output directory {Path(out).resolve().parent} does not exist; create it or choose another output path.")
     if batch < 1 or (batch != 1 and not cuda_graph):
         raise UsageError(f"--batch {batch}: the batch is fixed only by --cuda-graph builds, and must be at least 1.")
-    conversion = _prepare(model, weights, time_steps, input_shape, input_kind, trust_model, data, mode=reset_mode, seed=seed)
+    from .pipeline import CheckInputs
+
+    check = None if no_verify else CheckInputs(data, seed, batch if cuda_graph else None)
+    conversion = _prepare(model, weights, time_steps, input_shape, input_kind, trust_model, data, mode=reset_mode, seed=seed, check=check)
     if data:
         from .verify import load_data
 
@@ -170,10 +173,11 @@ def verify(model, onnx_file, weights, time_steps, input_shape, input_kind, trust
 
     if batch is not None and batch < 1:
         raise UsageError(f"--batch must be at least 1 (got {batch}).")
-    from .pipeline import file_reset_mode
+    from .pipeline import CheckInputs, file_reset_mode
 
     mode, reset_seed, estimate = file_reset_mode(onnx_file)  # the file's --reset mode, seed and calibration
-    conversion = _prepare(model, weights, time_steps, input_shape, input_kind, trust_model, data, onnx_file, mode=mode, seed=reset_seed)
+    conversion = _prepare(model, weights, time_steps, input_shape, input_kind, trust_model, data, onnx_file, mode=mode, seed=reset_seed,
+                          check=CheckInputs(data, seed, batch))
     conversion.set_reset_estimate(estimate)
     providers = ("cpu", "cuda") if provider == "all" else (provider,)
     required = () if provider == "all" else (provider,)

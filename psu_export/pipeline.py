@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from .capture import CapturedGraph, InputLayout, NeuronModule, capture, find_neuron_modules, probe_input_kind, refuse_unconvertible
+from .capture import CapturedGraph, InputLayout, NeuronModule, capture, counting_calls, find_neuron_modules, probe_input_kind, refuse_unconvertible
 from .cuda_graph import STATIC_KEY
 from .emit import EmittedModel, export_onnx, metadata
 from .errors import UsageError, one_line
@@ -36,6 +36,7 @@ from .verify import (
     run_onnx,
     run_original,
     run_parallel,
+    synthetic_example,
     synthetic_inputs,
 )
 
@@ -63,9 +64,41 @@ class VerifyInputs:
     rewritten: tuple | None = None
 
 
+@dataclass(frozen=True)
+class CheckInputs:
+    """The inputs of the parity check that is to follow a conversion (``convert``, ``verify``):
+    the ``--data`` file, or synthetic ones of this seed and batch (None: :func:`synthetic_batch`
+    of T)."""
+
+    data: str | None = None
+    seed: int = 0
+    batch: int | None = None
+
+
+@dataclass
+class CheckRun:
+    """The original's run at full length on a check's inputs (the synthetic ones unscaled):
+    made by the probe to confirm a long sequence's loop, then the check's reference run (at
+    T = 100,000 a Python loop takes minutes; :func:`prepare`)."""
+
+    layout: InputLayout
+    check: CheckInputs
+    x: torch.Tensor
+    target: torch.Tensor | None
+    reference: tuple
+
+    def matches(self, data, batch: int, steps: int, seed: int) -> bool:
+        """Whether these are the inputs :meth:`Conversion.inputs` is asked for."""
+        if data is not None or self.check.data is not None:
+            return data == self.check.data
+        return (self.x.shape[self.layout.batch_axis], self.check.seed, self.layout.time_steps) == (batch, seed, steps)
+
+
 @dataclass
 class Conversion:
-    """A model captured, re-rolled and rewritten; ready to export and verify."""
+    """A model captured, re-rolled and rewritten; ready to export and verify.
+
+    ``check_run``: the probe's run on the parity check's inputs, until :meth:`inputs` takes it."""
 
     loaded: LoadedModel
     neurons: list[NeuronModule]
@@ -76,6 +109,7 @@ class Conversion:
     parallel: ParallelModel
     mode: str = "exact"
     seed: int = 0
+    check_run: CheckRun | None = None
 
     def export(self, out_path, batch: int = 2, extra_metadata: dict[str, str] | None = None, cuda_graph: bool = False,
                row_blocks: bool = True) -> EmittedModel:
@@ -117,14 +151,18 @@ class Conversion:
                 getattr(self.parallel, f"site{by_name[name]}_{key}").fill_(float(values[key]))
 
     def inputs(self, data=None, batch: int = 4, time_steps: int | None = None, seed: int = 0) -> VerifyInputs:
-        """``--data`` or seeded synthetic inputs that make neurons fire (with the original's run on them)."""
-        if data is not None:
-            x, target = load_data(data, self.layout)
-            return VerifyInputs(x, target, f"data:{Path(data).name}")
+        """``--data`` or seeded synthetic inputs that make neurons fire (with the original's run
+        on them; the probe's, :attr:`check_run`, when it ran on these inputs)."""
+        kept, self.check_run = self.check_run, None  # taken by the first check (its records go after it)
         if not self.captured.dynamic_batch:
             batch = 2
         steps = time_steps or self.layout.time_steps
-        x, reference = synthetic_inputs(self.loaded.module, self.neurons, self.layout, batch, steps, seed)
+        if kept and not kept.matches(data, batch, steps, seed):
+            kept = None
+        if data is not None:
+            x, target = (kept.x, kept.target) if kept else load_data(data, self.layout)
+            return VerifyInputs(x, target, f"data:{Path(data).name}", kept.reference if kept else None)
+        x, reference = synthetic_inputs(self.loaded.module, self.neurons, self.layout, batch, steps, seed, kept and (kept.x, kept.reference))
         return VerifyInputs(x, None, f"synthetic(seed={seed}, batch={batch}, T={steps})", reference)
 
     def verify(self, onnx_path, data=None, batch: int | None = None, providers=("cpu", "cuda"), required_providers=(), seed: int = 0, extra_time_steps=True, progress=None, raster=None) -> ParityReport:
@@ -372,12 +410,16 @@ def sample_shape_from(input_shape: str | None, onnx_path=None) -> tuple[int, ...
     raise UsageError("--input-shape is required (one time step's sample shape without batch and time, e.g. 1,28,28).")
 
 
-def prepare(model: "str | torch.nn.Module", weights: str | None = None, input_shape: tuple[int, ...] = (), time_steps: int = 25, trust_model: bool = False, input_kind: str = "auto", progress=None, mode: str = "exact", seed: int = 0, nir_dt: float | None = None, nir_reset: str = "zero", batch_first: bool = False) -> Conversion:
+def prepare(model: "str | torch.nn.Module", weights: str | None = None, input_shape: tuple[int, ...] = (), time_steps: int = 25, trust_model: bool = False, input_kind: str = "auto", progress=None, mode: str = "exact", seed: int = 0, nir_dt: float | None = None, nir_reset: str = "zero", batch_first: bool = False,
+            check: CheckInputs | None = None) -> Conversion:
     """Load, capture, find and rewrite: everything before export.
 
     ``model`` is a MODEL string of the CLI contract or, for library use, a module;
     ``mode`` the ``--reset`` mode (:data:`MODES`), ``seed`` the stochastic reset's seed,
     ``batch_first`` that the sequence is ``[B, T, ...]`` (else found by probing).
+    ``check``: the inputs of the parity check that will follow; a long sequence's probe then
+    confirms its loop on them, and the check reuses the run (:class:`CheckRun`), so the
+    original's loop runs once at T instead of twice.
     """
     if mode not in MODES:
         raise UsageError(f"--reset {mode!r} is not one of {', '.join(MODES)}.")
@@ -393,9 +435,13 @@ def prepare(model: "str | torch.nn.Module", weights: str | None = None, input_sh
 
         say("no neuron module of a supported framework; looking for hand-written neuron loops")
         loaded, neurons, layout, captured = prepare_handwritten(loaded, tuple(input_shape), time_steps, input_kind, say, batch_first)
+        check_run = None
     else:
         say(f"found {len(neurons)} neuron layers; probing how the model consumes time")
-        layout = probe_input_kind(loaded.module, neurons, tuple(input_shape), time_steps, input_kind, batch_first)
+        runs: list[CheckRun] = []
+        full_length_run = _run_on_check_inputs(loaded, neurons, check, runs) if check else None
+        layout = probe_input_kind(loaded.module, neurons, tuple(input_shape), time_steps, input_kind, batch_first, full_length_run)
+        check_run = next((run for run in runs if run.layout == layout), None)
         say(f"input: {layout.kind} {layout.describe()}, T={layout.time_steps}{'' if layout.dynamic_time else ' (fixed by the model)'}; capturing")
         captured = capture(loaded.module, neurons, layout)
         captured.notes.extend(getattr(loaded.module, "conversion_notes", []))  # e.g. a .nir graph's discretisation
@@ -405,7 +451,30 @@ def prepare(model: "str | torch.nn.Module", weights: str | None = None, input_sh
         say("the model uses a number equal to the captured T; capturing one step longer to see whether it is T")
         mark_time_length_args(loop, find_sites(_recapture(loaded, neurons, layout, captured.capture_steps + 1), mode)[1])
     parallel = rewrite(captured, sites, loop, mode, seed)
-    return Conversion(loaded, neurons, layout, captured, sites, loop, parallel, mode, seed)
+    return Conversion(loaded, neurons, layout, captured, sites, loop, parallel, mode, seed, check_run)
+
+
+def _run_on_check_inputs(loaded: LoadedModel, neurons: list[NeuronModule], check: CheckInputs, runs: list[CheckRun]):
+    """The probe's run at full length (:func:`~psu_export.capture.probe_input_kind`), made on
+    ``check``'s inputs and kept as ``runs``' one entry; returns the calls per neuron, or None
+    for ``--data`` of another length or shape (the probe then runs one sample of its own)."""
+    def run(layout: InputLayout) -> dict[int, int] | None:
+        runs.clear()  # a layout tried before this one (time-first, then batch-first) is not the answer
+        if check.data is None:
+            x, target = synthetic_example(layout, check.batch or synthetic_batch(layout.time_steps), layout.time_steps, check.seed), None
+        else:
+            try:
+                x, target = load_data(check.data, layout)
+            except UsageError:  # reported by the check itself, after the conversion
+                return None
+            if x.shape[layout.time_axis] != layout.time_steps:
+                return None
+        with counting_calls(neurons) as counts:
+            reference = run_original(loaded.module, neurons, layout, x)
+        runs.append(CheckRun(layout, check, x, target, reference))
+        return dict(counts)
+
+    return run
 
 
 def _recapture(loaded: LoadedModel, neurons: list[NeuronModule], layout: InputLayout, steps: int) -> CapturedGraph:

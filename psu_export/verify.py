@@ -463,17 +463,24 @@ def load_data(path, layout: InputLayout) -> tuple[torch.Tensor, torch.Tensor | N
     return torch.from_numpy(x), (torch.from_numpy(target) if target is not None else None)
 
 
-def synthetic_inputs(model, neurons, layout: InputLayout, batch: int, time_steps: int, seed: int = 0):
+def synthetic_example(layout: InputLayout, batch: int, time_steps: int, seed: int) -> torch.Tensor:
+    """The unscaled inputs of :func:`synthetic_inputs`: seeded uniform in [0, 1)."""
+    return layout.example(batch, time_steps, generator=torch.Generator().manual_seed(seed))
+
+
+def synthetic_inputs(model, neurons, layout: InputLayout, batch: int, time_steps: int, seed: int = 0, first_run=None):
     """Seeded uniform inputs, scaled up until every neuron layer fires (or the largest scale).
 
     Returns (inputs, the original's :func:`run_original` on them): verify compares against
-    that run rather than running the original's loop again."""
-    x = layout.example(batch, time_steps, generator=torch.Generator().manual_seed(seed))
+    that run rather than running the original's loop again.  ``first_run``: ``(inputs,
+    run)`` on the unscaled inputs (:func:`synthetic_example`) when made already."""
+    x, reference = first_run or (synthetic_example(layout, batch, time_steps, seed), None)
     for scale in (1, 2, 4, 8, 16):
         if scale > 1:
             reference = None  # the last run's records go before the next run keeps its own
             x.mul_(2.0)  # in place (exact): one copy of a long input
-        reference = run_original(model, neurons, layout, x)
+        if reference is None:
+            reference = run_original(model, neurons, layout, x)
         rates = [int(torch.count_nonzero(s)) / max(1, s.numel()) for s in reference[1].values()]
         if rates and min(rates) > 0.01:
             break

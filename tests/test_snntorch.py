@@ -154,6 +154,47 @@ def test_a_long_sequence_runs_once_at_full_length_while_probing(make, batch_firs
     assert conversion.verify(tmp_path / "m.onnx", providers=("cpu",)).passed
 
 
+@pytest.mark.parametrize("data", [False, True], ids=["synthetic", "data"])
+def test_the_probes_run_at_full_length_is_the_checks_reference_run(data, tmp_path):
+    """Given the inputs of the parity check that will follow (``convert`` and ``verify`` pass
+    them), the probe confirms a long loop on those inputs and verify reuses that run: one run
+    of the original's loop at T fewer, the same report."""
+    from psu_export.pipeline import CheckInputs
+
+    path = None
+    if data:
+        path = str(tmp_path / "data.npz")
+        np.savez(path, input=torch.rand(300, 2, M.IN, generator=torch.Generator().manual_seed(5)).numpy() * 2)
+    reports, full_length_runs = [], []
+    for check in (None, CheckInputs(path, seed=3)):
+        model = M.leaky_loop()
+        lengths = []
+        hook = model.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[0]))
+        conversion = prepare(model, input_shape=(M.IN,), time_steps=300, check=check)
+        assert (conversion.check_run is not None) is (check is not None)
+        conversion.export(tmp_path / "m.onnx")
+        reports.append(conversion.verify(tmp_path / "m.onnx", data=path, providers=("cpu",), seed=3, extra_time_steps=False).to_json())
+        hook.remove()
+        assert conversion.check_run is None  # taken by the check, its records freed after it
+        full_length_runs.append(lengths.count(300))
+    assert full_length_runs[1] == full_length_runs[0] - 1 and full_length_runs[1] >= 1, full_length_runs
+    assert reports[0] == reports[1] and reports[0]["passed"]
+
+
+def test_a_probe_does_not_keep_a_run_on_data_of_another_length(tmp_path):
+    """``--data`` shorter than ``--time-steps``: the probe confirms the loop on a sample of its
+    own and keeps nothing (verify then runs on the data at its own length)."""
+    from psu_export.pipeline import CheckInputs
+
+    path = str(tmp_path / "data.npz")
+    np.savez(path, input=np.random.default_rng(0).random((200, 2, M.IN), dtype=np.float32))
+    model, lengths = M.leaky_loop(), []
+    model.register_forward_pre_hook(lambda module, args: lengths.append(tuple(args[0].shape[:2])))
+    conversion = prepare(model, input_shape=(M.IN,), time_steps=300, check=CheckInputs(path))
+    assert conversion.layout.dynamic_time and conversion.check_run is None
+    assert [s for s in lengths if s[0] >= 200] == [(300, 1)], lengths
+
+
 def test_a_loop_of_fixed_length_over_a_sequence_keeps_its_length(tmp_path):
     """A loop over a fixed 30 of the input's steps fails on the short probe and is found by
     the runs at full length: a sequence of fixed T."""
