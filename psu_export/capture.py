@@ -238,13 +238,16 @@ class InputLayout:
         lead = "B" if self.kind == "static" else ("B, T" if self.batch_first else "T, B")
         return f"[{lead}, {', '.join(map(str, self.sample_shape))}]"
 
-    def example(self, batch: int, time_steps: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    def shape(self, batch: int, time_steps: int | None = None) -> tuple[int, ...]:
+        """The input's shape for ``batch`` samples of ``time_steps`` steps (default: this T)."""
         steps = self.time_steps if time_steps is None else time_steps
         if self.kind == "static":
-            shape = (batch, *self.sample_shape)
-        else:
-            shape = (batch, steps, *self.sample_shape) if self.batch_first else (steps, batch, *self.sample_shape)
-        return torch.rand(shape, generator=generator)
+            return (batch, *self.sample_shape)
+        return (batch, steps, *self.sample_shape) if self.batch_first else (steps, batch, *self.sample_shape)
+
+    def example(self, batch: int, time_steps: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Uniform inputs in [0, 1) of :meth:`shape`."""
+        return torch.rand(self.shape(batch, time_steps), generator=generator)
 
 
 def _run_counting(model, neurons, x) -> dict[int, int]:

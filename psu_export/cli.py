@@ -140,7 +140,7 @@ def convert(model, out, weights, time_steps, input_shape, input_kind, trust_mode
         load_data(data, conversion.layout)  # refuse bad data before writing anything
     _progress("exporting to ONNX")
     emitted = conversion.export(out, batch=batch, cuda_graph=True) if cuda_graph else conversion.export(out)
-    described = (f"static build for CUDA graphs, input {list(conversion.layout.example(batch).shape)}" + "".join(f"; {w}" for w in emitted.waves)
+    described = (f"static build for CUDA graphs, input {list(conversion.layout.shape(batch))}" + "".join(f"; {w}" for w in emitted.waves)
                  if cuda_graph else "psu nodes: " + ", ".join(emitted.psu_nodes))
     console.print(f"wrote {emitted.path} ({emitted.node_count} nodes, {described})")
     if no_verify:

@@ -247,7 +247,7 @@ def test_cli_convert_and_verify_a_static_build(tmp_path):
     out = tmp_path / "net.onnx"
     code, text = run("convert", SMALL, out, "--input-shape", "64", "--time-steps", "10", "--cuda-graph", "--batch", "3")
     assert code == 0, text
-    assert "static build for CUDA graphs" in text and "static --cuda-graph build" in text
+    assert "static build for CUDA graphs, input [10, 3, 64]" in text and "static --cuda-graph build" in text
     assert "2 chained layers (128, 10 neurons) in waves of 5 steps: 15 steps instead of 20" in " ".join(text.split())
     # verify reads batch and T from the file; other values are usage errors (exit 2)
     assert run("verify", SMALL, out, "--input-shape", "64", "--time-steps", "10", "--provider", "cpu")[0] == 0
