@@ -134,7 +134,7 @@ def convert(model, out, weights, time_steps, input_shape, input_kind, trust_mode
 
     check = None if no_verify else CheckInputs(data, seed, batch if cuda_graph else None)
     conversion = _prepare(model, weights, time_steps, input_shape, input_kind, trust_model, data, mode=reset_mode, seed=seed, check=check)
-    if data:
+    if data and conversion.check_run is None:  # (the probe's run loaded and took them already)
         from .verify import load_data
 
         load_data(data, conversion.layout)  # refuse bad data before writing anything
