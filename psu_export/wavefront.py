@@ -32,7 +32,9 @@ A chain is formed where, after the input's shape is fixed (every ``Shape`` then 
   of the chunks), and its initial states do not depend on layer ``d - 1``;
 * a chain is cut into runs of layers whose bodies are the same operations on the same
   operands apart from constants that broadcast over a sample (thresholds, decays), with
-  the same batch; a run of two or more layers takes the waves.
+  the same batch; a run of two or more layers takes the waves.  (A zero reset's threshold
+  that is one value for the whole layer is an attribute of its ``ThresholdedRelu``, part
+  of the operation: such layers share a run only with the same threshold.)
 
 The pass runs before :func:`psu_export.cuda_graph.unroll_scans`, which unrolls the waves'
 ``Scan`` nodes like any other.
@@ -57,7 +59,7 @@ CONCAT_MAX_INPUTS = 32
 #: operations that act on each neuron's lane alone (constants broadcast over a sample's neurons)
 ELEMENTWISE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Neg", "Abs", "Sum", "Max", "Min", "Greater", "Less",
                              "GreaterOrEqual", "LessOrEqual", "Equal", "Not", "And", "Or", "Xor", "Where", "Cast",
-                             "Identity", "Relu", "Sigmoid", "Exp"})
+                             "Identity", "Relu", "ThresholdedRelu", "Sigmoid", "Exp"})
 #: operations allowed between two chained layers, on values whose first axis is time or
 #: time folded with the batch (``[T * k, ...]``): each step's rows computed alone.  Their
 #: constant operands: a ``MatMul``'s weight (second input, at most 2-D), convolution and

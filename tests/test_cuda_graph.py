@@ -54,9 +54,9 @@ def test_static_build_matches_the_default_build(convert, tmp_path, spec, steps, 
 
 class _LeakyChain(torch.nn.Module):
     """A 64-48-32-16-10 snnTorch net (as many layers as ``resets``) whose layers decay and
-    fire at different values, with the given reset mechanisms."""
+    fire at different values (or at ``thresholds``), with the given reset mechanisms."""
 
-    def __init__(self, steps: int, resets: tuple[str, ...]):
+    def __init__(self, steps: int, resets: tuple[str, ...], thresholds=(0.5, 0.75, 0.25, 1.5)):
         import snntorch as snn
 
         super().__init__()
@@ -66,7 +66,7 @@ class _LeakyChain(torch.nn.Module):
         widths[-1] = 10
         self.fc = torch.nn.ModuleList(torch.nn.Linear(a, b) for a, b in zip(widths, widths[1:]))
         self.lif = torch.nn.ModuleList(snn.Leaky(beta=b, threshold=t, reset_mechanism=r)
-                                       for b, t, r in zip([0.9, 0.8, 0.95, 0.85], [0.5, 0.75, 0.25, 1.5], resets))
+                                       for b, t, r in zip([0.9, 0.8, 0.95, 0.85], thresholds, resets))
         for fc in self.fc:  # strong enough for every layer to fire
             torch.nn.init.uniform_(fc.weight, -2 / fc.in_features**0.5, 2 / fc.in_features**0.5)
             torch.nn.init.uniform_(fc.bias, 0.0, 0.2)
@@ -82,21 +82,26 @@ class _LeakyChain(torch.nn.Module):
         return torch.stack(out)
 
 
-@pytest.mark.parametrize("resets, waves, steps_run", [
-    (("subtract",) * 3, ["3 chained layers (48, 32, 10 neurons) in waves of 6 steps: 60 steps instead of 144"], 48 + 2 * 6),
-    (("subtract", "subtract", "zero"), ["2 chained layers (48, 32 neurons) in waves of 8 steps: 56 steps instead of 96"], 56 + 48),
-    (("subtract", "subtract", "zero", "zero"), ["2 chained layers (48, 32 neurons) in waves of 8 steps: 56 steps instead of 96",
-                                                 "2 chained layers (16, 10 neurons) in waves of 8 steps: 56 steps instead of 96"], 56 + 56),
+_TWO_WAVES = "2 chained layers ({}, {} neurons) in waves of 8 steps: 56 steps instead of 96"
+
+
+@pytest.mark.parametrize("resets, thresholds, waves, steps_run", [
+    (("subtract",) * 3, (0.5, 0.75, 0.25), ["3 chained layers (48, 32, 10 neurons) in waves of 6 steps: 60 steps instead of 144"], 48 + 2 * 6),
+    (("subtract", "subtract", "zero"), (0.5, 0.75, 0.25), [_TWO_WAVES.format(48, 32)], 56 + 48),
+    (("subtract", "subtract", "zero", "zero"), (0.5, 0.75, 1.5, 1.5), [_TWO_WAVES.format(48, 32), _TWO_WAVES.format(16, 10)], 56 + 56),
+    (("subtract", "subtract", "zero", "zero"), (0.5, 0.75, 0.25, 1.5), [_TWO_WAVES.format(48, 32)], 56 + 2 * 48),
 ])
-def test_chained_layers_run_in_waves_with_the_same_bits(tmp_path, resets, waves, steps_run):
+def test_chained_layers_run_in_waves_with_the_same_bits(tmp_path, resets, thresholds, waves, steps_run):
     """Chained layers with their own decays and thresholds (one value per neuron in the
     merged step) take ``T + (D - 1) C`` steps in the static build, not ``D T``, with the
     default build's floats; layers with another step (a zero reset) run on their own or
-    in a run of their own."""
+    in a run of their own.  A zero reset tests its one threshold as a constant
+    (``ThresholdedRelu``'s attribute), so zero-reset layers share a run only when their
+    thresholds are equal."""
     from psu_export.pipeline import prepare
 
     steps = 48
-    conversion = prepare(_LeakyChain(steps, resets), input_shape=(64,), time_steps=steps)
+    conversion = prepare(_LeakyChain(steps, resets, thresholds), input_shape=(64,), time_steps=steps)
     path, static = tmp_path / "model.onnx", tmp_path / "static.onnx"
     conversion.export(path)
     assert conversion.export(static, batch=2, cuda_graph=True).waves == waves

@@ -148,7 +148,10 @@ def test_snntorch_reset_test_is_carried_not_recomputed(reset, threshold):
     """snnTorch's reset test of step t is its spike test of step t-1: evaluated once per step.
 
     The hidden-layer (spikes-only) body returns per step only the spike decisions (bool),
-    not the membrane's operands; a threshold of exactly 1 saves the reset's multiply.
+    not the membrane's operands; a threshold of exactly 1 saves the reset's multiply.  The
+    zero reset with its one threshold does not read the test at all (``v - ThresholdedRelu(v)``):
+    the spike test then runs after the scan on the returned membrane, or in the spikes-only
+    body for its bool.
     """
     import onnx
 
@@ -157,7 +160,7 @@ def test_snntorch_reset_test_is_carried_not_recomputed(reset, threshold):
     ranks = tuple(getattr(spec, n).dim() for n in o.param_names)
     full_function = one_node_model(o.key(), ranks).functions[0]
     full = _scan_body(full_function)
-    assert [n.op_type for n in full.node].count("Greater") == 1
+    assert [n.op_type for n in full.node].count("Greater") == (1 if reset == "subtract" else 0)
     # every per-step output the scan writes is read (the membrane's recomputation once
     # stacked an operand for a candidate it then gave up, and wrote it every step for nothing)
     scan = next(n for n in full_function.node if n.op_type == "Scan")
@@ -171,6 +174,8 @@ def test_snntorch_reset_test_is_carried_not_recomputed(reset, threshold):
     assert [v.type.tensor_type.elem_type for v in per_step] == [onnx.TensorProto.BOOL]
     if reset == "subtract":  # charge (Mul, Add), reset (Mul unless threshold 1, Sub), spike test (Greater, Cast)
         assert len(body.node) == (5 if threshold == 1.0 else 6)
+    else:  # reset (ThresholdedRelu, Sub), charge (Mul, Add), spike test (Greater)
+        assert [n.op_type for n in body.node] == ["ThresholdedRelu", "Sub", "Mul", "Add", "Greater"]
 
 
 def _bits(a) -> np.ndarray:
@@ -376,3 +381,54 @@ def test_a_repeated_drive_is_read_once_with_the_same_bits(drive_batch):
     assert 0 < float(expected[0].mean()) < 1
     for g, e in zip(got, expected):
         np.testing.assert_array_equal(_bits(g), _bits(e))
+
+
+def _special_values(threshold: float, shape, seed: int = 0) -> torch.Tensor:
+    """Inputs around ``threshold`` and at float32's edges: NaN, infinities, -0, subnormals,
+    the threshold and its neighbours, mixed with normal draws."""
+    t = np.float32(threshold)
+    rng = np.random.default_rng(seed)
+    with np.errstate(over="ignore"):  # (a threshold near float32's maximum: inputs of +-inf)
+        specials = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1.4e-45, -1.4e-45, t, np.nextafter(t, np.float32(-np.inf)),
+                             np.nextafter(t, np.float32(np.inf)), 1.5 * t, -t, 3e38, -3e38], dtype=np.float32)
+        x = rng.standard_normal(shape).astype(np.float32) * t
+    pick = rng.random(shape) < 0.3
+    x[pick] = rng.choice(specials, size=int(pick.sum()))
+    return torch.from_numpy(x)
+
+
+@pytest.mark.parametrize("threshold", [1.0, 0.5, 0.3, 1e-30, 3e38])
+@pytest.mark.parametrize("compare", ["ge", "gt"])
+@pytest.mark.parametrize("form", ["same_step_product", "same_step_standard", "previous_step"])
+def test_a_zero_reset_with_a_constant_threshold_keeps_every_bit(form, compare, threshold):
+    """With one threshold > 0 for the whole layer, the zero reset ``(1 - spike) * v`` runs as
+    ``v - ThresholdedRelu(v)`` (the threshold, or the float32 below it for ``ge``, as the
+    attribute): the reset no longer reads the float spike.  Against the multiplying form, bit
+    for bit (NaN where it is NaN) on NaN, infinite, -0, subnormal and tie inputs, in torch
+    and onnxruntime (4,099 neurons: the vectorised loops and their tails); thresholds that
+    differ between neurons keep the multiply."""
+    from psu_export.spec import NeuronSpec
+
+    timing = "previous_step" if form == "previous_step" else "same_step"
+    product = form == "same_step_product"
+    spec = NeuronSpec(decay=1.0 if product else 0.5, threshold=threshold, reset="zero", reset_value=0.0, v_init=0.0,
+                      compare=compare, reset_timing=timing, charge="if" if product else "leaky", reset_form="product" if product else "standard")
+    o = StepOptions.of(spec)
+    assert o.constant_threshold == float(np.float32(threshold))
+    assert o.reset_form == ("product" if product else "standard")
+    multiplying = dataclasses.replace(o, identity_params=o.identity_params.replace("threshold", "").strip("+"), uniform_threshold="")
+    assert multiplying.constant_threshold is None
+    x = _special_values(threshold, (8, 2, 4099))
+    params = [getattr(spec, n) for n in o.param_names]
+    expected = exact_neuron(x, params, multiplying.key(), "l")
+    assert "ThresholdedRelu" in str(one_node_model(o.key(), tuple(p.dim() for p in params)))
+    assert "ThresholdedRelu" not in str(one_node_model(multiplying.key(), tuple(p.dim() for p in params)))
+    assert 0 < float(expected[0].mean()) < 1 and bool(torch.isnan(expected[1]).any())
+    for out in _kernel_and_onnx(o, params, x):
+        np.testing.assert_array_equal(_bits(out[0]), _bits(expected[0]))
+        nan = np.isnan(expected[1].numpy())
+        np.testing.assert_array_equal(np.isnan(np.asarray(out[1])), nan)
+        np.testing.assert_array_equal(_bits(out[1])[~nan], _bits(expected[1])[~nan])
+    per_neuron = dataclasses.replace(spec, threshold=torch.tensor([threshold, 2 * threshold]).repeat(2050)[:4099])
+    assert StepOptions.of(per_neuron).constant_threshold is None
+    assert StepOptions.of(dataclasses.replace(spec, threshold=torch.tensor(-threshold))).constant_threshold is None

@@ -47,6 +47,11 @@ class TorchBuilder:
         hit = a > b if compare == "gt" else a >= b
         return hit.to(torch.float32)
 
+    def unfired(self, a, threshold: float, compare: str):
+        """``a - (a if H(a - threshold) else 0)`` (see :meth:`OnnxBuilder.unfired`)."""
+        hit = a > threshold if compare == "gt" else a >= threshold
+        return a - torch.where(hit, a, torch.zeros_like(a))
+
 
 class OnnxBuilder:
     """Record the program as ONNX nodes; values are tensor names."""
@@ -95,6 +100,16 @@ class OnnxBuilder:
     def step(self, a, b, compare: str):
         hit = self.node("Greater" if compare == "gt" else "GreaterOrEqual", [a, b])
         return self.node("Cast", [hit], to=TensorProto.FLOAT)
+
+    def unfired(self, a, threshold: float, compare: str):
+        """``a - ThresholdedRelu(a)``: ``a`` where ``H(a - threshold)`` is 0, else ``a - a``.
+
+        ``ThresholdedRelu(a, alpha)`` is ``a`` where ``a > alpha`` and 0 elsewhere (NaN
+        included); ``a >= threshold`` is ``a > alpha`` for ``alpha`` the float32 just below
+        ``threshold``.  A constant threshold only: ``alpha`` is an attribute.
+        """
+        alpha = threshold if compare == "gt" else float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
+        return self.sub(a, self.node("ThresholdedRelu", [a], alpha=alpha))
 
 
 # ----------------------------------------------------------------------------- sequence programs

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper
@@ -45,6 +46,14 @@ def _is_exactly(t: torch.Tensor, value: float) -> bool:
     return bool(torch.all(t == value)) and not (value == 0.0 and bool(torch.signbit(t).any()))
 
 
+def _uniform_positive_bits(t: torch.Tensor) -> str:
+    """The float32 bits (hex) of ``t``'s one value where every element equals it and it is > 0, else ``""``."""
+    values = t.detach().float().reshape(-1)
+    if values.numel() == 0 or not bool(torch.all(values == values[0])) or not float(values[0]) > 0:
+        return ""
+    return f"{int(np.float32(values[0].item()).view(np.uint32)):08x}"
+
+
 @dataclass(frozen=True)
 class StepOptions:
     """The discrete options of a :class:`NeuronSpec`: what fixes the arithmetic of a step."""
@@ -62,6 +71,9 @@ class StepOptions:
     #: :attr:`NeuronSpec.spike_from`: the spike tests the updated membrane, or is the reset
     #: test of the stored one (previous-step timing)
     spike_from: str = "updated"
+    #: a zero reset's threshold, when it is one value > 0 everywhere other than 1 (``th1``),
+    #: as its float32 bits in hex: the step tests it as a constant (:attr:`constant_threshold`)
+    uniform_threshold: str = ""
 
     @classmethod
     def of(cls, spec: NeuronSpec) -> "StepOptions":
@@ -74,11 +86,24 @@ class StepOptions:
         }
         names = [n for n, (value, _) in IDENTITY_PARAMS.items()
                  if n in base.param_names and applies.get(n, True) and _is_exactly(getattr(spec, n), value)]
-        return dataclasses.replace(base, identity_params="+".join(names))
+        zero_reset_tests = base.reset == "zero" and (base.reset_timing == "same_step" or (
+            base.reset_timing == "previous_step" and base.zero_scope == "membrane"))
+        uniform = _uniform_positive_bits(spec.threshold) if zero_reset_tests and "threshold" not in names else ""
+        return dataclasses.replace(base, identity_params="+".join(names), uniform_threshold=uniform)
 
     @property
     def identities(self) -> set[str]:
         return set(self.identity_params.split("+")) - {""}
+
+    @property
+    def constant_threshold(self) -> float | None:
+        """The threshold as a number, where it is one value everywhere known to the step
+        (``th1`` or :attr:`uniform_threshold`); else None (a parameter of the layer)."""
+        if "threshold" in self.identities:
+            return IDENTITY_PARAMS["threshold"][0]
+        if self.uniform_threshold:
+            return float(np.array(int(self.uniform_threshold, 16), dtype=np.uint32).view(np.float32))
+        return None
 
     @property
     def variant(self) -> str:
@@ -94,6 +119,8 @@ class StepOptions:
         if self.spike_from != "updated":
             parts.append(self.spike_from)
         parts.extend(suffix for name, (_, suffix) in IDENTITY_PARAMS.items() if name in self.identities)
+        if self.uniform_threshold:
+            parts.append(f"th{self.uniform_threshold}")
         return "_".join(parts)
 
     @property
@@ -124,6 +151,7 @@ class StepOptions:
             "reset_form": self.reset_form,
             "identity_params": self.identity_params,
             "spike_from": self.spike_from,
+            "uniform_threshold": self.uniform_threshold,
         }
 
     @classmethod
@@ -131,7 +159,7 @@ class StepOptions:
         fields = dict(item.split("=", 1) for item in key.split(","))
         return cls(fields["reset"], fields["reset_timing"], fields["compare"], fields["zero_scope"], fields["two_state"] == "1",
                    fields.get("charge", "leaky"), fields.get("reset_form", "standard"), fields.get("identity_params", ""),
-                   fields.get("spike_from", "updated"))
+                   fields.get("spike_from", "updated"), fields.get("uniform_threshold", ""))
 
     @classmethod
     def from_node(cls, node: onnx.NodeProto) -> "StepOptions":
@@ -139,7 +167,7 @@ class StepOptions:
         text = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items() if k != "layer"}
         return cls(text["reset"], text["reset_timing"], text["compare"], text["zero_scope"], bool(text["two_state"]),
                    text.get("charge", "leaky"), text.get("reset_form", "standard"), text.get("identity_params", ""),
-                   text.get("spike_from", "updated"))
+                   text.get("spike_from", "updated"), text.get("uniform_threshold", ""))
 
 
 #: charge forms whose ``h`` is -0 only if the stored ``v`` is: ``v + y`` (in round-to-nearest
@@ -210,6 +238,14 @@ def exact_step(b, o: StepOptions, p: dict, v_prev, i_prev, x):
     def times(value, name):  # value * p[name], skipped for a parameter that is exactly 1
         return value if name in o.identities else b.mul(value, p[name])
 
+    def unfired(value, fired):  # (1 - fired) * value, fired = H(value - theta)
+        if o.constant_threshold is not None:
+            # value - (value if fired else 0): the same bits for every float32 value (a fired
+            # value is >= theta > 0, so 0 * value and value - value are both +0, or NaN for
+            # +inf), and the reset no longer reads the float spike: one node less a step
+            return b.unfired(value, o.constant_threshold, o.compare)
+        return b.mul(b.sub(b.const(1.0), fired), value)
+
     if o.charge == "norse_lif":
         drive = b.add(i_prev, x)  # the input jumps the synaptic current
         i = b.add(drive, b.mul(p["syn_gain"], drive))
@@ -231,11 +267,11 @@ def exact_step(b, o: StepOptions, p: dict, v_prev, i_prev, x):
         elif o.reset == "subtract":
             v = b.sub(h, times(fired, "threshold"))
         elif o.reset == "zero" and o.reset_form == "product":
-            v = b.mul(b.sub(b.const(1.0), fired), h)
+            v = unfired(h, fired)
         elif o.reset == "zero":
             # spike * v_reset + (1 - spike) * h; for v_reset +0 the product is +0, still added:
             # x + (+0) turns a -0 membrane into +0, as the framework's sum does
-            kept = b.mul(b.sub(b.const(1.0), fired), h)
+            kept = unfired(h, fired)
             if "reset_value" in o.identities:
                 v = b.add_zero_safe(p["reset_value"], kept)
             else:
@@ -249,7 +285,7 @@ def exact_step(b, o: StepOptions, p: dict, v_prev, i_prev, x):
     if o.reset == "subtract":
         v = b.sub(charge(v_prev), times(r, "threshold"))
     elif o.reset == "zero" and o.zero_scope == "membrane":
-        v = charge(b.mul(b.sub(b.const(1.0), r), v_prev))
+        v = charge(unfired(v_prev, r))
     elif o.reset == "zero":
         u = charge(v_prev)
         v = b.sub(u, b.mul(u, r))
@@ -358,6 +394,8 @@ class ExactNeuronOp(CustomOp):
         return emit_node(f"LIF_{o.variant}", [x, *params], o.n_outputs, layer=layer, **o.attributes())
 
     def function(self, node: onnx.NodeProto, opset: int) -> onnx.FunctionProto:
+        from .linear import carry_state_functions, hoist_out_of_scan, recompute_sequence_identities, without_dead_nodes
+
         o = StepOptions.from_node(node)
         inputs = ["x", *o.param_names]
         outer = OnnxBuilder("f")
@@ -377,16 +415,17 @@ class ExactNeuronOp(CustomOp):
         if o.two_state:
             seq_out.append(body.node("Identity", [i]))
             outputs.append("current")
+        # a call returning fewer outputs (the spikes only: registry.SPIKES_ONLY) gets a body
+        # built for them, so the passes below see which per-step values are returned
+        seq_out, outputs = seq_out[:len(node.output)], outputs[:len(node.output)]
         graph = helper.make_graph(
-            body.nodes,
+            without_dead_nodes(body.nodes, set(state_out + seq_out)),
             "step",
             [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in state_in + ["x_t"]],
             [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in state_out + seq_out],
         )
         scan_out = [outer.fresh() for _ in states] + outputs
         outer.nodes.append(helper.make_node("Scan", states + ["x"], scan_out, num_scan_inputs=1, body=graph))
-        from .linear import carry_state_functions, hoist_out_of_scan, recompute_sequence_identities
-
         fn = make_function(node, outer.nodes, inputs, outputs, opset)
         # fewer nodes per step, same floats (each pass's docstring): a reset test that repeats
         # the previous step's spike test carried as a state; spikes etc. computed once over
