@@ -130,7 +130,7 @@ def hoist_out_of_scan(fn: onnx.FunctionProto) -> onnx.FunctionProto:
     # stacked: stacking the float for a test after the scan costs more on large layers (a
     # one-layer zero-reset Scan, T = 64, batch 1, against the 7-node body: test in the body
     # 0.88-0.99x the time on 256-16,384 neurons, after the scan 0.79-0.83x on 256-1,024 but
-    # 1.05-1.22x on 4,096-16,384)
+    # 1.05-1.31x on 4,096-16,384)
     returned = {producer[o].input[0] for o in seq_out if o in producer and producer[o].op_type == "Identity"}
 
     def recurrent_operand(name):
